@@ -1,0 +1,1 @@
+//! cowfs: a FUSE copy-on-write image layer (see the cowfs issue and DESIGN.md).

@@ -1,0 +1,1 @@
+//! engine: snapshot and resume of live Linux processes.

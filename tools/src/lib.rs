@@ -1,0 +1,1 @@
+//! Helper programs for tests and benchmarks (see src/bin).

@@ -1,0 +1,24 @@
+//! `umlctl bench ...`: each benchmark in its own module. Every figure is
+//! printed beside a baseline measured in the same run, as a ratio.
+
+pub mod fs;
+pub mod table1;
+
+use crate::exit::CliResult;
+use crate::output::Output;
+use clap::Subcommand;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// The paper's Table 1: snapshot and resume time against process size.
+    Table1(table1::Table1Args),
+    /// cowfs against the native filesystem, overlayfs and fuse-overlayfs.
+    Fs(fs::FsBenchArgs),
+}
+
+pub fn run(out: Output, cmd: BenchCmd) -> CliResult {
+    match cmd {
+        BenchCmd::Table1(a) => table1::run(out, a),
+        BenchCmd::Fs(a) => fs::run(out, a),
+    }
+}
