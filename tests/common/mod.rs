@@ -1,0 +1,46 @@
+//! Shared helpers for the integration tests: locating the real binaries and
+//! skipping (or, under CI, failing) when the host lacks a capability.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The umlctl binary under test.
+pub fn umlctl() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_umlctl"))
+}
+
+/// A binary of the `umlctl-tools` package (tools/src/bin), built beside umlctl.
+pub fn tool(name: &str) -> PathBuf {
+    let dir = umlctl().parent().expect("target dir").to_path_buf();
+    let path = dir.join(name);
+    if !path.exists() {
+        let release = dir.ends_with("release");
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "umlctl-tools", "--bin", name]);
+        if release {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("run cargo build for tools");
+        assert!(st.success(), "building tool {name} failed");
+    }
+    path
+}
+
+/// Skip the calling test when `ok` is false: print why and return true.
+/// Under CI (the variable `CI` set) a skip is a failure.
+pub fn skip_unless(ok: bool, what: &str) -> bool {
+    if ok {
+        return false;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("required capability missing under CI: {what}");
+    }
+    eprintln!("SKIP: {what}");
+    true
+}
+
+/// True when running as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
