@@ -1,1 +1,47 @@
-//! engine: snapshot and resume of live Linux processes.
+//! engine: snapshot and resume of live Linux processes, driven by ptrace.
+//!
+//! ```no_run
+//! # fn main() -> engine::Result<()> {
+//! let report = engine::dump(1234, "/tmp/snap".as_ref(), &engine::DumpOptions::default())?;
+//! let resumed = engine::resume(&report.dir, &engine::ResumeOptions::default())?;
+//! println!("resumed as pid {}", resumed.pid);
+//! # Ok(()) }
+//! ```
+//!
+//! Module map (CRIU's split: dump, restore, memory, files, and the code that
+//! makes the target act, kept apart; one module defines the image format):
+//! - `image`: the on-disk format (layout drawn there), its writer and checks
+//! - `dump`: snapshot flow: check, freeze, collect, copy, release, publish
+//! - `restore`: resume flow: build the process inside a puppet
+//! - `puppet`: the process a resume starts from, and its scratch pages
+//! - `memory`: which pages are saved, and copying them
+//! - `files`: file descriptors, saved and reopened
+//! - `inject`: remote syscall injection into a stopped thread
+//! - `ptrace`: ptrace requests, freezing and releasing thread groups
+//! - `proc`: /proc parsing
+//! - `mem`: reading and writing another process's memory
+//! - `sys`: kernel ABI constants and structs the libc crate lacks
+//! - `error`: the error type
+//!
+//! # Image format
+//! See [`image`]: a directory with `manifest` (magic, version, checksum,
+//! JSON body) and `pages.img` (page-aligned pages, checksummed per MiB).
+
+pub mod dump;
+pub mod error;
+pub mod files;
+pub mod image;
+pub mod inject;
+pub mod mem;
+pub mod memory;
+pub mod proc;
+pub mod ptrace;
+pub mod puppet;
+pub mod restore;
+pub mod sys;
+
+pub use dump::{dump, DumpOptions, DumpReport};
+pub use error::{Error, ErrorKind, Result};
+pub use files::Stdio;
+pub use image::Image;
+pub use restore::{resume, ResumeOptions, ResumeReport};

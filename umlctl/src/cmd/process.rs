@@ -1,22 +1,193 @@
-//! `snapshot` and `resume` (being built).
+//! `umlctl snapshot` and `umlctl resume`.
+//!
+//! A snapshot runs in a guarded worker process (`__snapshot-worker`, the
+//! same binary): if the `umlctl snapshot` that the user started is killed,
+//! even with SIGKILL, the worker gets SIGTERM (PR_SET_PDEATHSIG), rolls back
+//! and exits: the target runs on untraced and no image is published. Ctrl-C
+//! and SIGTERM do the same. The tracer itself being SIGKILLed in the middle
+//! of a syscall injection would leave the target's registers altered; the
+//! worker makes that window unreachable by a kill of the command.
 
-use crate::exit::{fail, CliResult, Code};
+use crate::exit::{CliError, CliResult, Code};
 use crate::output::Output;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(clap::Args, Debug)]
-pub struct SnapshotArgs {}
+pub struct SnapshotArgs {
+    /// The process to snapshot.
+    pub pid: i32,
+    /// New directory for the image (created 0700; must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Leave the process running after the snapshot (the default).
+    #[arg(long, conflicts_with = "kill")]
+    pub leave_running: bool,
+    /// Kill the process once the image is safely on disk.
+    #[arg(long)]
+    pub kill: bool,
+}
 
 #[derive(clap::Args, Debug)]
-pub struct ResumeArgs {}
-
-pub fn snapshot(_out: Output, _a: SnapshotArgs) -> CliResult {
-    fail(Code::Internal, "not built yet")
+pub struct ResumeArgs {
+    /// The image directory written by `umlctl snapshot`.
+    pub dir: PathBuf,
+    /// Resume with the original pid and thread ids (fails if one is in use).
+    #[arg(long)]
+    pub same_pid: bool,
+    /// What std streams that were pipes or terminals become: inherit (this
+    /// command's), null, or a file path (appended to, created 0600).
+    #[arg(long, default_value = "inherit", value_name = "inherit|null|PATH")]
+    pub stdio: String,
 }
 
-pub fn snapshot_worker(_out: Output, _a: SnapshotArgs) -> CliResult {
-    fail(Code::Internal, "not built yet")
+/// Maps engine errors to exit codes.
+pub fn engine_error(e: engine::Error) -> CliError {
+    use engine::ErrorKind as K;
+    let code = match e.kind() {
+        K::Target => Code::Target,
+        K::Unsupported => Code::Unsupported,
+        K::BadImage => Code::BadImage,
+        K::Conflict => Code::Conflict,
+        K::Interrupted => Code::Interrupted,
+        K::Other => Code::Internal,
+    };
+    CliError::new(code, e.to_string())
 }
 
-pub fn resume(_out: Output, _a: ResumeArgs) -> CliResult {
-    fail(Code::Internal, "not built yet")
+/// The user-facing command: runs the worker and reports its exit status.
+pub fn snapshot(out: Output, a: SnapshotArgs) -> CliResult {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    if out.json {
+        cmd.arg("--json");
+    }
+    cmd.arg("__snapshot-worker")
+        .arg(a.pid.to_string())
+        .arg("--out")
+        .arg(&a.out)
+        .env("UMLCTL_PARENT", std::process::id().to_string());
+    if a.kill {
+        cmd.arg("--kill");
+    }
+    // The worker gets the same Ctrl-C and handles it; we wait for its verdict.
+    ignore_signal(libc::SIGINT);
+    ignore_signal(libc::SIGTERM);
+    let status = cmd.status()?;
+    match status.code() {
+        Some(0) => Ok(()),
+        // The worker already printed the error.
+        Some(c) => std::process::exit(c),
+        None => Err(CliError::new(Code::Internal, "the snapshot worker died by a signal")),
+    }
+}
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_cancel(_: libc::c_int) {
+    CANCEL.store(true, Ordering::SeqCst);
+}
+
+fn ignore_signal(sig: i32) {
+    // SAFETY: SIG_IGN for a catchable signal.
+    unsafe { libc::signal(sig, libc::SIG_IGN) };
+}
+
+fn guard_worker() {
+    // SAFETY: installing an async-signal-safe handler (it only stores an atomic).
+    unsafe {
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::signal(sig, on_cancel as *const () as libc::sighandler_t);
+        }
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+    }
+    let parent: Option<i32> = std::env::var("UMLCTL_PARENT").ok().and_then(|p| p.parse().ok());
+    // SAFETY: getppid has no preconditions.
+    if parent.is_some_and(|p| p != unsafe { libc::getppid() }) {
+        CANCEL.store(true, Ordering::SeqCst);
+    }
+}
+
+#[derive(serde::Serialize)]
+struct SnapshotJson {
+    dir: PathBuf,
+    pid: i32,
+    threads: usize,
+    memory_bytes: u64,
+    image_bytes: u64,
+    frozen_ms: f64,
+    total_ms: f64,
+    killed: bool,
+}
+
+/// The worker: performs the snapshot with the engine.
+pub fn snapshot_worker(out: Output, a: SnapshotArgs) -> CliResult {
+    guard_worker();
+    let bar = out.bytes_bar(0, "saving memory");
+    let progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let opts = engine::DumpOptions {
+        kill: a.kill,
+        cancel: Some(&CANCEL),
+        progress: Some(&progress),
+    };
+    let r = engine::dump(a.pid, &a.out, &opts).map_err(engine_error);
+    bar.finish_and_clear();
+    let r = r?;
+    let j = SnapshotJson {
+        dir: r.dir.clone(),
+        pid: r.pid,
+        threads: r.threads,
+        memory_bytes: r.memory_bytes,
+        image_bytes: r.image_bytes,
+        frozen_ms: r.frozen.as_secs_f64() * 1e3,
+        total_ms: r.total.as_secs_f64() * 1e3,
+        killed: a.kill,
+    };
+    out.emit(&j, || {
+        format!(
+            "snapshot of pid {} ({} threads, {} MiB of memory) in {}: {:.1} ms, stopped {:.1} ms{}",
+            j.pid,
+            j.threads,
+            j.memory_bytes >> 20,
+            j.dir.display(),
+            j.total_ms,
+            j.frozen_ms,
+            if j.killed { "; process killed" } else { "" }
+        )
+    });
+    Ok(())
+}
+
+fn parse_stdio(s: &str) -> engine::Stdio {
+    match s {
+        "inherit" => engine::Stdio::Inherit,
+        "null" => engine::Stdio::Null,
+        path => engine::Stdio::Path(path.to_string()),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct ResumeJson {
+    pid: i32,
+    tids: Vec<i32>,
+    elapsed_ms: f64,
+}
+
+pub fn resume(out: Output, a: ResumeArgs) -> CliResult {
+    let opts = engine::ResumeOptions {
+        same_pid: a.same_pid,
+        stdio: parse_stdio(&a.stdio),
+    };
+    let r = engine::resume(&a.dir, &opts).map_err(engine_error)?;
+    let j = ResumeJson {
+        pid: r.pid,
+        tids: r.tids,
+        elapsed_ms: r.elapsed.as_secs_f64() * 1e3,
+    };
+    out.emit(&j, || j.pid.to_string());
+    Ok(())
 }

@@ -1,0 +1,1 @@
+//! Tests for the image format: one per failure mode.

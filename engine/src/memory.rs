@@ -1,0 +1,256 @@
+//! Which pages of a process are saved, and copying them out while it is
+//! frozen.
+//!
+//! Per VMA kind (see `image::VmaKind`):
+//! - private anonymous memory: the pages pagemap shows present (or swapped);
+//! - private file mappings: only the pages the process copied on write
+//!   (present and not file-backed); the rest comes from the file at resume;
+//! - shared memory with no file to come back from (shared anonymous, memfd,
+//!   tmpfs files, deleted files): every allocated page of the object's range,
+//!   read through /proc/PID/map_files with SEEK_DATA so holes stay holes and
+//!   the target is not made to allocate anything;
+//! - shared mappings of regular files: nothing (the file holds the data);
+//! - [vdso], [vvar], [vvar_vclock], [vsyscall]: placed at resume, never saved.
+
+use crate::error::{Error, IoContext, Result};
+use crate::image::{FileId, ImageWriter, Vma, VmaKind};
+use crate::mem;
+use crate::proc::{self, pm, MapsEntry, PAGE_SIZE};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+/// Bytes copied per process_vm_readv batch.
+const BATCH: usize = 8 << 20;
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// How the pages of one VMA are chosen.
+enum Source {
+    Nothing,
+    /// Pages from process memory whose pagemap entry passes the filter.
+    Memory(fn(u64) -> bool),
+    /// Allocated pages of the mapped object, read through map_files.
+    Object,
+}
+
+fn present(e: u64) -> bool {
+    e & (pm::PRESENT | pm::SWAPPED) != 0
+}
+fn private_copy(e: u64) -> bool {
+    e & (pm::PRESENT | pm::SWAPPED) != 0 && e & pm::FILE == 0
+}
+
+/// Decides kind and source of a VMA from its maps line.
+fn classify(pid: i32, m: &MapsEntry) -> Result<(VmaKind, Source)> {
+    let special = match m.path.as_str() {
+        "[vdso]" => Some(VmaKind::Vdso),
+        "[vvar]" => Some(VmaKind::Vvar),
+        "[vvar_vclock]" => Some(VmaKind::VvarVclock),
+        "[vsyscall]" => Some(VmaKind::Vsyscall),
+        _ => None,
+    };
+    if let Some(k) = special {
+        return Ok((k, Source::Nothing));
+    }
+    let is_file = m.inode != 0 && m.path.starts_with('/');
+    if !is_file {
+        if m.shared {
+            return Ok((VmaKind::Shmem { name: m.path.clone(), offset: m.offset }, Source::Object));
+        }
+        return Ok((VmaKind::Anon { name: m.path.clone() }, Source::Memory(present)));
+    }
+    let deleted = m.path.ends_with(" (deleted)");
+    let mapped = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+    if m.shared {
+        if deleted || on_tmpfs(&mapped) {
+            return Ok((VmaKind::Shmem { name: m.path.clone(), offset: m.offset }, Source::Object));
+        }
+        let id = FileId::of(Path::new(&m.path)).ctx(|| format!("stat mapped file {}", m.path))?;
+        return Ok((VmaKind::File { path: m.path.clone(), offset: m.offset, id }, Source::Nothing));
+    }
+    if deleted {
+        // The file is gone: keep what the process sees, as anonymous memory.
+        return Ok((VmaKind::Anon { name: m.path.clone() }, Source::Memory(|_| true)));
+    }
+    let id = FileId::of(Path::new(&m.path)).ctx(|| format!("stat mapped file {}", m.path))?;
+    Ok((VmaKind::File { path: m.path.clone(), offset: m.offset, id }, Source::Memory(private_copy)))
+}
+
+fn on_tmpfs(path: &str) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == TMPFS_MAGIC)
+}
+
+/// Saves the memory of every VMA in `maps` into the image; returns the VMAs
+/// with their page index.
+pub fn dump_vmas(
+    pid: i32,
+    maps: &[MapsEntry],
+    writer: &mut ImageWriter,
+    progress: Option<&dyn Fn(u64, u64)>,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Vec<Vma>> {
+    let pagemap = File::open(format!("/proc/{pid}/pagemap")).ctx(|| format!("open /proc/{pid}/pagemap"))?;
+    let mut plan = Vec::new();
+    for m in maps {
+        let (kind, source) = classify(pid, m)?;
+        let runs = match &source {
+            Source::Memory(filter) => memory_runs(&pagemap, m, *filter)?,
+            Source::Object => object_runs(pid, m)?,
+            Source::Nothing => vec![],
+        };
+        plan.push((m, kind, source, runs));
+    }
+    let total: u64 = plan.iter().flat_map(|p| &p.3).map(|r| r.1 * PAGE_SIZE).sum();
+    let mut done = 0u64;
+    let mut buf = vec![0u8; BATCH];
+    let mut vmas = Vec::with_capacity(plan.len());
+    for (m, kind, source, runs) in plan {
+        if cancelled() {
+            return Err(Error::Interrupted);
+        }
+        let pages = match source {
+            Source::Object => copy_object(pid, m, &runs, writer, &mut buf)?,
+            _ => copy_memory(pid, &runs, writer, &mut buf)?,
+        };
+        done += pages.iter().map(|r| r[1] * PAGE_SIZE).sum::<u64>();
+        if let Some(p) = progress {
+            p(done, total);
+        }
+        vmas.push(Vma {
+            start: m.start,
+            end: m.end,
+            read: m.read,
+            write: m.write,
+            exec: m.exec,
+            shared: m.shared,
+            growsdown: m.path == "[stack]",
+            kind,
+            pages,
+        });
+    }
+    Ok(vmas)
+}
+
+/// Runs (address, pages) of the VMA whose pagemap entries pass `keep`.
+fn memory_runs(pagemap: &File, m: &MapsEntry, keep: fn(u64) -> bool) -> Result<Vec<(u64, u64)>> {
+    if m.path == "[vsyscall]" || !m.read && !m.write && !m.exec && m.path.is_empty() {
+        // PROT_NONE anonymous memory (guard pages) is never populated.
+        return Ok(vec![]);
+    }
+    let entries = proc::pagemap(pagemap, m.start, m.end)?;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        if !keep(*e) {
+            continue;
+        }
+        let addr = m.start + i as u64 * PAGE_SIZE;
+        match runs.last_mut() {
+            Some(r) if r.0 + r.1 * PAGE_SIZE == addr => r.1 += 1,
+            _ => runs.push((addr, 1)),
+        }
+    }
+    Ok(runs)
+}
+
+/// Runs of allocated pages of a shared object, found with SEEK_DATA/SEEK_HOLE
+/// on the mapped file (holes are not stored).
+fn object_runs(pid: i32, m: &MapsEntry) -> Result<Vec<(u64, u64)>> {
+    let f = open_mapped(pid, m)?;
+    let size = f.metadata().ctx(|| "stat mapped object".into())?.len();
+    let (lo, hi) = (m.offset, (m.offset + m.len()).min(size.div_ceil(PAGE_SIZE) * PAGE_SIZE));
+    let mut runs = Vec::new();
+    let mut pos = lo;
+    while pos < hi {
+        let data = match seek(&f, pos, libc::SEEK_DATA) {
+            Some(d) if d < hi => d / PAGE_SIZE * PAGE_SIZE,
+            _ => break,
+        };
+        let hole = seek(&f, data, libc::SEEK_HOLE).unwrap_or(hi).min(hi).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let hole = hole.min(hi).max(data + PAGE_SIZE);
+        runs.push((m.start + (data - m.offset), (hole - data) / PAGE_SIZE));
+        pos = hole;
+    }
+    Ok(runs)
+}
+
+fn open_mapped(pid: i32, m: &MapsEntry) -> Result<File> {
+    let p = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+    File::open(&p).ctx(|| format!("open {p} (needs root)"))
+}
+
+fn seek(f: &File, off: u64, whence: i32) -> Option<u64> {
+    // SAFETY: lseek on a descriptor we own.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off as i64, whence) };
+    (r >= 0).then_some(r as u64)
+}
+
+/// Copies runs of process memory into the image in large batches.
+fn copy_memory(pid: i32, runs: &[(u64, u64)], writer: &mut ImageWriter, buf: &mut [u8]) -> Result<Vec<[u64; 3]>> {
+    let mut out: Vec<[u64; 3]> = Vec::new();
+    let mut batch: Vec<(u64, usize)> = Vec::new();
+    let mut fill = 0usize;
+    let flush = |batch: &mut Vec<(u64, usize)>, fill: &mut usize, out: &mut Vec<[u64; 3]>, writer: &mut ImageWriter, buf: &mut [u8]| -> Result<()> {
+        if *fill == 0 {
+            return Ok(());
+        }
+        mem::vm_read(pid, batch, &mut buf[..*fill])?;
+        let mut off = writer.append(&buf[..*fill])?;
+        for &(addr, len) in batch.iter() {
+            let n = len as u64 / PAGE_SIZE;
+            match out.last_mut() {
+                Some(r) if r[0] + r[1] * PAGE_SIZE == addr && r[2] + r[1] * PAGE_SIZE == off => r[1] += n,
+                _ => out.push([addr, n, off]),
+            }
+            off += len as u64;
+        }
+        batch.clear();
+        *fill = 0;
+        Ok(())
+    };
+    for &(addr, pages) in runs {
+        let mut a = addr;
+        let mut left = (pages * PAGE_SIZE) as usize;
+        while left > 0 {
+            let take = left.min(buf.len() - fill);
+            batch.push((a, take));
+            fill += take;
+            a += take as u64;
+            left -= take;
+            if fill == buf.len() {
+                flush(&mut batch, &mut fill, &mut out, writer, buf)?;
+            }
+        }
+    }
+    flush(&mut batch, &mut fill, &mut out, writer, buf)?;
+    Ok(out)
+}
+
+/// Copies runs of a shared object (through map_files) into the image.
+fn copy_object(pid: i32, m: &MapsEntry, runs: &[(u64, u64)], writer: &mut ImageWriter, buf: &mut [u8]) -> Result<Vec<[u64; 3]>> {
+    let f = open_mapped(pid, m)?;
+    let mut out = Vec::new();
+    for &(addr, pages) in runs {
+        let mut done = 0u64;
+        let total = pages * PAGE_SIZE;
+        while done < total {
+            let take = (total - done).min(buf.len() as u64) as usize;
+            let file_off = m.offset + (addr - m.start) + done;
+            let chunk = &mut buf[..take];
+            chunk.fill(0);
+            let mut got = 0;
+            while got < take {
+                match f.read_at(&mut chunk[got..], file_off + got as u64) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(Error::io("read shared memory object", e)),
+                }
+            }
+            let off = writer.append(chunk)?;
+            out.push([addr + done, take as u64 / PAGE_SIZE, off]);
+            done += take as u64;
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,486 @@
+//! Resume: rebuild a process from an image inside a puppet (see `puppet`).
+//!
+//! Order matters: the puppet's own memory goes first, then the image's
+//! memory is mapped and filled, then files, process attributes, mm fields
+//! and threads are set up while the puppet still has root's privileges;
+//! each thread then drops to the image's credentials, pending signals are
+//! queued, the scratch pages vanish and every thread gets its registers
+//! back. A failure at any step kills the puppet: nothing half-built runs.
+
+use crate::error::{Error, Result};
+use crate::files::{self, Stdio};
+use crate::image::{Image, Process, Thread, Vma, VmaKind};
+use crate::mem;
+use crate::proc::{self, PAGE_SIZE};
+use crate::ptrace;
+use crate::puppet::{Puppet, CODE_LEN, SCRATCH_LEN};
+use crate::inject::Remote;
+use crate::sys;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug, Default)]
+pub struct ResumeOptions {
+    /// Give the process (and its threads) their original ids; fails if taken.
+    pub same_pid: bool,
+    pub stdio: Stdio,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ResumeReport {
+    pub pid: i32,
+    pub tids: Vec<i32>,
+    pub elapsed: Duration,
+}
+
+/// Resumes the image in `dir`; returns once the process runs on its own.
+pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
+    let t0 = Instant::now();
+    let img = Image::open_verified(dir)?;
+    let process = match img.manifest.processes.as_slice() {
+        [p] => p,
+        _ => return Err(Error::bad_image(dir, "holds no process or several (trees are not supported yet)")),
+    };
+    precheck(dir, process, opts)?;
+    let pages = img.pages()?;
+    let mut p = Puppet::spawn(opts.same_pid.then_some(process.pid))?;
+    match build(&mut p, process, &pages, opts) {
+        Ok(tids) => Ok(ResumeReport { pid: p.pid, tids, elapsed: t0.elapsed() }),
+        Err(e) => {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), nix::sys::signal::Signal::SIGKILL);
+            Err(e)
+        }
+    }
+}
+
+/// Checks that the image can be resumed here, before any process is made.
+fn precheck(dir: &Path, process: &Process, opts: &ResumeOptions) -> Result<()> {
+    for v in &process.vmas {
+        if let VmaKind::File { path, id, .. } = &v.kind {
+            if crate::image::FileId::of(Path::new(path)).ok().as_ref() != Some(id) {
+                return Err(Error::FileChanged { path: path.clone() });
+            }
+        }
+    }
+    let host_xstate = ptrace::get_xstate_size();
+    if let Some(t) = process.threads.first() {
+        if t.xstate.len() != host_xstate {
+            return Err(Error::bad_image(
+                dir,
+                format!("its CPU state is {} bytes but this host's is {host_xstate}: resume it on a host with the same CPU features", t.xstate.len()),
+            ));
+        }
+    }
+    if opts.same_pid {
+        for t in &process.threads {
+            if Path::new(&format!("/proc/{}", t.tid)).exists() {
+                return Err(Error::PidInUse(t.tid));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn build(p: &mut Puppet, process: &Process, pages: &[u8], opts: &ResumeOptions) -> Result<Vec<i32>> {
+    prepare(p, &process.vmas)?;
+    place_specials(p, &process.vmas)?;
+    map_memory(p, &process.vmas, pages)?;
+    files::restore(p, &process.fds, pages, &opts.stdio)?;
+    process_attributes(p, process)?;
+    set_mm(p, process)?;
+    let mut remotes = create_threads(p, &process.threads, opts.same_pid)?;
+    let tids: Vec<i32> = std::iter::once(p.pid).chain(remotes.iter().map(|r| r.tid)).collect();
+    for (i, t) in process.threads.iter().enumerate() {
+        let r = if i == 0 { &mut p.main } else { &mut remotes[i - 1] };
+        thread_attributes(r, p.area + CODE_LEN, &p.mem, t, tids[i])?;
+    }
+    for (i, t) in process.threads.iter().enumerate() {
+        let r = if i == 0 { &mut p.main } else { &mut remotes[i - 1] };
+        set_creds(r, p.area + CODE_LEN, &p.mem, process, i == 0)?;
+        queue_signals(r, p.area + CODE_LEN, &p.mem, p.pid, &t.pending, false)?;
+    }
+    let scratch = p.scratch();
+    queue_signals(&mut p.main, scratch, &p.mem, p.pid, &process.shared_pending, true)?;
+    p.sys("munmap the restorer's pages", libc::SYS_munmap, &[p.area, CODE_LEN + SCRATCH_LEN])?;
+    for (i, t) in process.threads.iter().enumerate().rev() {
+        let tid = tids[i];
+        ptrace::setregs(tid, &ptrace::restartable(t.regs.to_user_regs()))?;
+        ptrace::set_xstate(tid, &t.xstate)?;
+        ptrace::set_sigmask(tid, t.sigmask)?;
+    }
+    for &tid in tids.iter().rev() {
+        ptrace::detach(tid, 0)?;
+    }
+    Ok(tids)
+}
+
+/// Unregisters the puppet's rseq, blocks its signals, moves injection to a
+/// private code page and removes every mapping the puppet came with.
+fn prepare(p: &mut Puppet, image_vmas: &[Vma]) -> Result<()> {
+    let rseq = ptrace::rseq_config(p.pid)?;
+    if rseq.rseq_abi_pointer != 0 {
+        p.sys(
+            "unregister the puppet's rseq",
+            libc::SYS_rseq,
+            &[rseq.rseq_abi_pointer, rseq.rseq_abi_size as u64, sys::RSEQ_FLAG_UNREGISTER as u64, rseq.signature as u64],
+        )?;
+    }
+    ptrace::set_sigmask(p.pid, !0)?;
+    let own = proc::maps(p.pid)?;
+    let mut busy: Vec<(u64, u64)> = own.iter().map(|m| (m.start, m.end)).collect();
+    busy.extend(image_vmas.iter().map(|v| (v.start, v.end)));
+    let area = find_gap(&busy, CODE_LEN + SCRATCH_LEN);
+    p.map_area(area)?;
+    for m in own.iter().filter(|m| !m.path.starts_with("[v")) {
+        p.sys("munmap the puppet's own memory", libc::SYS_munmap, &[m.start, m.len()])?;
+    }
+    Ok(())
+}
+
+/// The lowest free range of `len` bytes (plus a guard page each side) above
+/// 4 GiB that overlaps none of `busy`.
+fn find_gap(busy: &[(u64, u64)], len: u64) -> u64 {
+    let mut v = busy.to_vec();
+    v.sort();
+    let mut at = 1u64 << 32;
+    for (s, e) in v {
+        if e + PAGE_SIZE <= at {
+            continue;
+        }
+        if s >= at + len + 2 * PAGE_SIZE {
+            break;
+        }
+        at = at.max(e + PAGE_SIZE);
+    }
+    at + PAGE_SIZE
+}
+
+fn special_name(k: &VmaKind) -> Option<&'static str> {
+    match k {
+        VmaKind::Vdso => Some("[vdso]"),
+        VmaKind::Vvar => Some("[vvar]"),
+        VmaKind::VvarVclock => Some("[vvar_vclock]"),
+        _ => None,
+    }
+}
+
+/// Moves the puppet's [vdso] and [vvar]s to where the image had them
+/// (through free addresses first, so that no move lands on another).
+fn place_specials(p: &mut Puppet, image_vmas: &[Vma]) -> Result<()> {
+    let own: Vec<_> = proc::maps(p.pid)?.into_iter().filter(|m| m.path.starts_with("[v") && m.path != "[vsyscall]").collect();
+    let mut busy: Vec<(u64, u64)> = own.iter().map(|m| (m.start, m.end)).collect();
+    busy.extend(image_vmas.iter().map(|v| (v.start, v.end)));
+    busy.push((p.area, p.area + CODE_LEN + SCRATCH_LEN));
+    let mut moves = Vec::new();
+    for m in &own {
+        let want = image_vmas.iter().find(|v| special_name(&v.kind) == Some(m.path.as_str()));
+        match want {
+            Some(v) if v.len() != m.len() => {
+                return Err(Error::Restore(format!(
+                    "{} is {} bytes here but {} in the image: resume on the kernel that took the snapshot",
+                    m.path,
+                    m.len(),
+                    v.len()
+                )))
+            }
+            Some(v) => {
+                let tmp = find_gap(&busy, m.len());
+                busy.push((tmp, tmp + m.len()));
+                mremap(p, m.start, m.len(), tmp)?;
+                moves.push((tmp, m.len(), v.start));
+            }
+            None => {
+                p.sys("munmap a vdso the image lacks", libc::SYS_munmap, &[m.start, m.len()])?;
+            }
+        }
+    }
+    for (tmp, len, dest) in moves {
+        mremap(p, tmp, len, dest)?;
+    }
+    Ok(())
+}
+
+fn mremap(p: &mut Puppet, from: u64, len: u64, to: u64) -> Result<()> {
+    let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+    let got = p.sys("mremap vdso/vvar", libc::SYS_mremap, &[from, len, len, flags, to])?;
+    if got != to {
+        return Err(Error::Restore(format!("mremap moved to {got:#x}, not {to:#x}")));
+    }
+    Ok(())
+}
+
+/// Maps every VMA of the image and fills in its stored pages.
+fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8]) -> Result<()> {
+    for v in vmas.iter().filter(|v| special_name(&v.kind).is_none() && v.kind != VmaKind::Vsyscall) {
+        let fill = !v.pages.is_empty();
+        let prot = v.prot() | if fill { libc::PROT_WRITE } else { 0 };
+        map_vma(p, v, prot)?;
+        if fill {
+            fill_vma(p.pid, v, pages)?;
+            if prot != v.prot() {
+                p.sys("mprotect", libc::SYS_mprotect, &[v.start, v.len(), v.prot() as u64])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn map_vma(p: &mut Puppet, v: &Vma, prot: i32) -> Result<()> {
+    let share = if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+    let (flags, fd, offset) = match &v.kind {
+        VmaKind::Anon { .. } => {
+            let grows = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows, -1, 0)
+        }
+        VmaKind::File { path, offset, .. } => {
+            let mode = if v.shared && v.write { libc::O_RDWR } else { libc::O_RDONLY };
+            (share, p.open(path, mode | libc::O_CLOEXEC, 0)?, *offset)
+        }
+        VmaKind::Shmem { name, offset } => shmem_object(p, v, name, *offset)?,
+        _ => unreachable!("special VMAs are placed, not mapped"),
+    };
+    let r = p.sys(
+        &format!("mmap {:#x}-{:#x} ({:?})", v.start, v.end, v.kind),
+        libc::SYS_mmap,
+        &[v.start, v.len(), prot as u64, (flags | libc::MAP_FIXED) as u64, fd as u64, offset],
+    );
+    if fd >= 0 {
+        p.close(fd)?;
+    }
+    r.map(drop)
+}
+
+/// The object behind a shared mapping: an existing tmpfs file is reopened;
+/// memfds and deleted files become a new memfd; anything else is shared
+/// anonymous memory. Returns (mmap flags, fd, offset).
+fn shmem_object(p: &mut Puppet, v: &Vma, name: &str, offset: u64) -> Result<(i32, i32, u64)> {
+    let deleted = name.ends_with(" (deleted)");
+    if name.starts_with('/') && !deleted && Path::new(name).exists() {
+        return Ok((libc::MAP_SHARED, p.open(name, libc::O_RDWR | libc::O_CLOEXEC, 0)?, offset));
+    }
+    if name.starts_with("/memfd:") || (deleted && !name.starts_with("/dev/zero") && !name.starts_with("/SYSV")) {
+        let label = name.trim_start_matches("/memfd:").trim_end_matches(" (deleted)");
+        let label: String = label.chars().take(200).collect();
+        let addr = p.put_path(0, &label)?;
+        let fd = p.sys("memfd_create", libc::SYS_memfd_create, &[addr, libc::MFD_CLOEXEC as u64])? as i32;
+        p.sys("ftruncate memfd", libc::SYS_ftruncate, &[fd as u64, offset + v.len()])?;
+        return Ok((libc::MAP_SHARED, fd, offset));
+    }
+    Ok((libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0))
+}
+
+/// Writes the stored pages of a VMA, one process_vm_writev per stretch that
+/// is contiguous in pages.img.
+fn fill_vma(pid: i32, v: &Vma, pages: &[u8]) -> Result<()> {
+    let mut i = 0;
+    while i < v.pages.len() {
+        let start_off = v.pages[i][2];
+        let mut end_off = start_off;
+        let mut ranges = Vec::new();
+        while i < v.pages.len() && v.pages[i][2] == end_off {
+            let len = v.pages[i][1] * PAGE_SIZE;
+            ranges.push((v.pages[i][0], len as usize));
+            end_off += len;
+            i += 1;
+        }
+        mem::vm_write(pid, &ranges, &pages[start_off as usize..end_off as usize])?;
+    }
+    Ok(())
+}
+
+fn process_attributes(p: &mut Puppet, process: &Process) -> Result<()> {
+    let cwd = if Path::new(&process.cwd).is_dir() { process.cwd.as_str() } else { "/" };
+    let addr = p.put_path(0, cwd)?;
+    p.sys(&format!("chdir {cwd}"), libc::SYS_chdir, &[addr])?;
+    p.sys("umask", libc::SYS_umask, &[process.umask as u64])?;
+    p.sys("personality", libc::SYS_personality, &[process.personality])?;
+    for &(res, cur, max) in &process.rlimits {
+        let new = libc::rlimit64 { rlim_cur: cur, rlim_max: max };
+        // SAFETY: new is a valid rlimit64; no old value is read.
+        let r = unsafe { libc::prlimit64(p.pid, res as _, &new, std::ptr::null_mut()) };
+        if r != 0 {
+            tracing::warn!("rlimit {res} ({cur}/{max}) not restored: {}", std::io::Error::last_os_error());
+        }
+    }
+    let st = proc::status(p.pid)?;
+    let custom = proc::status_hex(&st, "SigCgt") | proc::status_hex(&st, "SigIgn");
+    for sig in 1..=64i32 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        let act = process.sigactions.iter().find(|(s, _)| *s == sig).map(|(_, a)| *a);
+        if act.is_none() && custom & (1u64 << (sig - 1)) == 0 {
+            continue;
+        }
+        let addr = p.put(0, sys::as_bytes(&act.unwrap_or_default()))?;
+        p.sys(&format!("rt_sigaction {sig}"), libc::SYS_rt_sigaction, &[sig as u64, addr, 0, 8])?;
+    }
+    Ok(())
+}
+
+/// Sets brk, arg/env, auxv and the exe link in one PR_SET_MM_MAP call (the
+/// one form that works without CAP_SYS_RESOURCE).
+fn set_mm(p: &mut Puppet, process: &Process) -> Result<()> {
+    let mm = &process.mm;
+    let exe_fd = if process.exe.ends_with(" (deleted)") || !Path::new(&process.exe).exists() {
+        u32::MAX
+    } else {
+        p.open(&process.exe, libc::O_RDONLY | libc::O_CLOEXEC, 0)? as u32
+    };
+    let auxv: Vec<u8> = mm.auxv.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let auxv_addr = p.put(0x2000, &auxv)?;
+    let map = sys::PrctlMmMap {
+        start_code: mm.start_code,
+        end_code: mm.end_code,
+        start_data: mm.start_data,
+        end_data: mm.end_data,
+        start_brk: mm.start_brk,
+        brk: mm.brk,
+        start_stack: mm.start_stack,
+        arg_start: mm.arg_start,
+        arg_end: mm.arg_end,
+        env_start: mm.env_start,
+        env_end: mm.env_end,
+        auxv: auxv_addr,
+        auxv_size: auxv.len() as u32,
+        exe_fd,
+    };
+    let addr = p.put(0x1000, sys::as_bytes(&map))?;
+    let r = p.sys(
+        "prctl(PR_SET_MM_MAP)",
+        libc::SYS_prctl,
+        &[sys::PR_SET_MM as u64, sys::PR_SET_MM_MAP, addr, std::mem::size_of::<sys::PrctlMmMap>() as u64, 0],
+    );
+    if exe_fd != u32::MAX {
+        p.close(exe_fd as i32)?;
+    }
+    r.map(drop)
+}
+
+/// Creates the image's other threads with injected clone3 calls; returns
+/// a handle on each, in image order.
+fn create_threads(p: &mut Puppet, threads: &[Thread], same_pid: bool) -> Result<Vec<Remote>> {
+    let mut out = Vec::new();
+    for t in threads.iter().skip(1) {
+        let tid_addr = p.put(0x3100, &(t.tid as i32).to_ne_bytes())?;
+        let flags = libc::CLONE_VM | libc::CLONE_FS | libc::CLONE_FILES | libc::CLONE_SIGHAND | libc::CLONE_THREAD | libc::CLONE_SYSVSEM;
+        let args = sys::CloneArgs {
+            flags: flags as u64,
+            set_tid: if same_pid { tid_addr } else { 0 },
+            set_tid_size: same_pid as u64,
+            ..Default::default()
+        };
+        let addr = p.put(0x3000, sys::as_bytes(&args))?;
+        let r = p.main.call(libc::SYS_clone3, &[addr, std::mem::size_of::<sys::CloneArgs>() as u64])?;
+        if r == -(libc::EEXIST as i64) {
+            return Err(Error::PidInUse(t.tid));
+        }
+        if r < 0 {
+            return Err(Error::sys("clone3 a thread", nix::errno::Errno::from_raw(-r as i32)));
+        }
+        let tid = r as i32;
+        if !ptrace::wait_frozen(tid)? {
+            return Err(Error::Restore(format!("new thread {tid} died")));
+        }
+        out.push(Remote::new(tid, p.area, ptrace::getregs(tid)?));
+    }
+    Ok(out)
+}
+
+/// Per-thread kernel state: name, rseq, clear_child_tid, robust list,
+/// alternate signal stack; and glibc's cached tid when the tid changed.
+fn thread_attributes(r: &mut Remote, scratch: u64, mem: &crate::mem::ProcMem, t: &Thread, new_tid: i32) -> Result<()> {
+    let mut name = t.comm.as_bytes().to_vec();
+    name.truncate(15);
+    name.push(0);
+    mem.write(scratch, &name)?;
+    r.check("prctl(PR_SET_NAME)", libc::SYS_prctl, &[libc::PR_SET_NAME as u64, scratch])?;
+    if let Some(q) = t.rseq {
+        r.check("rseq register", libc::SYS_rseq, &[q.addr, q.len as u64, 0, q.sig as u64])?;
+    }
+    r.check("set_tid_address", libc::SYS_set_tid_address, &[t.clear_child_tid])?;
+    let len = if t.robust_list_len == 0 { 24 } else { t.robust_list_len };
+    r.check("set_robust_list", libc::SYS_set_robust_list, &[t.robust_list, len])?;
+    let (sp, flags, size) = t.altstack;
+    let stack: [u64; 3] = if flags & libc::SS_DISABLE != 0 {
+        [0, libc::SS_DISABLE as u64, 0]
+    } else {
+        [sp, (flags & !libc::SS_ONSTACK) as u64, size]
+    };
+    let bytes: Vec<u8> = stack.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    mem.write(scratch + 64, &bytes)?;
+    r.check("sigaltstack", libc::SYS_sigaltstack, &[scratch + 64, 0])?;
+    if t.clear_child_tid != 0 && new_tid != t.tid {
+        let mut b = [0u8; 4];
+        if mem.read(t.clear_child_tid, &mut b).is_ok() && i32::from_ne_bytes(b) == t.tid {
+            mem.write(t.clear_child_tid, &new_tid.to_ne_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the calling thread to the image's credentials (per thread, as the
+/// kernel keeps them): groups, gids, uids, then capabilities.
+fn set_creds(r: &mut Remote, scratch: u64, mem: &crate::mem::ProcMem, process: &Process, main: bool) -> Result<()> {
+    let c = &process.creds;
+    for cap in 0..64u64 {
+        if c.cap_bounding & (1 << cap) == 0 && cap <= last_cap() {
+            r.check("prctl(PR_CAPBSET_DROP)", libc::SYS_prctl, &[libc::PR_CAPBSET_DROP as u64, cap])?;
+        }
+    }
+    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+    mem.write(scratch, &groups)?;
+    r.check("setgroups", libc::SYS_setgroups, &[c.groups.len() as u64, scratch])?;
+    r.check("setresgid", libc::SYS_setresgid, &[c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64])?;
+    let keep = c.cap_permitted != 0;
+    if keep {
+        r.check("prctl(PR_SET_KEEPCAPS)", libc::SYS_prctl, &[libc::PR_SET_KEEPCAPS as u64, 1])?;
+    }
+    r.check("setresuid", libc::SYS_setresuid, &[c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64])?;
+    if keep {
+        let hdr = sys::CapUserHeader { version: sys::LINUX_CAPABILITY_VERSION_3, pid: 0 };
+        let lo = |v: u64| v as u32;
+        let hi = |v: u64| (v >> 32) as u32;
+        let data = [
+            sys::CapUserData { effective: lo(c.cap_effective), permitted: lo(c.cap_permitted), inheritable: lo(c.cap_inheritable) },
+            sys::CapUserData { effective: hi(c.cap_effective), permitted: hi(c.cap_permitted), inheritable: hi(c.cap_inheritable) },
+        ];
+        mem.write(scratch, sys::as_bytes(&hdr))?;
+        mem.write(scratch + 16, sys::as_bytes(&data))?;
+        r.check("capset", libc::SYS_capset, &[scratch, scratch + 16])?;
+        for cap in 0..64u64 {
+            if c.cap_ambient & (1 << cap) != 0 {
+                r.check("prctl(PR_CAP_AMBIENT_RAISE)", libc::SYS_prctl, &[libc::PR_CAP_AMBIENT as u64, libc::PR_CAP_AMBIENT_RAISE as u64, cap])?;
+            }
+        }
+        r.check("prctl(PR_SET_KEEPCAPS)", libc::SYS_prctl, &[libc::PR_SET_KEEPCAPS as u64, 0])?;
+    }
+    if main {
+        r.check("prctl(PR_SET_DUMPABLE)", libc::SYS_prctl, &[libc::PR_SET_DUMPABLE as u64, c.dumpable as u64])?;
+    }
+    if c.no_new_privs {
+        r.check("prctl(PR_SET_NO_NEW_PRIVS)", libc::SYS_prctl, &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0])?;
+    }
+    Ok(())
+}
+
+fn last_cap() -> u64 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// Queues pending signals again, as the thread itself (so any si_code is allowed).
+fn queue_signals(r: &mut Remote, scratch: u64, mem: &crate::mem::ProcMem, pid: i32, infos: &[Vec<u8>], shared: bool) -> Result<()> {
+    for info in infos {
+        let signo = i32::from_ne_bytes(info[..4].try_into().expect("siginfo"));
+        mem.write(scratch, info)?;
+        if shared {
+            r.check("rt_sigqueueinfo", libc::SYS_rt_sigqueueinfo, &[pid as u64, signo as u64, scratch])?;
+        } else {
+            r.check("rt_tgsigqueueinfo", libc::SYS_rt_tgsigqueueinfo, &[pid as u64, r.tid as u64, signo as u64, scratch])?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! The test workload: a process whose whole state can be checked after a
+//! resume.
+//!
+//! Each worker thread owns a slice of memory filled with a known pattern and a
+//! step counter; step `c` writes word `c mod W` of its slice, so the expected
+//! contents of every word follow from the counter alone. On SIGUSR1 every
+//! worker verifies all of its memory against its counter and prints one line.
+//! With `--avx512` one more thread keeps values in zmm16..zmm31 across long
+//! loops and checks them after each loop. After `--steps` steps each worker
+//! prints a final line with a checksum that depends only on the arguments, so
+//! an interrupted-and-resumed run must print the same lines as a plain one.
+//!
+//! Output lines (stdout, line-buffered):
+//!   ready pid=P threads=T mib=N
+//!   verify t=I counter=C ok            (or `verify t=I counter=C BAD word=K`)
+//!   zmm ok loops=L                      (every 64 loops; `zmm BAD` then exit 3)
+//!   done t=I counter=C sum=S
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+static VERIFY_REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+struct Args {
+    mib: usize,
+    threads: usize,
+    steps: u64,
+    sleep_every: u64,
+    avx512: bool,
+    seed: u64,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        mib: 16,
+        threads: 1,
+        steps: u64::MAX,
+        sleep_every: 4096,
+        avx512: false,
+        seed: 1,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let val = |i: usize| -> u64 {
+            argv.get(i + 1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| usage(&format!("{} needs a number", argv[i])))
+        };
+        match argv[i].as_str() {
+            "--mib" => a.mib = val(i) as usize,
+            "--threads" => a.threads = val(i).max(1) as usize,
+            "--steps" => a.steps = val(i),
+            "--sleep-every" => a.sleep_every = val(i).max(1),
+            "--seed" => a.seed = val(i),
+            "--avx512" => {
+                a.avx512 = true;
+                i += 1;
+                continue;
+            }
+            other => usage(&format!("unknown argument {other}")),
+        }
+        i += 2;
+    }
+    a
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("workload: {msg}\nusage: workload [--mib N] [--threads T] [--steps S] [--sleep-every K] [--seed X] [--avx512]");
+    std::process::exit(2)
+}
+
+/// splitmix64: the pattern's value for word `k`.
+fn hash(seed: u64, k: u64) -> u64 {
+    let mut z = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(k.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// What word `k` of a slice of `w` words holds after `counter` steps: the
+/// last step `c <= counter` with `c % w == k` wrote `hash ^ c`, if any did.
+fn expected(seed: u64, k: u64, w: u64, counter: u64) -> u64 {
+    let last = counter - (counter % w + w - k) % w;
+    if last >= 1 {
+        hash(seed, k) ^ last
+    } else {
+        hash(seed, k)
+    }
+}
+
+fn out(line: String) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{line}");
+    let _ = o.flush();
+}
+
+fn worker(t: usize, args: &Args, words: usize) {
+    let seed = args.seed.wrapping_add(t as u64);
+    let w = words as u64;
+    let mut mem: Vec<u64> = (0..w).map(|k| hash(seed, k)).collect();
+    let mut seen = 0u64;
+    let mut counter = 0u64;
+    while counter < args.steps {
+        counter += 1;
+        let k = (counter % w) as usize;
+        mem[k] = hash(seed, k as u64) ^ counter;
+        let req = VERIFY_REQUESTS.load(Ordering::Relaxed);
+        if req != seen {
+            seen = req;
+            verify(t, seed, &mem, counter);
+        }
+        if counter % args.sleep_every == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let sum = mem
+        .iter()
+        .fold(0u64, |acc, v| acc.rotate_left(5) ^ v.wrapping_mul(0x100_0000_01B3));
+    verify(t, seed, &mem, counter);
+    out(format!("done t={t} counter={counter} sum={sum:016x}"));
+}
+
+fn verify(t: usize, seed: u64, mem: &[u64], counter: u64) {
+    let w = mem.len() as u64;
+    for (k, v) in mem.iter().enumerate() {
+        if *v != expected(seed, k as u64, w, counter) {
+            out(format!("verify t={t} counter={counter} BAD word={k}"));
+            return;
+        }
+    }
+    out(format!("verify t={t} counter={counter} ok"));
+}
+
+#[cfg(target_arch = "x86_64")]
+mod zmm {
+    use std::arch::asm;
+
+    /// Loads zmm16..zmm31 from `input`, spins `iters` times bumping `*counter`,
+    /// then stores them to `output`. A snapshot taken during the spin must
+    /// carry the registers over.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn spin(input: &[u64; 128], output: &mut [u64; 128], iters: u64, counter: *mut u64) {
+        // SAFETY: the pointers cover 16 x 64 bytes each; the caller checked AVX-512F.
+        unsafe {
+            asm!(
+                "vmovdqu64 zmm16, [{i}]", "vmovdqu64 zmm17, [{i} + 64]",
+                "vmovdqu64 zmm18, [{i} + 128]", "vmovdqu64 zmm19, [{i} + 192]",
+                "vmovdqu64 zmm20, [{i} + 256]", "vmovdqu64 zmm21, [{i} + 320]",
+                "vmovdqu64 zmm22, [{i} + 384]", "vmovdqu64 zmm23, [{i} + 448]",
+                "vmovdqu64 zmm24, [{i} + 512]", "vmovdqu64 zmm25, [{i} + 576]",
+                "vmovdqu64 zmm26, [{i} + 640]", "vmovdqu64 zmm27, [{i} + 704]",
+                "vmovdqu64 zmm28, [{i} + 768]", "vmovdqu64 zmm29, [{i} + 832]",
+                "vmovdqu64 zmm30, [{i} + 896]", "vmovdqu64 zmm31, [{i} + 960]",
+                "2:",
+                "inc qword ptr [{c}]",
+                "pause",
+                "dec {n}",
+                "jnz 2b",
+                "vmovdqu64 [{o}], zmm16", "vmovdqu64 [{o} + 64], zmm17",
+                "vmovdqu64 [{o} + 128], zmm18", "vmovdqu64 [{o} + 192], zmm19",
+                "vmovdqu64 [{o} + 256], zmm20", "vmovdqu64 [{o} + 320], zmm21",
+                "vmovdqu64 [{o} + 384], zmm22", "vmovdqu64 [{o} + 448], zmm23",
+                "vmovdqu64 [{o} + 512], zmm24", "vmovdqu64 [{o} + 576], zmm25",
+                "vmovdqu64 [{o} + 640], zmm26", "vmovdqu64 [{o} + 704], zmm27",
+                "vmovdqu64 [{o} + 768], zmm28", "vmovdqu64 [{o} + 832], zmm29",
+                "vmovdqu64 [{o} + 896], zmm30", "vmovdqu64 [{o} + 960], zmm31",
+                i = in(reg) input.as_ptr(),
+                o = in(reg) output.as_mut_ptr(),
+                c = in(reg) counter,
+                n = inout(reg) iters => _,
+                out("zmm16") _, out("zmm17") _, out("zmm18") _, out("zmm19") _,
+                out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
+                out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _,
+                out("zmm28") _, out("zmm29") _, out("zmm30") _, out("zmm31") _,
+                options(nostack),
+            );
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn zmm_thread(seed: u64) {
+    if !std::arch::is_x86_feature_detected!("avx512f") {
+        out("zmm unsupported".to_string());
+        return;
+    }
+    let mut loops = 0u64;
+    let mut spins = 0u64;
+    loop {
+        let input: [u64; 128] = std::array::from_fn(|k| hash(seed ^ 0x2a2a, k as u64 + loops));
+        let mut output = [0u64; 128];
+        // SAFETY: AVX-512F was detected above.
+        unsafe { zmm::spin(&input, &mut output, 20_000_000, &mut spins) };
+        loops += 1;
+        if output != input {
+            out(format!("zmm BAD loops={loops}"));
+            std::process::exit(3);
+        }
+        if loops % 64 == 1 {
+            out(format!("zmm ok loops={loops}"));
+        }
+    }
+}
+
+extern "C" fn on_usr1(_: libc::c_int) {
+    VERIFY_REQUESTS.fetch_add(1, Ordering::Relaxed);
+}
+
+fn main() {
+    let args = parse_args();
+    // SAFETY: the handler only touches an atomic.
+    unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
+    out(format!(
+        "ready pid={} threads={} mib={}",
+        std::process::id(),
+        args.threads,
+        args.mib
+    ));
+    let words = (args.mib << 20) / 8 / args.threads;
+    #[cfg(target_arch = "x86_64")]
+    if args.avx512 {
+        let seed = args.seed;
+        std::thread::spawn(move || zmm_thread(seed));
+    }
+    std::thread::scope(|s| {
+        for t in 1..args.threads {
+            let args = &args;
+            s.spawn(move || worker(t, args, words.max(1)));
+        }
+        worker(0, &args, words.max(1));
+    });
+}
