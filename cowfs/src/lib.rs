@@ -1,1 +1,64 @@
-//! cowfs: a FUSE copy-on-write image layer (see the cowfs issue and DESIGN.md).
+//! cowfs: a FUSE copy-on-write image layer. A store gives a writable view
+//! of a read-only base directory tree (which may hold raw disk images):
+//! files are copied up by block, so a 4 KiB write into a 10 GiB image
+//! stores one block; checkpoint and rollback are O(1) in the data size.
+//!
+//! # Library API
+//! ```no_run
+//! use cowfs::{MountOptions, Store};
+//! use std::path::Path;
+//! # fn main() -> cowfs::Result<()> {
+//! let store = Store::create(Path::new("/var/lib/vm1"), Path::new("/srv/images"), None)?;
+//! let mount = store.mount(Path::new("/mnt/vm1"), &MountOptions::default())?;
+//! // ... the VM writes /mnt/vm1/disk.img ...
+//! store.checkpoint("before-upgrade")?;
+//! // ... the upgrade writes more ...
+//! store.rollback("before-upgrade")?; // the view is back, kernel caches invalidated
+//! for cp in store.list()? { println!("{} (layer {})", cp.name, cp.layer); }
+//! let changes = store.diff("before-upgrade", None)?;
+//! drop(mount); // unmounts and makes everything durable
+//! # let _ = changes; Ok(()) }
+//! ```
+//! `Store::open` reopens a store; every operation works whether the store is
+//! mounted by this process, by another (`umlctl fs mount`: the call goes to
+//! that daemon's control socket), or not at all. `Store::serve` runs a
+//! mount in the calling thread (the daemon). `Store::fsck` checks and
+//! repairs an unmounted store after a crash.
+//!
+//! # Module map
+//! - `store`: the public `Store` handle (create, open, mount, checkpoints)
+//! - `disk`: the on-disk layout, `store.json` and `stack.json`, atomic writes
+//! - `journal`: per-layer metadata records, checksummed, torn tails detected
+//! - `state`: in-memory metadata of a view (persistent maps: O(1) clones)
+//! - `base`: the read-only base tree, read lazily and cached
+//! - `tree`: reading a view (the merge of a state over the base)
+//! - `data`: which layer each block of a file comes from; data file I/O
+//! - `view`: the live view: every file system operation, checkpoint, rollback
+//! - `fuse`: the FUSE adapter (fuser) over `view`
+//! - `mount`: mounting, the store lock, the `Mount` handle
+//! - `control`: the control socket of a mounted store
+//! - `diff`, `fsck`: comparing checkpoints, checking and repairing
+//! - `sys`: small wrappers over libc calls std and nix lack
+
+mod base;
+mod control;
+mod data;
+mod diff;
+mod disk;
+mod error;
+mod fsck;
+mod fuse;
+mod journal;
+mod mount;
+mod state;
+mod store;
+mod sys;
+mod tree;
+mod view;
+
+pub use diff::{Change, ChangeKind};
+pub use disk::{Checkpoint, DEFAULT_BLOCK_SIZE, FORMAT_VERSION};
+pub use error::{Error, Result};
+pub use fsck::FsckReport;
+pub use mount::{is_mountpoint, unmount, Mount, MountOptions};
+pub use store::Store;

@@ -1,0 +1,197 @@
+//! The daemon's control socket (`STORE/control.sock`): how `umlctl fs
+//! checkpoint` and friends reach a mounted store. One JSON request per
+//! connection, one JSON answer.
+
+use crate::error::{Error, Result};
+use crate::fuse::KernelCache;
+use crate::state::Ino;
+use crate::view::View;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    Checkpoint(String),
+    Rollback(String),
+    Delete(String),
+    /// Make everything durable (before an offline diff, say).
+    Sync,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Answer {
+    Ok,
+    /// An error class (as in `Error`) and its message.
+    Err(String, String),
+}
+
+fn to_answer(r: Result<()>) -> Answer {
+    match r {
+        Ok(()) => Answer::Ok,
+        Err(e) => {
+            let class = match e {
+                Error::NotFound(_) => "NotFound",
+                Error::Conflict(_) => "Conflict",
+                Error::BadStore(_) => "BadStore",
+                Error::Invalid(_) => "Invalid",
+                Error::Environment(_) => "Environment",
+                Error::Io { .. } => "Io",
+            };
+            Answer::Err(class.into(), e.to_string())
+        }
+    }
+}
+
+fn from_answer(a: Answer) -> Result<()> {
+    match a {
+        Answer::Ok => Ok(()),
+        Answer::Err(class, m) => Err(match class.as_str() {
+            "NotFound" => Error::NotFound(m),
+            "Conflict" => Error::Conflict(m),
+            "BadStore" => Error::BadStore(m),
+            "Invalid" => Error::Invalid(m),
+            "Environment" => Error::Environment(m),
+            _ => Error::Io {
+                context: "daemon".into(),
+                source: std::io::Error::other(m),
+            },
+        }),
+    }
+}
+
+/// Send one request to the daemon of a mounted store.
+pub fn call(socket: &Path, req: &Request) -> Result<()> {
+    let stream = UnixStream::connect(socket).map_err(|e| {
+        Error::Conflict(format!(
+            "store is locked by another process but its daemon does not answer on {} ({e})",
+            socket.display()
+        ))
+    })?;
+    let mut line = serde_json::to_vec(req).expect("serializable");
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(|e| Error::Io {
+        context: "send to the cowfs daemon".into(),
+        source: e,
+    })?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(|e| Error::Io {
+            context: "read the cowfs daemon's answer".into(),
+            source: e,
+        })?;
+    let a: Answer = serde_json::from_str(&answer).map_err(|e| Error::Io {
+        context: "the cowfs daemon's answer".into(),
+        source: std::io::Error::other(e),
+    })?;
+    from_answer(a)
+}
+
+/// What the server needs to act on a live mount.
+pub struct Live {
+    pub view: Arc<View>,
+    pub kernel: Arc<KernelCache>,
+    pub known: Arc<Mutex<HashSet<Ino>>>,
+    pub notifier: fuser::Notifier,
+    pub mountpoint: PathBuf,
+}
+
+impl Live {
+    pub fn handle(&self, req: Request) -> Result<()> {
+        match req {
+            Request::Checkpoint(name) => self.view.checkpoint(&name),
+            Request::Rollback(name) => self.rollback(&name),
+            Request::Delete(name) => self.view.delete_checkpoint(&name),
+            Request::Sync => self.view.sync_all(),
+        }
+    }
+
+    fn rollback(&self, name: &str) -> Result<()> {
+        // Write back what the kernel still holds dirty, so that it lands
+        // before the switch and not after.
+        if let Ok(f) = std::fs::File::open(&self.mountpoint) {
+            let _ = nix::unistd::syncfs(&f);
+        }
+        self.view.rollback(name)?;
+        self.kernel.invalidate(&self.notifier);
+        let known: Vec<Ino> = self.known.lock().unwrap().iter().copied().collect();
+        self.kernel
+            .invalidate_inodes(&self.notifier, known.into_iter());
+        Ok(())
+    }
+}
+
+/// The socket server thread; stops when dropped.
+pub struct Server {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start(path: &Path, live: Live) -> Result<Server> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(|e| Error::Io {
+            context: format!("listen on {}", path.display()),
+            source: e,
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("cowfs-control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stop2.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if let Ok(conn) = conn {
+                        serve_one(&live, conn);
+                    }
+                }
+            })
+            .map_err(|e| Error::Io {
+                context: "start the control thread".into(),
+                source: e,
+            })?;
+        Ok(Server {
+            path: path.to_owned(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn serve_one(live: &Live, conn: UnixStream) {
+    let mut line = String::new();
+    if BufReader::new(&conn).read_line(&mut line).is_err() {
+        return;
+    }
+    let answer = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => {
+            tracing::info!("control: {req:?}");
+            to_answer(live.handle(req))
+        }
+        Err(e) => Answer::Err("Invalid".into(), format!("bad request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&answer).expect("serializable");
+    out.push(b'\n');
+    let _ = (&conn).write_all(&out);
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

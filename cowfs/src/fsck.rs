@@ -1,0 +1,140 @@
+//! `fsck`: check a store that is not mounted, and with `repair` fix what a
+//! crash can leave behind: a torn journal tail (unfinished writes), layer
+//! directories a checkpoint or rollback did not commit, a full trash,
+//! temporary files, inodes left with no link.
+
+use crate::error::{Context, Error, Result};
+use crate::journal::{self, Record};
+use crate::mount;
+use crate::store::Store;
+use crate::view::replay;
+use serde::Serialize;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FsckReport {
+    /// What a crash leaves normally (torn journal tails, orphans, ...).
+    pub unfinished: Vec<String>,
+    /// Real damage (missing layers, corrupt records in sealed layers, ...).
+    pub errors: Vec<String>,
+    /// Whether the findings were repaired.
+    pub repaired: bool,
+}
+
+impl FsckReport {
+    pub fn clean(&self) -> bool {
+        self.unfinished.is_empty() && self.errors.is_empty()
+    }
+}
+
+impl Store {
+    pub fn fsck(&self, repair: bool) -> Result<FsckReport> {
+        let l = self.layout().clone();
+        let _lock = mount::lock(&l)?.ok_or_else(|| {
+            Error::Conflict(format!(
+                "store {} is mounted; unmount it before fsck",
+                l.dir.display()
+            ))
+        })?;
+        let mut r = FsckReport::default();
+        let mut stack = l.read_stack()?;
+        let top = stack.top();
+        for &layer in &stack.layers {
+            let path = l.journal(layer);
+            if !path.exists() {
+                r.errors
+                    .push(format!("layer {layer} is missing ({})", path.display()));
+                continue;
+            }
+            let j = journal::read(&path)?;
+            if j.torn_bytes > 0 {
+                let msg = format!(
+                    "layer {layer}: {} bytes of unfinished journal records",
+                    j.torn_bytes
+                );
+                if layer == top {
+                    r.unfinished.push(msg)
+                } else {
+                    r.errors.push(msg)
+                }
+                if repair {
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .at("open", &path)?;
+                    f.set_len(j.valid_len).at("truncate", &path)?;
+                    f.sync_all().at("fsync", &path)?;
+                }
+            }
+        }
+        let bad: Vec<String> = stack
+            .checkpoints
+            .iter()
+            .filter(|c| !stack.layers.contains(&c.layer))
+            .map(|c| c.name.clone())
+            .collect();
+        for name in &bad {
+            r.errors
+                .push(format!("checkpoint {name:?} refers to a dropped layer"));
+        }
+        if repair && !bad.is_empty() {
+            stack.checkpoints.retain(|c| !bad.contains(&c.name));
+            l.write_stack(&stack)?;
+        }
+        for e in std::fs::read_dir(l.layers())
+            .at("read", &l.layers())?
+            .flatten()
+        {
+            let id = e.file_name().to_string_lossy().parse::<u32>().ok();
+            if id.is_none_or(|id| !stack.layers.contains(&id)) {
+                r.unfinished.push(format!(
+                    "uncommitted layer directory {}",
+                    e.path().display()
+                ));
+                if repair {
+                    std::fs::remove_dir_all(e.path()).at("remove", &e.path())?;
+                }
+            }
+        }
+        for e in std::fs::read_dir(&l.dir).at("read", &l.dir)?.flatten() {
+            if e.path().extension().is_some_and(|x| x == "tmp") {
+                r.unfinished
+                    .push(format!("temporary file {}", e.path().display()));
+                if repair {
+                    std::fs::remove_file(e.path()).at("remove", &e.path())?;
+                }
+            }
+        }
+        if std::fs::read_dir(l.trash())
+            .at("read", &l.trash())?
+            .next()
+            .is_some()
+        {
+            r.unfinished.push("dropped layers wait in the trash".into());
+            if repair {
+                l.empty_trash();
+            }
+        }
+        let (state, _) = replay(&l, &stack, self.block_size(), false)?;
+        let orphans: Vec<u64> = state
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.meta.nlink == 0)
+            .map(|(i, _)| *i)
+            .collect();
+        if !orphans.is_empty() {
+            r.unfinished.push(format!(
+                "{} inodes with no name left (unlinked while open)",
+                orphans.len()
+            ));
+            if repair {
+                let mut w = journal::Writer::open(&l.journal(top))?;
+                for ino in orphans {
+                    w.append(&Record::Drop { ino })?;
+                }
+                w.sync()?;
+            }
+        }
+        r.repaired = repair && !r.clean();
+        Ok(r)
+    }
+}

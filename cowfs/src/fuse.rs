@@ -1,0 +1,601 @@
+//! The FUSE adapter: each kernel request becomes one `View` call, and the
+//! answer goes back with long cache lifetimes (this daemon is the only
+//! writer; a rollback invalidates the kernel's caches explicitly).
+
+use crate::state::{Ino, Kind, ROOT};
+use crate::view::{Attr, NewNode, Res, SetAttr, View};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// How long the kernel may cache entries and attributes.
+const TTL: Duration = Duration::from_secs(3600);
+
+/// What the kernel may have cached, so that a rollback can invalidate it.
+#[derive(Default)]
+pub struct KernelCache {
+    entries: Mutex<HashSet<(Ino, OsString)>>,
+}
+
+impl KernelCache {
+    fn saw(&self, dir: Ino, name: &OsStr) {
+        self.entries.lock().unwrap().insert((dir, name.to_owned()));
+    }
+
+    /// Drop every cached name and inode (after a rollback). Must not be
+    /// called with the view locked: the kernel may call back into us.
+    pub fn invalidate(&self, notifier: &Notifier) {
+        let entries: Vec<_> = self.entries.lock().unwrap().drain().collect();
+        let mut inodes: HashSet<Ino> = entries.iter().map(|(d, _)| *d).collect();
+        inodes.insert(ROOT);
+        for (dir, name) in &entries {
+            let _ = notifier.inval_entry(INodeNo(*dir), name);
+        }
+        for ino in inodes {
+            let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+        }
+    }
+
+    /// Invalidate the data and attributes of these inodes too.
+    pub fn invalidate_inodes(&self, notifier: &Notifier, inodes: impl Iterator<Item = Ino>) {
+        for ino in inodes {
+            let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+        }
+    }
+}
+
+pub struct CowFuse {
+    view: Arc<View>,
+    kernel: Arc<KernelCache>,
+    /// Inodes handed to the kernel (their data may be cached).
+    known: Arc<Mutex<HashSet<Ino>>>,
+    next_fh: AtomicU64,
+    dirs: Mutex<HashMap<u64, Arc<Vec<(OsString, Ino, Kind)>>>>,
+}
+
+impl CowFuse {
+    pub fn new(view: Arc<View>, kernel: Arc<KernelCache>, known: Arc<Mutex<HashSet<Ino>>>) -> Self {
+        CowFuse {
+            view,
+            kernel,
+            known,
+            next_fh: AtomicU64::new(1),
+            dirs: Mutex::default(),
+        }
+    }
+
+    fn entry(&self, dir: Ino, name: &OsStr, r: Res<Attr>, reply: ReplyEntry) {
+        match r {
+            Ok(a) => {
+                self.kernel.saw(dir, name);
+                self.known.lock().unwrap().insert(a.ino);
+                reply.entry(&TTL, &file_attr(&a), Generation(0))
+            }
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn new_node(req: &Request, mode: u32, rdev: u32) -> Option<NewNode> {
+        Some(NewNode {
+            kind: Kind::from_mode(mode)?,
+            perm: mode & 0o7777,
+            uid: req.uid(),
+            gid: req.gid(),
+            rdev,
+        })
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Char => FileType::CharDevice,
+        Kind::Block => FileType::BlockDevice,
+        Kind::Socket => FileType::Socket,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    let m = &a.meta;
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: m.size,
+        blocks: a.blocks512,
+        atime: m.atime.into(),
+        mtime: m.mtime.into(),
+        ctime: m.ctime.into(),
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: file_type(m.kind),
+        perm: m.perm as u16,
+        nlink: m.nlink,
+        uid: m.uid,
+        gid: m.gid,
+        rdev: m.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn time(t: Option<TimeOrNow>) -> Option<crate::state::Ts> {
+    t.map(|t| match t {
+        TimeOrNow::SpecificTime(s) => s.into(),
+        TimeOrNow::Now => crate::state::Ts::now(),
+    })
+}
+
+fn err(e: i32) -> Errno {
+    Errno::from_i32(e)
+}
+
+fn empty(r: Res<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
+fn xattr_reply(r: Res<Vec<u8>>, size: u32, reply: ReplyXattr) {
+    match r {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
+impl Filesystem for CowFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        for cap in [
+            InitFlags::FUSE_WRITEBACK_CACHE,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_MAX_PAGES,
+            InitFlags::FUSE_BIG_WRITES,
+            InitFlags::FUSE_ASYNC_READ,
+        ] {
+            if config.add_capabilities(cap).is_err() {
+                tracing::info!("kernel lacks FUSE capability {cap:?}");
+            }
+        }
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(parent.0, name, self.view.lookup(parent.0, name), reply)
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.view.attr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: time(atime),
+            mtime: time(mtime),
+            ctime: ctime.map(Into::into),
+        };
+        match self.view.setattr(ino.0, set) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.view.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(new) = Self::new_node(req, mode, rdev) else {
+            return reply.error(Errno::EINVAL);
+        };
+        self.entry(
+            parent.0,
+            name,
+            self.view.create(parent.0, name, new, None),
+            reply,
+        )
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let new = Self::new_node(req, libc::S_IFDIR | (mode & 0o7777), 0).expect("dir kind");
+        self.entry(
+            parent.0,
+            name,
+            self.view.create(parent.0, name, new, None),
+            reply,
+        )
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.view.remove(parent.0, name, false), reply)
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.view.remove(parent.0, name, true), reply)
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let new = Self::new_node(req, libc::S_IFLNK | 0o777, 0).expect("symlink kind");
+        let t = target.as_os_str().as_bytes();
+        self.entry(
+            parent.0,
+            link_name,
+            self.view.create(parent.0, link_name, new, Some(t)),
+            reply,
+        )
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        empty(
+            self.view
+                .rename(parent.0, name, newparent.0, newname, flags.bits()),
+            reply,
+        )
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            newparent.0,
+            newname,
+            self.view.link(ino.0, newparent.0, newname),
+            reply,
+        )
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.view.attr(ino.0) {
+            Ok(_) => {
+                self.view.opened(ino.0);
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.view.read(ino.0, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.view.write(ino.0, offset, data, kill) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok()
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty(self.view.released(ino.0), reply)
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _ds: bool, reply: ReplyEmpty) {
+        empty(self.view.fsync(Some(ino.0)), reply)
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.view.list(ino.0) {
+            Ok(list) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.dirs.lock().unwrap().insert(fh, Arc::new(list));
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(list) = self.dirs.lock().unwrap().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let dots = [
+            (OsString::from("."), ino.0, Kind::Dir),
+            (OsString::from(".."), ROOT, Kind::Dir),
+        ];
+        for (i, (name, child, kind)) in dots
+            .iter()
+            .chain(list.iter())
+            .enumerate()
+            .skip(offset as usize)
+        {
+            if reply.add(INodeNo(*child), i as u64 + 1, file_type(*kind), name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(list) = self.dirs.lock().unwrap().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let dots = [
+            (OsString::from("."), ino.0, Kind::Dir),
+            (OsString::from(".."), ROOT, Kind::Dir),
+        ];
+        for (i, (name, child, _)) in dots
+            .iter()
+            .chain(list.iter())
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let Ok(attr) = self.view.attr(*child) else {
+                continue;
+            };
+            if i >= 2 {
+                self.kernel.saw(ino.0, name);
+                self.known.lock().unwrap().insert(*child);
+            }
+            if reply.add(
+                INodeNo(*child),
+                i as u64 + 1,
+                name,
+                &TTL,
+                &file_attr(&attr),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().unwrap().remove(&fh.0);
+        reply.ok()
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ds: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty(self.view.fsync(None), reply)
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.view.statfs() {
+            Ok(s) => reply.statfs(
+                s.blocks(),
+                s.blocks_free(),
+                s.blocks_available(),
+                s.files(),
+                s.files_free(),
+                s.block_size() as u32,
+                255,
+                s.fragment_size() as u32,
+            ),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        empty(
+            self.view
+                .setxattr(ino.0, name.as_bytes(), Some(value), flags),
+            reply,
+        )
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        xattr_reply(self.view.getxattr(ino.0, name.as_bytes()), size, reply)
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        xattr_reply(self.view.listxattr(ino.0), size, reply)
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.view.setxattr(ino.0, name.as_bytes(), None, 0), reply)
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let Some(new) = Self::new_node(req, mode, 0) else {
+            return reply.error(Errno::EINVAL);
+        };
+        match self.view.create(parent.0, name, new, None) {
+            Ok(a) => {
+                self.kernel.saw(parent.0, name);
+                self.known.lock().unwrap().insert(a.ino);
+                self.view.opened(a.ino);
+                reply.created(
+                    &TTL,
+                    &file_attr(&a),
+                    Generation(0),
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        empty(self.view.fallocate(ino.0, offset, length, mode), reply)
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.view.sync_all() {
+            tracing::error!("final sync of the store failed: {e}");
+        }
+    }
+}

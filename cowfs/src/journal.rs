@@ -1,0 +1,176 @@
+//! The metadata journal of one layer: an append-only file of records, each
+//! framed as `[u32 length][u64 xxh3 of the payload][JSON payload]`.
+//!
+//! Records are buffered in memory and written out on fsync, checkpoint,
+//! unmount and when the buffer grows; a crash can leave a torn last record,
+//! which replay detects (length or checksum) and stops before. Everything
+//! fsync returned for is complete before the torn tail.
+
+use crate::error::{Context, Result};
+use crate::state::{Ino, Meta};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// One metadata change. Replaying a layer's records in order over the state
+/// of the layers below rebuilds the view of that layer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub enum Record {
+    /// The whole metadata of an inode (created, changed, or taken over from
+    /// the base, then `origin` is its path in the base).
+    Node {
+        ino: Ino,
+        meta: Meta,
+        origin: Option<PathBuf>,
+        base_limit: u64,
+    },
+    /// The target of a symlink created in a layer.
+    Symlink { ino: Ino, target: Vec<u8> },
+    /// A directory entry set (`Some`) or whited out (`None`).
+    Entry {
+        dir: Ino,
+        name: Vec<u8>,
+        ino: Option<Ino>,
+    },
+    /// All extended attributes of an inode.
+    Xattrs {
+        ino: Ino,
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    /// Blocks `first..first+count` now live in this layer (or read as zero).
+    Blocks {
+        ino: Ino,
+        first: u64,
+        count: u64,
+        zero: bool,
+    },
+    /// The file was cut to `size`: blocks past it are dropped and base bytes
+    /// past it are no longer visible.
+    Truncate { ino: Ino, size: u64 },
+    /// The inode is gone (last link removed and last open file closed).
+    Drop { ino: Ino },
+}
+
+const HEADER: usize = 12;
+/// Write the buffer out once it holds this much.
+const FLUSH_AT: usize = 1 << 20;
+
+/// The open journal of the writable top layer.
+pub struct Writer {
+    path: PathBuf,
+    file: File,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    pub fn open(path: &Path) -> Result<Writer> {
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .at("open journal", path)?;
+        Ok(Writer {
+            path: path.to_owned(),
+            file,
+            buf: Vec::new(),
+        })
+    }
+
+    pub fn append(&mut self, rec: &Record) -> Result<()> {
+        encode(rec, &mut self.buf);
+        if self.buf.len() >= FLUSH_AT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Write buffered records to the file (no fsync).
+    pub fn flush(&mut self) -> Result<()> {
+        if !self.buf.is_empty() {
+            self.file
+                .write_all(&self.buf)
+                .at("write journal", &self.path)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Write and fsync: every record appended so far survives a crash.
+    pub fn sync(&mut self) -> Result<()> {
+        self.flush()?;
+        self.file.sync_data().at("fsync journal", &self.path)
+    }
+}
+
+pub fn encode(rec: &Record, out: &mut Vec<u8>) {
+    let payload = serde_json::to_vec(rec).expect("records serialize");
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&xxh3_64(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+}
+
+/// What a journal file holds.
+pub struct Replay {
+    pub records: Vec<Record>,
+    /// Bytes of complete, valid records.
+    pub valid_len: u64,
+    /// Bytes after them (a torn or corrupt tail), 0 when clean.
+    pub torn_bytes: u64,
+}
+
+pub fn read(path: &Path) -> Result<Replay> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .at("read journal", path)?;
+    let mut records = Vec::new();
+    let mut pos = 0usize;
+    while bytes.len() - pos >= HEADER {
+        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        let sum = u64::from_le_bytes(bytes[pos + 4..pos + 12].try_into().unwrap());
+        let Some(payload) = bytes.get(pos + HEADER..pos + HEADER + len) else {
+            break;
+        };
+        if xxh3_64(payload) != sum {
+            break;
+        }
+        let Ok(rec) = serde_json::from_slice(payload) else {
+            break;
+        };
+        records.push(rec);
+        pos += HEADER + len;
+    }
+    Ok(Replay {
+        records,
+        valid_len: pos as u64,
+        torn_bytes: (bytes.len() - pos) as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torn_tail_is_detected_and_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let mut w = Writer::open(&path).unwrap();
+        let rec = Record::Drop { ino: 7 };
+        w.append(&rec).unwrap();
+        w.append(&Record::Truncate { ino: 7, size: 3 }).unwrap();
+        w.sync().unwrap();
+        // A crash in the middle of the next record.
+        let mut partial = Vec::new();
+        encode(&Record::Drop { ino: 9 }, &mut partial);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&partial[..partial.len() - 3]).unwrap();
+        let r = read(&path).unwrap();
+        assert_eq!(r.records, vec![rec, Record::Truncate { ino: 7, size: 3 }]);
+        assert_eq!(r.torn_bytes as usize, partial.len() - 3);
+    }
+}

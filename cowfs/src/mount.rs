@@ -1,0 +1,265 @@
+//! Mounting a store: the FUSE session, the control socket, and the lock
+//! that says "this store is mounted".
+
+use crate::control::{Live, Server};
+use crate::disk::Layout;
+use crate::error::{Context, Error, Result};
+use crate::fuse::{CowFuse, KernelCache};
+use crate::view::View;
+use fuser::{Config, MountOption, SessionACL};
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How to mount.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// FUSE worker threads.
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions { threads: 4 }
+    }
+}
+
+/// Hold the store's lock; `Conflict` if another process holds it.
+pub fn lock(layout: &Layout) -> Result<Option<Flock<File>>> {
+    let path = layout.lock();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .at("open", &path)?;
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(e).at("lock", &path),
+    }
+}
+
+/// The mountinfo line of the mount at `path`, split in fields.
+fn mountinfo(path: &Path) -> Option<Vec<String>> {
+    let canon = path.canonicalize().ok()?;
+    let canon = canon.to_string_lossy();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m) == canon))
+        .last()
+        .map(|l| l.split(' ').map(unescape).collect())
+}
+
+/// Whether `path` is a mountpoint now.
+pub fn is_mountpoint(path: &Path) -> bool {
+    mountinfo(path).is_some()
+}
+
+/// Unmount a cowfs mount (of any process) and wait until its daemon has
+/// made everything durable and let go of the store.
+pub fn unmount(mountpoint: &Path) -> Result<()> {
+    let fields = mountinfo(mountpoint)
+        .ok_or_else(|| Error::NotFound(format!("{} is not mounted", mountpoint.display())))?;
+    // After " - ": fstype, source.
+    let dash = fields.iter().position(|f| f == "-").unwrap_or(fields.len());
+    let source = fields.get(dash + 2).cloned().unwrap_or_default();
+    let Some(store) = source.strip_prefix("cowfs:") else {
+        return Err(Error::Invalid(format!(
+            "{} is not a cowfs mount (source {source:?})",
+            mountpoint.display()
+        )));
+    };
+    match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EBUSY) => {
+            return Err(Error::Conflict(format!(
+                "{} is busy (open files or a process inside); close them and retry",
+                mountpoint.display()
+            )))
+        }
+        Err(e) => return Err(e).at("unmount", mountpoint),
+    }
+    let layout = Layout {
+        dir: PathBuf::from(store),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if !layout.lock().exists() || lock(&layout)?.is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(Error::Conflict(format!(
+        "the daemon of {store} did not finish within 60 s after unmounting"
+    )))
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Everything a live mount holds; shared by `Mount` and `serve`.
+pub(crate) struct Prepared {
+    pub session: fuser::Session<CowFuse>,
+    pub server: Server,
+    pub view: Arc<View>,
+    pub lock: Flock<File>,
+    pub mountpoint: PathBuf,
+}
+
+pub(crate) fn prepare(
+    layout: &Layout,
+    view: View,
+    lock: Flock<File>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<Prepared> {
+    let md = std::fs::metadata(mountpoint).map_err(|e| {
+        Error::NotFound(format!(
+            "mountpoint {} is not usable: {e}",
+            mountpoint.display()
+        ))
+    })?;
+    if !md.is_dir() {
+        return Err(Error::Invalid(format!(
+            "mountpoint {} is not a directory",
+            mountpoint.display()
+        )));
+    }
+    if is_mountpoint(mountpoint) {
+        return Err(Error::Conflict(format!(
+            "mountpoint {} is in use; unmount it first (`umlctl fs umount {}`)",
+            mountpoint.display(),
+            mountpoint.display()
+        )));
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(Error::Environment(
+            "/dev/fuse is missing: load the fuse module (modprobe fuse)".into(),
+        ));
+    }
+    crate::sys::raise_nofile_limit();
+    let view = Arc::new(view);
+    let kernel = Arc::new(KernelCache::default());
+    let known = Arc::default();
+    let fs = CowFuse::new(view.clone(), kernel.clone(), Arc::clone(&known));
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName(format!("cowfs:{}", layout.dir.display())),
+        MountOption::Subtype("cowfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::RW,
+    ];
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(opts.threads.max(1));
+    cfg.clone_fd = true;
+    let session = fuser::Session::new(fs, mountpoint, &cfg).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            " (mounting FUSE needs root)"
+        } else {
+            ""
+        };
+        Error::Environment(format!(
+            "cannot mount on {}: {e}{hint}",
+            mountpoint.display()
+        ))
+    })?;
+    let live = Live {
+        view: view.clone(),
+        kernel,
+        known,
+        notifier: session.notifier(),
+        mountpoint: mountpoint.to_owned(),
+    };
+    let server = Server::start(&layout.socket(), live)?;
+    // Layers dropped by an offline rollback wait in the trash.
+    let l = layout.clone();
+    std::thread::spawn(move || l.empty_trash());
+    Ok(Prepared {
+        session,
+        server,
+        view,
+        lock,
+        mountpoint: mountpoint.to_owned(),
+    })
+}
+
+/// A store mounted by this process, served by background threads.
+/// Dropping it unmounts the file system and makes everything durable.
+pub struct Mount {
+    session: Option<fuser::BackgroundSession>,
+    server: Option<Server>,
+    view: Arc<View>,
+    _lock: Flock<File>,
+    mountpoint: PathBuf,
+}
+
+impl Mount {
+    pub(crate) fn start(p: Prepared) -> Result<Mount> {
+        let Prepared {
+            session,
+            server,
+            view,
+            lock,
+            mountpoint,
+        } = p;
+        let session = session.spawn().ctx(|| "start the FUSE session".into())?;
+        Ok(Mount {
+            session: Some(session),
+            server: Some(server),
+            view,
+            _lock: lock,
+            mountpoint,
+        })
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmount now and report errors (dropping does the same, silently).
+    pub fn unmount(mut self) -> Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.server.take();
+        if let Some(s) = self.session.take() {
+            s.umount_and_join()
+                .ctx(|| format!("unmount {}", self.mountpoint.display()))?;
+        }
+        self.view.sync_all()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+/// Serve a mount in this thread until it is unmounted (`umount`).
+pub(crate) fn run(p: Prepared, ready: impl FnOnce()) -> Result<()> {
+    let Prepared {
+        session,
+        server,
+        view,
+        lock,
+        ..
+    } = p;
+    ready();
+    let r = session.run().ctx(|| "FUSE session".into());
+    drop(server);
+    view.sync_all()?;
+    drop(lock);
+    r
+}

@@ -1,0 +1,943 @@
+//! `View`: the live, writable view of a store, the state behind a mount.
+//! Its methods are the file system operations in plain terms (inode numbers,
+//! names, errno on failure); `fuse` adapts them to the kernel protocol.
+//!
+//! Locking: one RwLock over the metadata, the top journal and the stack.
+//! Reads plan under the read lock and do their I/O after releasing it;
+//! mutations hold the write lock.
+
+use crate::base::{Base, BaseInode};
+use crate::data::{self, Seg};
+use crate::disk::{Layout, Stack, StoreConfig};
+use crate::error::{Context, Error, Result};
+use crate::journal::{self, Record, Writer};
+use crate::state::{self, Ino, Kind, Loc, Meta, Node, State, Ts};
+use crate::tree::Tree;
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
+
+pub use crate::tree::{Attr, Errno, Res};
+
+/// The fields a setattr changes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Ts>,
+    pub mtime: Option<Ts>,
+    pub ctime: Option<Ts>,
+}
+
+/// Who creates a node, and what.
+#[derive(Clone, Copy, Debug)]
+pub struct NewNode {
+    pub kind: Kind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+}
+
+pub struct View {
+    pub layout: Layout,
+    pub base: Base,
+    pub block_size: u64,
+    inner: RwLock<Inner>,
+    /// Open data files, by (layer, inode).
+    files: Mutex<HashMap<(u32, Ino), Arc<File>>>,
+}
+
+struct Inner {
+    state: State,
+    stack: Stack,
+    journal: Writer,
+    /// Inodes whose metadata changed since their last Node record.
+    dirty: HashSet<Ino>,
+    /// The state at each checkpointed layer, for O(1) rollback.
+    snapshots: HashMap<u32, State>,
+    /// Open file counts, so that an unlinked open file lives until closed.
+    open: HashMap<Ino, u32>,
+}
+
+const NAME_MAX: usize = 255;
+
+impl View {
+    /// Load a store: replay every layer's journal over the base.
+    pub fn load(layout: Layout, cfg: &StoreConfig) -> Result<View> {
+        let base = Base::open(&cfg.base).map_err(|e| {
+            Error::NotFound(format!(
+                "base directory {} of store {} is not readable: {e}",
+                cfg.base.display(),
+                layout.dir.display()
+            ))
+        })?;
+        let stack = layout.read_stack()?;
+        let (state, snapshots) = replay(&layout, &stack, cfg.block_size, true)?;
+        let journal = Writer::open(&layout.journal(stack.top()))?;
+        let view = View {
+            layout,
+            base,
+            block_size: cfg.block_size,
+            inner: RwLock::new(Inner {
+                state,
+                stack,
+                journal,
+                dirty: HashSet::new(),
+                snapshots,
+                open: HashMap::new(),
+            }),
+            files: Mutex::default(),
+        };
+        view.drop_orphans().map_err(|e| Error::Io {
+            context: "drop orphan inodes".into(),
+            source: std::io::Error::from_raw_os_error(e),
+        })?;
+        Ok(view)
+    }
+
+    /// Inodes left with no link by a crash while they were open.
+    fn drop_orphans(&self) -> Res<()> {
+        let mut g = self.lock();
+        let orphans: Vec<Ino> = g
+            .state
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.meta.nlink == 0)
+            .map(|(i, _)| *i)
+            .collect();
+        for ino in orphans {
+            self.drop_node(&mut g, ino)?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap()
+    }
+
+    // ---- reading metadata ----
+
+    fn base_inode(&self, ino: Ino) -> Res<BaseInode> {
+        self.base.inode(ino).ok_or(libc::ESTALE)
+    }
+
+    fn tree<'a>(&'a self, state: &'a State) -> Tree<'a> {
+        Tree {
+            base: &self.base,
+            state,
+            block_size: self.block_size,
+        }
+    }
+
+    fn attr_in(&self, st: &State, ino: Ino) -> Res<Attr> {
+        self.tree(st).attr(ino)
+    }
+
+    fn child_in(&self, st: &State, dir: Ino, name: &OsStr) -> Res<Option<Ino>> {
+        self.tree(st).child(dir, name)
+    }
+
+    fn list_in(&self, st: &State, dir: Ino) -> Res<Vec<(OsString, Ino, Kind)>> {
+        self.tree(st).list(dir)
+    }
+
+    pub fn attr(&self, ino: Ino) -> Res<Attr> {
+        self.attr_in(&self.inner.read().unwrap().state, ino)
+    }
+
+    pub fn lookup(&self, dir: Ino, name: &OsStr) -> Res<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(libc::ENAMETOOLONG);
+        }
+        let g = self.inner.read().unwrap();
+        let ino = self.child_in(&g.state, dir, name)?.ok_or(libc::ENOENT)?;
+        self.attr_in(&g.state, ino)
+    }
+
+    /// The entries of a directory (without "." and "..").
+    pub fn list(&self, dir: Ino) -> Res<Vec<(OsString, Ino, Kind)>> {
+        self.list_in(&self.inner.read().unwrap().state, dir)
+    }
+
+    pub fn readlink(&self, ino: Ino) -> Res<Vec<u8>> {
+        let g = self.inner.read().unwrap();
+        let origin = match g.state.nodes.get(&ino) {
+            Some(n) if n.meta.kind != Kind::Symlink => return Err(libc::EINVAL),
+            Some(n) => match (&n.symlink, &n.origin) {
+                (Some(t), _) => return Ok(t.clone()),
+                (None, Some(o)) => o.clone(),
+                (None, None) => return Err(libc::EIO),
+            },
+            None => self.base_inode(ino)?.origin,
+        };
+        std::fs::read_link(self.base.path(&origin))
+            .map(|p| p.into_os_string().into_vec())
+            .map_err(errno)
+    }
+
+    // ---- changing metadata ----
+
+    /// The node of `ino` in the state, taken over from the base first if
+    /// this is its first change.
+    fn node_mut<'a>(&self, g: &'a mut Inner, ino: Ino) -> Res<&'a mut Node> {
+        if !g.state.nodes.contains_key(&ino) {
+            let b = self.base_inode(ino)?;
+            let node = Node::new(b.meta, Some(b.origin), b.meta.size);
+            g.journal.append(&node.record(ino)).map_err(eio)?;
+            g.state.nodes.insert(ino, node);
+        }
+        g.dirty.insert(ino);
+        Ok(g.state.nodes.get_mut(&ino).expect("just inserted"))
+    }
+
+    fn set_entry(&self, g: &mut Inner, dir: Ino, name: &OsStr, ino: Option<Ino>) -> Res<()> {
+        let now = Ts::now();
+        let d = self.node_mut(g, dir)?;
+        state::set_entry(d, name.to_owned(), ino);
+        d.meta.mtime = now;
+        d.meta.ctime = now;
+        g.journal
+            .append(&Record::Entry {
+                dir,
+                name: name.as_bytes().to_vec(),
+                ino,
+            })
+            .map_err(eio)
+    }
+
+    fn add_nlink(&self, g: &mut Inner, ino: Ino, delta: i32) -> Res<()> {
+        let n = self.node_mut(g, ino)?;
+        n.meta.nlink = n.meta.nlink.saturating_add_signed(delta);
+        if delta != 0 {
+            n.meta.ctime = Ts::now();
+        }
+        Ok(())
+    }
+
+    /// Create a node named `name` in `dir`.
+    pub fn create(
+        &self,
+        dir: Ino,
+        name: &OsStr,
+        new: NewNode,
+        symlink: Option<&[u8]>,
+    ) -> Res<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(libc::ENAMETOOLONG);
+        }
+        let mut g = self.lock();
+        if self.child_in(&g.state, dir, name)?.is_some() {
+            return Err(libc::EEXIST);
+        }
+        let parent = self.attr_in(&g.state, dir)?.meta;
+        let now = Ts::now();
+        let mut perm = new.perm & 0o7777;
+        let mut gid = new.gid;
+        if parent.perm & libc::S_ISGID != 0 {
+            gid = parent.gid;
+            if new.kind == Kind::Dir {
+                perm |= libc::S_ISGID;
+            }
+        }
+        let meta = Meta {
+            kind: new.kind,
+            perm,
+            uid: new.uid,
+            gid,
+            nlink: if new.kind == Kind::Dir { 2 } else { 1 },
+            size: symlink.map_or(0, |t| t.len() as u64),
+            rdev: new.rdev,
+            atime: now,
+            mtime: now,
+            ctime: now,
+        };
+        let ino = g.state.alloc_ino();
+        let mut node = Node::new(meta, None, 0);
+        g.journal.append(&node.record(ino)).map_err(eio)?;
+        if let Some(t) = symlink {
+            node.symlink = Some(t.to_vec());
+            g.journal
+                .append(&Record::Symlink {
+                    ino,
+                    target: t.to_vec(),
+                })
+                .map_err(eio)?;
+        }
+        g.state.nodes.insert(ino, node);
+        self.set_entry(&mut g, dir, name, Some(ino))?;
+        if new.kind == Kind::Dir {
+            self.add_nlink(&mut g, dir, 1)?;
+        }
+        self.attr_in(&g.state, ino)
+    }
+
+    pub fn link(&self, ino: Ino, dir: Ino, name: &OsStr) -> Res<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(libc::ENAMETOOLONG);
+        }
+        let mut g = self.lock();
+        if self.child_in(&g.state, dir, name)?.is_some() {
+            return Err(libc::EEXIST);
+        }
+        if self.attr_in(&g.state, ino)?.meta.kind == Kind::Dir {
+            return Err(libc::EPERM);
+        }
+        self.add_nlink(&mut g, ino, 1)?;
+        self.set_entry(&mut g, dir, name, Some(ino))?;
+        self.attr_in(&g.state, ino)
+    }
+
+    fn is_empty_dir(&self, st: &State, ino: Ino) -> Res<bool> {
+        Ok(self.list_in(st, ino)?.is_empty())
+    }
+
+    /// Remove the name `name` from `dir`; `want_dir` is rmdir.
+    pub fn remove(&self, dir: Ino, name: &OsStr, want_dir: bool) -> Res<()> {
+        let mut g = self.lock();
+        let ino = self.child_in(&g.state, dir, name)?.ok_or(libc::ENOENT)?;
+        let kind = self.attr_in(&g.state, ino)?.meta.kind;
+        match (want_dir, kind == Kind::Dir) {
+            (true, false) => return Err(libc::ENOTDIR),
+            (false, true) => return Err(libc::EISDIR),
+            (true, true) if !self.is_empty_dir(&g.state, ino)? => return Err(libc::ENOTEMPTY),
+            _ => {}
+        }
+        self.set_entry(&mut g, dir, name, None)?;
+        self.unlinked(&mut g, ino, dir)
+    }
+
+    /// One name of `ino` (in `dir`) is gone: fix link counts, drop the inode
+    /// once nothing refers to it.
+    fn unlinked(&self, g: &mut Inner, ino: Ino, dir: Ino) -> Res<()> {
+        let is_dir = self.attr_in(&g.state, ino)?.meta.kind == Kind::Dir;
+        if is_dir {
+            self.add_nlink(g, dir, -1)?;
+            self.node_mut(g, ino)?.meta.nlink = 0;
+        } else {
+            self.add_nlink(g, ino, -1)?;
+        }
+        let n = self.node_mut(g, ino)?;
+        n.meta.ctime = Ts::now();
+        if n.meta.nlink == 0 && g.open.get(&ino).copied().unwrap_or(0) == 0 {
+            self.drop_node(g, ino)?;
+        }
+        Ok(())
+    }
+
+    fn drop_node(&self, g: &mut Inner, ino: Ino) -> Res<()> {
+        g.state.nodes.remove(&ino);
+        g.dirty.remove(&ino);
+        g.journal.append(&Record::Drop { ino }).map_err(eio)?;
+        let top = g.stack.top();
+        self.files.lock().unwrap().remove(&(top, ino));
+        let _ = std::fs::remove_file(self.layout.data(top, ino));
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        dir: Ino,
+        name: &OsStr,
+        newdir: Ino,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Res<()> {
+        if newname.len() > NAME_MAX {
+            return Err(libc::ENAMETOOLONG);
+        }
+        let mut g = self.lock();
+        let src = self.child_in(&g.state, dir, name)?.ok_or(libc::ENOENT)?;
+        let dst = self.child_in(&g.state, newdir, newname)?;
+        let src_dir = self.attr_in(&g.state, src)?.meta.kind == Kind::Dir;
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            let dst = dst.ok_or(libc::ENOENT)?;
+            let dst_dir = self.attr_in(&g.state, dst)?.meta.kind == Kind::Dir;
+            self.set_entry(&mut g, dir, name, Some(dst))?;
+            self.set_entry(&mut g, newdir, newname, Some(src))?;
+            if dir != newdir && src_dir != dst_dir {
+                let d = if src_dir { 1 } else { -1 };
+                self.add_nlink(&mut g, newdir, d)?;
+                self.add_nlink(&mut g, dir, -d)?;
+            }
+            self.add_nlink(&mut g, src, 0)?;
+            self.add_nlink(&mut g, dst, 0)?;
+            self.touch_ctime(&mut g, &[src, dst])?;
+            return Ok(());
+        }
+        if let Some(dst) = dst {
+            if flags & libc::RENAME_NOREPLACE != 0 {
+                return Err(libc::EEXIST);
+            }
+            if dst == src {
+                return Ok(());
+            }
+            let dst_dir = self.attr_in(&g.state, dst)?.meta.kind == Kind::Dir;
+            match (src_dir, dst_dir) {
+                (true, false) => return Err(libc::ENOTDIR),
+                (false, true) => return Err(libc::EISDIR),
+                (true, true) if !self.is_empty_dir(&g.state, dst)? => return Err(libc::ENOTEMPTY),
+                _ => {}
+            }
+            self.set_entry(&mut g, newdir, newname, None)?;
+            self.unlinked(&mut g, dst, newdir)?;
+        }
+        self.set_entry(&mut g, dir, name, None)?;
+        self.set_entry(&mut g, newdir, newname, Some(src))?;
+        if src_dir && dir != newdir {
+            self.add_nlink(&mut g, dir, -1)?;
+            self.add_nlink(&mut g, newdir, 1)?;
+        }
+        self.touch_ctime(&mut g, &[src])
+    }
+
+    fn touch_ctime(&self, g: &mut Inner, inos: &[Ino]) -> Res<()> {
+        let now = Ts::now();
+        for &ino in inos {
+            self.node_mut(g, ino)?.meta.ctime = now;
+        }
+        Ok(())
+    }
+
+    pub fn setattr(&self, ino: Ino, set: SetAttr) -> Res<Attr> {
+        let mut g = self.lock();
+        let now = Ts::now();
+        if let Some(size) = set.size {
+            if self.attr_in(&g.state, ino)?.meta.kind != Kind::File {
+                return Err(libc::EINVAL);
+            }
+            self.set_size(&mut g, ino, size)?;
+            let n = self.node_mut(&mut g, ino)?;
+            n.meta.mtime = now;
+            n.meta.ctime = now;
+        }
+        let n = self.node_mut(&mut g, ino)?;
+        if let Some(mode) = set.mode {
+            n.meta.perm = mode & 0o7777;
+        }
+        if let Some(uid) = set.uid {
+            n.meta.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            n.meta.gid = gid;
+        }
+        if let Some(t) = set.atime {
+            n.meta.atime = t;
+        }
+        if let Some(t) = set.mtime {
+            n.meta.mtime = t;
+        }
+        n.meta.ctime = set.ctime.unwrap_or(now);
+        self.attr_in(&g.state, ino)
+    }
+
+    // ---- extended attributes ----
+
+    fn xattrs_in(&self, st: &State, ino: Ino) -> Res<imbl::OrdMap<Vec<u8>, Vec<u8>>> {
+        let origin = match st.nodes.get(&ino) {
+            Some(n) => match (&n.xattrs, &n.origin) {
+                (Some(x), _) => return Ok(x.clone()),
+                (None, Some(o)) => o.clone(),
+                (None, None) => return Ok(imbl::OrdMap::new()),
+            },
+            None => self.base_inode(ino)?.origin,
+        };
+        let path = self.base.path(&origin);
+        let mut out = imbl::OrdMap::new();
+        for name in crate::sys::list_xattrs(&path).map_err(errno)? {
+            if let Ok(v) = crate::sys::get_xattr(&path, &name) {
+                out.insert(name, v);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Res<Vec<u8>> {
+        let g = self.inner.read().unwrap();
+        self.xattrs_in(&g.state, ino)?
+            .get(name)
+            .cloned()
+            .ok_or(libc::ENODATA)
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> Res<Vec<u8>> {
+        let g = self.inner.read().unwrap();
+        let mut out = Vec::new();
+        for name in self.xattrs_in(&g.state, ino)?.keys() {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// Set (`Some`) or remove (`None`) an extended attribute; `flags` are
+    /// XATTR_CREATE / XATTR_REPLACE.
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: Option<&[u8]>, flags: i32) -> Res<()> {
+        let mut g = self.lock();
+        let mut map = self.xattrs_in(&g.state, ino)?;
+        let exists = map.contains_key(name);
+        match value {
+            Some(_) if flags & libc::XATTR_CREATE != 0 && exists => return Err(libc::EEXIST),
+            Some(_) if flags & libc::XATTR_REPLACE != 0 && !exists => return Err(libc::ENODATA),
+            None if !exists => return Err(libc::ENODATA),
+            Some(v) => {
+                map.insert(name.to_vec(), v.to_vec());
+            }
+            None => {
+                map.remove(name);
+            }
+        }
+        let rec = Record::Xattrs {
+            ino,
+            xattrs: map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        };
+        let n = self.node_mut(&mut g, ino)?;
+        n.xattrs = Some(map);
+        n.meta.ctime = Ts::now();
+        g.journal.append(&rec).map_err(eio)
+    }
+
+    // ---- file data ----
+
+    /// An open data file of `ino` in `layer` (created in the top layer).
+    fn layer_file(&self, layer: u32, ino: Ino) -> std::io::Result<Arc<File>> {
+        let mut files = self.files.lock().unwrap();
+        if let Some(f) = files.get(&(layer, ino)) {
+            return Ok(f.clone());
+        }
+        if files.len() > 2048 {
+            files.clear();
+        }
+        let f = Arc::new(data::open_data_file(&self.layout.data(layer, ino))?);
+        files.insert((layer, ino), f.clone());
+        Ok(f)
+    }
+
+    fn source_file(
+        &self,
+        ino: Ino,
+        origin: Option<&std::path::Path>,
+        seg: &Seg,
+    ) -> Res<Option<Arc<File>>> {
+        match seg.loc {
+            data::Src::Zero => Ok(None),
+            data::Src::Layer(l) => self.layer_file(l, ino).map(Some).map_err(errno),
+            data::Src::Base => {
+                let o = origin.ok_or(libc::EIO)?;
+                self.base.file(ino, o).map(Some).map_err(errno)
+            }
+        }
+    }
+
+    /// Read `segs` (as planned by `data::plan`) into `buf`, which starts at
+    /// file offset `start`.
+    fn fill(
+        &self,
+        ino: Ino,
+        origin: Option<&std::path::Path>,
+        segs: &[Seg],
+        start: u64,
+        buf: &mut [u8],
+    ) -> Res<()> {
+        for seg in segs {
+            if let Some(f) = self.source_file(ino, origin, seg)? {
+                let a = (seg.start - start) as usize;
+                let b = (seg.end - start) as usize;
+                data::pread_full(&f, &mut buf[a..b], seg.start).map_err(errno)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, ino: Ino, off: u64, size: u32) -> Res<Vec<u8>> {
+        let (segs, origin, end) = {
+            let g = self.inner.read().unwrap();
+            match g.state.nodes.get(&ino) {
+                Some(n) => {
+                    if n.meta.kind != Kind::File {
+                        return Err(libc::EINVAL);
+                    }
+                    let end = (off + size as u64).min(n.meta.size);
+                    let segs = data::plan(n, off, end, self.block_size);
+                    (segs, n.origin.clone(), end)
+                }
+                None => {
+                    let b = self.base_inode(ino)?;
+                    let end = (off + size as u64).min(b.meta.size);
+                    let whole = vec![Seg {
+                        start: off,
+                        end: end.max(off),
+                        loc: data::Src::Base,
+                    }];
+                    (whole, Some(b.origin), end)
+                }
+            }
+        };
+        if end <= off {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; (end - off) as usize];
+        self.fill(ino, origin.as_deref(), &segs, off, &mut buf)?;
+        Ok(buf)
+    }
+
+    pub fn write(&self, ino: Ino, off: u64, bytes: &[u8], kill_suid: bool) -> Res<u32> {
+        let mut g = self.lock();
+        self.write_locked(&mut g, ino, off, bytes)?;
+        let now = Ts::now();
+        let n = self.node_mut(&mut g, ino)?;
+        n.meta.size = n.meta.size.max(off + bytes.len() as u64);
+        n.meta.mtime = now;
+        n.meta.ctime = now;
+        if kill_suid {
+            n.meta.perm &= !libc::S_ISUID;
+            if n.meta.perm & libc::S_IXGRP != 0 {
+                n.meta.perm &= !libc::S_ISGID;
+            }
+        }
+        Ok(bytes.len() as u32)
+    }
+
+    /// Write into the top layer, copying up the part of each touched block
+    /// that the write does not cover (only when it holds data below).
+    fn write_locked(&self, g: &mut Inner, ino: Ino, off: u64, bytes: &[u8]) -> Res<()> {
+        let top = g.stack.top();
+        let bs = self.block_size;
+        let node = self.node_mut(g, ino)?.clone();
+        if node.meta.kind != Kind::File {
+            return Err(libc::EINVAL);
+        }
+        let file = self.layer_file(top, ino).map_err(errno)?;
+        let end = off + bytes.len() as u64;
+        let mut fresh = Vec::new();
+        let mut b = off / bs;
+        while b * bs < end {
+            let (bstart, bend) = (b * bs, (b + 1) * bs);
+            let (s, e) = (off.max(bstart), end.min(bend));
+            let chunk = &bytes[(s - off) as usize..(e - off) as usize];
+            let loc = node.blocks.get(&b).copied();
+            let covers = s == bstart && (e == bend || e >= node.meta.size);
+            if loc == Some(Loc::Layer(top)) || covers || !data::has_data_below(&node, b, bs) {
+                data::pwrite_all(&file, chunk, s).map_err(errno)?;
+            } else {
+                // Copy-up: the merged block, with the write laid over it.
+                let valid = node.meta.size.min(bend).max(e);
+                let mut block = vec![0u8; (valid - bstart) as usize];
+                let segs = data::plan(&node, bstart, node.meta.size.min(bend), bs);
+                self.fill(ino, node.origin.as_deref(), &segs, bstart, &mut block)?;
+                block[(s - bstart) as usize..(e - bstart) as usize].copy_from_slice(chunk);
+                data::pwrite_all(&file, &block, bstart).map_err(errno)?;
+            }
+            if loc != Some(Loc::Layer(top)) {
+                fresh.push(b);
+            }
+            b += 1;
+        }
+        self.mark_blocks(g, ino, &fresh, Loc::Layer(top))
+    }
+
+    /// Record that blocks now live at `loc`, in runs.
+    fn mark_blocks(&self, g: &mut Inner, ino: Ino, blocks: &[u64], loc: Loc) -> Res<()> {
+        let n = self.node_mut(g, ino)?;
+        for &b in blocks {
+            n.blocks.insert(b, loc);
+        }
+        for (first, count) in data::runs(blocks) {
+            g.journal
+                .append(&Record::Blocks {
+                    ino,
+                    first,
+                    count,
+                    zero: loc == Loc::Zero,
+                })
+                .map_err(eio)?;
+        }
+        Ok(())
+    }
+
+    fn set_size(&self, g: &mut Inner, ino: Ino, size: u64) -> Res<()> {
+        let bs = self.block_size;
+        let top = g.stack.top();
+        let node = self.node_mut(g, ino)?.clone();
+        if size < node.meta.size {
+            // A partial last block held in a lower layer keeps bytes past
+            // `size` there: copy its head up so that they read as zero later.
+            let b = size / bs;
+            if size % bs != 0 {
+                if let Some(Loc::Layer(l)) = node.blocks.get(&b) {
+                    if *l != top {
+                        let mut head = vec![0u8; (size - b * bs) as usize];
+                        let segs = data::plan(&node, b * bs, size, bs);
+                        self.fill(ino, node.origin.as_deref(), &segs, b * bs, &mut head)?;
+                        self.write_locked(g, ino, b * bs, &head)?;
+                    }
+                }
+            }
+            let n = self.node_mut(g, ino)?;
+            state::truncate_blocks(n, size, bs);
+            g.journal
+                .append(&Record::Truncate { ino, size })
+                .map_err(eio)?;
+            if self.layout.data(top, ino).exists() {
+                let f = self.layer_file(top, ino).map_err(errno)?;
+                f.set_len(size).map_err(errno)?;
+            }
+        }
+        self.node_mut(g, ino)?.meta.size = size;
+        Ok(())
+    }
+
+    /// fallocate(2): allocate (a no-op here beyond the size), punch a hole
+    /// or zero a range.
+    pub fn fallocate(&self, ino: Ino, off: u64, len: u64, mode: i32) -> Res<()> {
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        if mode
+            & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE)
+            != 0
+            || (punch && !keep)
+        {
+            return Err(libc::EOPNOTSUPP);
+        }
+        let mut g = self.lock();
+        let size = self.attr_in(&g.state, ino)?.meta.size;
+        if self.attr_in(&g.state, ino)?.meta.kind != Kind::File {
+            return Err(libc::ENODEV);
+        }
+        let end = off + len;
+        if punch || zero {
+            self.zero_range(&mut g, ino, off, if keep { end.min(size) } else { end })?;
+        }
+        let now = Ts::now();
+        let n = self.node_mut(&mut g, ino)?;
+        if !keep && end > n.meta.size {
+            n.meta.size = end;
+        }
+        if punch || zero || n.meta.size != size {
+            n.meta.mtime = now;
+            n.meta.ctime = now;
+        }
+        Ok(())
+    }
+
+    fn zero_range(&self, g: &mut Inner, ino: Ino, start: u64, end: u64) -> Res<()> {
+        if end <= start {
+            return Ok(());
+        }
+        let bs = self.block_size;
+        let first_full = start.div_ceil(bs);
+        let last_full = end / bs; // exclusive
+        if first_full >= last_full {
+            return self.write_locked(g, ino, start, &vec![0u8; (end - start) as usize]);
+        }
+        if start < first_full * bs {
+            self.write_locked(
+                g,
+                ino,
+                start,
+                &vec![0u8; (first_full * bs - start) as usize],
+            )?;
+        }
+        if end > last_full * bs {
+            self.write_locked(
+                g,
+                ino,
+                last_full * bs,
+                &vec![0u8; (end - last_full * bs) as usize],
+            )?;
+        }
+        let blocks: Vec<u64> = (first_full..last_full).collect();
+        self.mark_blocks(g, ino, &blocks, Loc::Zero)?;
+        let top = g.stack.top();
+        if self.layout.data(top, ino).exists() {
+            let f = self.layer_file(top, ino).map_err(errno)?;
+            data::punch_hole(&f, first_full * bs, (last_full - first_full) * bs).map_err(errno)?;
+        }
+        Ok(())
+    }
+
+    pub fn opened(&self, ino: Ino) {
+        *self.lock().open.entry(ino).or_default() += 1;
+    }
+
+    pub fn released(&self, ino: Ino) -> Res<()> {
+        let mut g = self.lock();
+        let left = match g.open.get_mut(&ino) {
+            Some(c) => {
+                *c -= 1;
+                *c
+            }
+            None => return Ok(()),
+        };
+        if left == 0 {
+            g.open.remove(&ino);
+            if g.state.nodes.get(&ino).is_some_and(|n| n.meta.nlink == 0) {
+                self.drop_node(&mut g, ino)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- durability ----
+
+    fn flush_dirty(g: &mut Inner) -> Result<()> {
+        let dirty: Vec<Ino> = g.dirty.drain().collect();
+        for ino in dirty {
+            if let Some(n) = g.state.nodes.get(&ino) {
+                let rec = n.record(ino);
+                g.journal.append(&rec)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// fsync(2) of a file: its data in the top layer, then the journal.
+    pub fn fsync(&self, ino: Option<Ino>) -> Res<()> {
+        let mut g = self.lock();
+        if let Some(ino) = ino {
+            let top = g.stack.top();
+            if let Some(f) = self.files.lock().unwrap().get(&(top, ino)).cloned() {
+                f.sync_data().map_err(errno)?;
+            }
+        }
+        Self::flush_dirty(&mut g).map_err(eio)?;
+        g.journal.sync().map_err(eio)
+    }
+
+    /// Make everything written so far durable (data of all files too).
+    pub fn sync_all(&self) -> Result<()> {
+        let mut g = self.lock();
+        self.sync_locked(&mut g)
+    }
+
+    fn sync_locked(&self, g: &mut Inner) -> Result<()> {
+        let dir = self.layout.layer(g.stack.top());
+        let f = File::open(&dir).at("open", &dir)?;
+        nix::unistd::syncfs(&f).ctx(|| "syncfs of the store".into())?;
+        Self::flush_dirty(g)?;
+        g.journal.sync()
+    }
+
+    pub fn statfs(&self) -> Res<nix::sys::statvfs::Statvfs> {
+        nix::sys::statvfs::statvfs(&self.layout.dir).map_err(|e| e as i32)
+    }
+
+    // ---- checkpoints ----
+
+    /// Seal the top layer as checkpoint `name`; O(1) in the data size (the
+    /// data is made durable first, which costs what is not yet on disk).
+    pub fn checkpoint(&self, name: &str) -> Result<()> {
+        let mut g = self.lock();
+        let next = g.stack.with_checkpoint(name)?;
+        self.sync_locked(&mut g)?;
+        self.layout.make_layer(next.top())?;
+        self.layout.write_stack(&next)?;
+        let sealed = g.stack.top();
+        g.journal = Writer::open(&self.layout.journal(next.top()))?;
+        g.stack = next;
+        let snap = g.state.clone();
+        g.snapshots.insert(sealed, snap);
+        Ok(())
+    }
+
+    /// Return the view to checkpoint `name`: O(1) — swap in its state, drop
+    /// the layers above it (renamed into the trash, deleted in the
+    /// background). Returns the dropped layers. The caller invalidates the
+    /// kernel's caches.
+    pub fn rollback(&self, name: &str) -> Result<Vec<u32>> {
+        let mut g = self.lock();
+        let (next, dropped) = g.stack.rolled_back(name)?;
+        let layer = g.stack.find(name)?.layer;
+        let snap = g
+            .snapshots
+            .get(&layer)
+            .cloned()
+            .ok_or_else(|| Error::BadStore(format!("no state for checkpoint {name:?}")))?;
+        self.layout.make_layer(next.top())?;
+        self.layout.write_stack(&next)?;
+        let next_ino = g.state.next_ino;
+        g.state = snap;
+        g.state.next_ino = g.state.next_ino.max(next_ino);
+        g.dirty.clear();
+        g.journal = Writer::open(&self.layout.journal(next.top()))?;
+        g.snapshots.retain(|l, _| *l <= layer);
+        g.stack = next;
+        // Inodes open now but gone at the checkpoint cannot come back.
+        let Inner { open, state, .. } = &mut *g;
+        open.retain(|ino, _| state.nodes.contains_key(ino) || self.base.inode(*ino).is_some());
+        drop(g);
+        self.files
+            .lock()
+            .unwrap()
+            .retain(|(l, _), _| !dropped.contains(l));
+        for &l in &dropped {
+            self.layout.trash_layer(l)?;
+        }
+        let layout = self.layout.clone();
+        std::thread::spawn(move || layout.empty_trash());
+        Ok(dropped)
+    }
+
+    pub fn delete_checkpoint(&self, name: &str) -> Result<()> {
+        let mut g = self.lock();
+        let next = g.stack.without_checkpoint(name)?;
+        self.layout.write_stack(&next)?;
+        g.stack = next;
+        Ok(())
+    }
+}
+
+/// Rebuild the state of every layer of `stack`: the top state and a state
+/// per checkpoint. With `repair`, a torn journal tail of the top layer is
+/// cut off so that appends continue after the last complete record.
+pub fn replay(
+    layout: &Layout,
+    stack: &Stack,
+    block_size: u64,
+    repair: bool,
+) -> Result<(State, HashMap<u32, State>)> {
+    let mut state = State::new();
+    let mut snapshots = HashMap::new();
+    for &layer in &stack.layers {
+        let path = layout.journal(layer);
+        let r = journal::read(&path)?;
+        if r.torn_bytes > 0 {
+            tracing::warn!(
+                "layer {layer}: {} bytes of unfinished records after the last complete one",
+                r.torn_bytes
+            );
+            if repair && layer == stack.top() {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .at("open", &path)?;
+                f.set_len(r.valid_len).at("truncate", &path)?;
+                f.sync_all().at("fsync", &path)?;
+            }
+        }
+        for rec in r.records {
+            state.apply(rec, layer, block_size);
+        }
+        if stack.checkpoints.iter().any(|c| c.layer == layer) {
+            snapshots.insert(layer, state.clone());
+        }
+    }
+    Ok((state, snapshots))
+}
+
+pub fn errno(e: std::io::Error) -> Errno {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn eio(e: Error) -> Errno {
+    tracing::error!("{e}");
+    match e {
+        Error::Io { source, .. } => errno(source),
+        _ => libc::EIO,
+    }
+}
