@@ -1,0 +1,176 @@
+//! UML VMs end to end: boot from a fresh image, exec, list, stop leaving
+//! nothing behind, a VM whose UML dies shows as dead, and the errors for bad
+//! input. Real UML guests, driven through the real umlctl binary.
+
+#[path = "common/mod.rs"]
+mod common;
+#[path = "vm_support.rs"]
+mod vm_support;
+
+use vm_support::Lab;
+
+#[test]
+fn boots_runs_commands_and_stops_without_leftovers() {
+    let Some(lab) = Lab::new(&[]) else { return };
+    lab.boot("a", &["--mem", "96M"]);
+
+    // Output, stderr and exit status come back.
+    let out = lab.run(&[
+        "vm",
+        "exec",
+        "a",
+        "--",
+        "sh",
+        "-c",
+        "echo hello from $(hostname); echo oops >&2; exit 3",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from a\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+    assert_eq!(out.status.code(), Some(3));
+    // It really is a UML guest with the memory we asked for.
+    let (rc, uname) = lab.sh("a", "uname -m; grep MemTotal /proc/meminfo");
+    assert_eq!(rc, 0);
+    assert!(
+        uname.starts_with("x86_64\n") || uname.starts_with("um\n"),
+        "{uname}"
+    );
+    let kb: u64 = uname.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(
+        (60_000..=98_304).contains(&kb),
+        "MemTotal {kb} kB for --mem 96M"
+    );
+    // Arguments with spaces and quotes arrive intact.
+    let out = lab.ok(&["vm", "exec", "a", "--", "printf", "[%s]", "a b", "it's"]);
+    assert_eq!(out, "[a b][it's]");
+
+    let info = lab.vm_info("a");
+    assert_eq!(info["state"], "running");
+    let pid = info["pid"].as_u64().unwrap() as u32;
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!lab.processes().is_empty());
+
+    let stop = lab.json(&["vm", "stop", "a"]);
+    assert_eq!(stop["how"], "clean", "{stop}");
+    assert_eq!(lab.vm_info("a")["state"], "stopped");
+    assert!(
+        lab.processes().is_empty(),
+        "left running: {:?}",
+        lab.processes()
+    );
+    let vm_dir = lab.state_dir().join("a");
+    assert!(
+        !vm_dir.join("run").exists(),
+        "run/ (sockets, pid files) left behind"
+    );
+    let mut left: Vec<String> = std::fs::read_dir(&vm_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "console.log",
+            "disk.cow",
+            "lock",
+            "supervisor.log",
+            "vm.json"
+        ]
+    );
+    // The clean shutdown is in the console log.
+    let console = std::fs::read_to_string(vm_dir.join("console.log")).unwrap();
+    assert!(console.contains("reboot: Power down"), "{console}");
+
+    // It boots again from its own disk.
+    lab.ok(&["vm", "start", "a"]);
+    assert_eq!(lab.sh("a", "echo again").1, "again\n");
+    lab.ok(&["vm", "stop", "a"]);
+}
+
+#[test]
+fn a_vm_whose_uml_dies_is_dead_and_restarts() {
+    let Some(lab) = Lab::new(&[]) else { return };
+    lab.boot("d", &[]);
+    let pid = lab.vm_info("d")["pid"].as_i64().unwrap() as i32;
+    // Kill UML's kernel process from outside, as a crash or the OOM killer would.
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let info = loop {
+        let info = lab.vm_info("d");
+        if info["state"] != "running" || std::time::Instant::now() > deadline {
+            break info;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(info["state"], "dead", "{info}");
+    assert!(
+        info["reason"].as_str().unwrap().contains("unexpectedly"),
+        "{info}"
+    );
+    assert!(
+        lab.processes().is_empty(),
+        "left running: {:?}",
+        lab.processes()
+    );
+    let err = lab.fails(&["vm", "exec", "d", "--", "true"], 6);
+    assert!(err.contains("dead"), "{err}");
+    // Starting it again brings it back.
+    lab.ok(&["vm", "start", "d"]);
+    assert_eq!(lab.sh("d", "echo back").1, "back\n");
+    // `vm kill` ends it at once and is not a death.
+    lab.ok(&["vm", "kill", "d"]);
+    assert_eq!(lab.vm_info("d")["state"], "stopped");
+    assert!(lab.processes().is_empty());
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let Some(lab) = Lab::new(&[]) else { return };
+    let image = lab.image.to_string_lossy().into_owned();
+
+    let err = lab.fails(&["vm", "start", "nosuch"], 7);
+    assert!(err.contains("no VM named nosuch"), "{err}");
+    let err = lab.fails(&["vm", "exec", "nosuch", "--", "true"], 7);
+    assert!(err.contains("nosuch"), "{err}");
+
+    let err = lab.fails(
+        &["vm", "create", "x", "--image", "/nonexistent/base.img"],
+        7,
+    );
+    assert!(
+        err.contains("/nonexistent/base.img") && err.contains("image build"),
+        "{err}"
+    );
+
+    let err = lab.fails(&["vm", "create", "x", "--image", &image, "--mem", "16M"], 2);
+    assert!(err.contains("too small") && err.contains("--mem"), "{err}");
+
+    lab.ok(&["vm", "create", "x", "--image", &image, "--mem", "64M"]);
+    let err = lab.fails(&["vm", "create", "x", "--image", &image], 6);
+    assert!(err.contains("already exists"), "{err}");
+
+    let err = lab.fails(&["vm", "exec", "x", "--", "true"], 6);
+    assert!(err.contains("not running"), "{err}");
+    let err = lab.fails(&["vm", "stop", "x"], 6);
+    assert!(err.contains("not running"), "{err}");
+
+    lab.ok(&["vm", "start", "x"]);
+    let err = lab.fails(&["vm", "start", "x"], 6);
+    assert!(err.contains("already running"), "{err}");
+    let err = lab.fails(&["vm", "rm", "x"], 6);
+    assert!(err.contains("--force"), "{err}");
+    lab.ok(&["vm", "rm", "--force", "x"]);
+    assert!(lab.processes().is_empty());
+
+    // A base image that disappeared after create.
+    let gone = lab.dir.path().join("gone.img");
+    std::fs::copy(&lab.image, &gone).unwrap();
+    lab.ok(&["vm", "create", "y", "--image", &gone.to_string_lossy()]);
+    std::fs::remove_file(&gone).unwrap();
+    let err = lab.fails(&["vm", "start", "y"], 7);
+    assert!(err.contains("gone.img") && err.contains("missing"), "{err}");
+
+    let err = lab.fails(&["vm", "create", "bad/name", "--image", &image], 2);
+    assert!(err.contains("bad name"), "{err}");
+}

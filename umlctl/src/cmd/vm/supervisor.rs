@@ -1,0 +1,503 @@
+//! The supervisor: one background process per running VM (`umlctl vm
+//! __supervise NAME`, started by `vm start`). UML needs someone to hold its
+//! console pipes open for its whole life (a closed console ends the VM), so
+//! that someone also does the rest:
+//! - starts the UML kernel with the console on pipes (con0) and the exec
+//!   agent's line on another pair (con1, the guest's /dev/tty1);
+//! - copies console output to console.log and to attached `vm console`s;
+//! - serves the control socket (see control.rs): readiness, exec, console;
+//! - when UML exits, records whether that was asked for (`run/stopping`) or a
+//!   death (`dead.json`), removes the VM's tap, and deletes `run/` so that
+//!   nothing is left behind.
+
+use super::control::{shell_join, Reply, Request};
+use super::host::{path_str, Uml};
+use super::net;
+use super::state::{now_unix, write_private, Store, Vm};
+use crate::exit::{CliError, CliResult, Code};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The first line the guest agent prints (tools/uml/agent).
+const AGENT_READY: &str = "UMLCTL-READY";
+
+/// Where the boot is.
+#[derive(Clone, Debug, PartialEq)]
+enum Phase {
+    Booting,
+    Ready,
+    /// UML exited or the boot failed; the reason.
+    Over(String),
+}
+
+/// What the threads of the supervisor share.
+struct Shared {
+    phase: Mutex<Phase>,
+    phase_changed: Condvar,
+    /// The exec agent's line: requests are written here, one at a time.
+    exec: Mutex<ExecLine>,
+    /// Input to the guest console.
+    console_in: Mutex<File>,
+    /// Attached `vm console` clients.
+    console_clients: Mutex<Vec<UnixStream>>,
+    uml_pid: u32,
+    mem_mib: u64,
+}
+
+struct ExecLine {
+    to_guest: File,
+    from_guest: Receiver<String>,
+    next_id: u64,
+}
+
+pub fn run(name: &str) -> CliResult {
+    // Everything UML and we create (its COW file, mconsole socket, the
+    // console log) is private to root.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let store = Store::open()?;
+    let vm = store.load(name)?;
+    let uml = Uml::find()?;
+    write_private(
+        &vm.run_dir().join("supervisor.pid"),
+        std::process::id().to_string().as_bytes(),
+    )?;
+    let (line_tx, line_rx) = mpsc::channel();
+    let (mut child, shared, console_out, exec_out, tap) = launch(&vm, &uml, line_rx)?;
+    tracing::info!(vm = name, pid = shared.uml_pid, "UML started");
+    let listener = UnixListener::bind(vm.control_socket())?;
+    std::fs::set_permissions(vm.control_socket(), std::fs::Permissions::from_mode(0o600))?;
+    let shared = Arc::new(shared);
+    spawn_console_reader(shared.clone(), console_out, File::create(vm.console_log())?);
+    spawn_exec_reader(shared.clone(), exec_out, line_tx);
+    let s = shared.clone();
+    std::thread::spawn(move || serve(s, listener));
+
+    let status = child.wait()?;
+    let asked = vm.run_dir().join("stopping").exists();
+    let reason = if asked {
+        None
+    } else {
+        let boot_failure = match &*shared.phase.lock().unwrap() {
+            Phase::Over(r) => Some(r.clone()),
+            _ => None,
+        };
+        Some(boot_failure.unwrap_or_else(|| format!("UML exited unexpectedly ({status})")))
+    };
+    set_phase(
+        &shared,
+        Phase::Over(
+            reason
+                .clone()
+                .unwrap_or_else(|| "the VM was stopped".into()),
+        ),
+    );
+    finish(&vm, reason, tap);
+    Ok(())
+}
+
+/// Starts UML with its console and agent line on pipes.
+#[allow(clippy::type_complexity)]
+fn launch(
+    vm: &Vm,
+    uml: &Uml,
+    from_agent: Receiver<String>,
+) -> CliResult<(
+    std::process::Child,
+    Shared,
+    OwnedFd,
+    OwnedFd,
+    Option<String>,
+)> {
+    let (con_in_r, con_in_w) = pipe()?;
+    let (con_out_r, con_out_w) = pipe()?;
+    let (exec_in_r, exec_in_w) = pipe()?;
+    let (exec_out_r, exec_out_w) = pipe()?;
+
+    let (program, mut args) = uml.command_prefix();
+    args.extend(kernel_args(vm, uml));
+    let (tap, netns) = match &vm.config.ip {
+        Some(ip) => {
+            let tap = net::attach(ip)?;
+            args.push(format!(
+                "vec0:transport=tap,ifname={tap},mac={}",
+                net::mac_for(ip)
+            ));
+            (Some(tap), Some(net::namespace_file()?))
+        }
+        None => (None, None),
+    };
+    tracing::debug!(?program, ?args, "starting UML");
+    let mut cmd = Command::new(&program);
+    cmd.args(&args)
+        .stdin(Stdio::from(con_in_r))
+        .stdout(Stdio::from(con_out_w.try_clone()?))
+        .stderr(Stdio::from(con_out_w));
+    let (agent_in, agent_out) = (exec_in_r.as_raw_fd(), exec_out_w.as_raw_fd());
+    let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: between fork and exec this closure only makes async-signal-safe
+    // system calls (fcntl, dup2, setpgid, setns) on descriptors we own.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The agent line becomes fds 3 and 4 (con1=fd:3,fd:4). Copy the
+            // pipe ends above 10 first so dup2 never meets its own target.
+            let a = libc::fcntl(agent_in, libc::F_DUPFD_CLOEXEC, 10);
+            let b = libc::fcntl(agent_out, libc::F_DUPFD_CLOEXEC, 10);
+            if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Its own process group, so that `vm kill` reaches the stubs too.
+            if libc::setpgid(0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = netns_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| {
+        CliError::new(
+            Code::Environment,
+            format!("cannot start UML kernel {}: {e}", program.display()),
+        )
+    })?;
+    drop((exec_in_r, exec_out_w, netns));
+    write_private(
+        &vm.run_dir().join("uml.pid"),
+        child.id().to_string().as_bytes(),
+    )?;
+    let shared = Shared {
+        phase: Mutex::new(Phase::Booting),
+        phase_changed: Condvar::new(),
+        exec: Mutex::new(ExecLine {
+            to_guest: File::from(exec_in_w),
+            from_guest: from_agent,
+            next_id: 1,
+        }),
+        console_in: Mutex::new(File::from(con_in_w)),
+        console_clients: Mutex::new(vec![]),
+        uml_pid: child.id(),
+        mem_mib: vm.config.mem_mib,
+    };
+    Ok((child, shared, con_out_r, exec_out_r, tap))
+}
+
+/// The UML kernel command line for this VM.
+pub fn kernel_args(vm: &Vm, uml: &Uml) -> Vec<String> {
+    let disk = format!(
+        "ubd0={},{}",
+        path_str(&vm.disk()),
+        path_str(&vm.config.image)
+    );
+    let mut args = vec![
+        disk,
+        "root=/dev/ubda".into(),
+        "rw".into(),
+        "init=/init".into(),
+        format!("mem={}M", vm.config.mem_mib),
+        "con=null".into(),
+        "con0=fd:0,fd:1".into(),
+        "con1=fd:3,fd:4".into(),
+        "ssl=null".into(),
+        format!("uml_dir={}", path_str(&vm.run_dir())),
+        "umid=uml".into(),
+        format!("umlctl_name={}", vm.name()),
+    ];
+    if let Some(ip) = &vm.config.ip {
+        args.push(format!("umlctl_ip={ip}/{}", net::PREFIX_LEN));
+    }
+    args.extend(uml.mode_args());
+    args
+}
+
+fn pipe() -> CliResult<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| CliError::new(Code::Internal, format!("pipe: {e}")))
+}
+
+fn set_phase(shared: &Shared, phase: Phase) {
+    let mut p = shared.phase.lock().unwrap();
+    // The first ending is the one that explains.
+    if !matches!(*p, Phase::Over(_)) {
+        *p = phase;
+    }
+    shared.phase_changed.notify_all();
+}
+
+/// Console output: to the log, to attached clients, and watched for boot
+/// failures that would otherwise leave a kernel spinning.
+fn spawn_console_reader(shared: Arc<Shared>, from_uml: OwnedFd, mut log: File) {
+    std::thread::spawn(move || {
+        let mut from_uml = File::from(from_uml);
+        let mut buf = [0u8; 8192];
+        let mut recent: Vec<u8> = vec![];
+        loop {
+            let n = match from_uml.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let _ = log.write_all(&buf[..n]);
+            shared
+                .console_clients
+                .lock()
+                .unwrap()
+                .retain_mut(|c| c.write_all(&buf[..n]).is_ok());
+            if *shared.phase.lock().unwrap() == Phase::Booting {
+                recent.extend_from_slice(&buf[..n]);
+                if let Some(why) = boot_failure(&String::from_utf8_lossy(&recent), shared.mem_mib) {
+                    tracing::warn!("{why}");
+                    set_phase(&shared, Phase::Over(why));
+                    // SAFETY: kill has no memory-safety preconditions; the
+                    // group is UML's own (setpgid in launch).
+                    unsafe { libc::kill(-(shared.uml_pid as i32), libc::SIGKILL) };
+                }
+                // Only the tail matters; keep it bounded.
+                let excess = recent.len().saturating_sub(4096);
+                recent.drain(..excess);
+            }
+        }
+    });
+}
+
+/// Recognises console output that means the boot cannot succeed.
+fn boot_failure(console: &str, mem_mib: u64) -> Option<String> {
+    if console.contains("Too few physical memory") || console.contains("invoked oom-killer") {
+        return Some(format!(
+            "the guest ran out of memory while booting with {mem_mib} MiB: recreate the VM with a larger --mem (64M or more)"
+        ));
+    }
+    console
+        .lines()
+        .find(|l| l.contains("Kernel panic"))
+        .map(|l| format!("the guest kernel panicked while booting: {}", l.trim()))
+}
+
+/// Lines from the exec agent: the ready banner, and replies for `exec`.
+fn spawn_exec_reader(shared: Arc<Shared>, from_guest: OwnedFd, to_exec: Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(File::from(from_guest)).lines() {
+            let Ok(line) = line else { break };
+            let line = line.trim_end_matches('\r').to_string();
+            if line == AGENT_READY {
+                set_phase(&shared, Phase::Ready);
+                // An agent that restarts mid-command will never answer it.
+                let _ = to_exec.send(line);
+            } else if line.starts_with("R ") {
+                let _ = to_exec.send(line);
+            } else {
+                tracing::debug!(line, "stray line from the exec agent");
+            }
+        }
+    });
+}
+
+fn serve(shared: Arc<Shared>, listener: UnixListener) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = handle(&s, stream) {
+                tracing::debug!("control connection: {e}");
+            }
+        });
+    }
+}
+
+fn handle(shared: &Shared, stream: UnixStream) -> std::io::Result<()> {
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Reply::err(format!("bad request: {e}")),
+        Ok(Request::WaitReady { timeout_ms }) => {
+            wait_ready(shared, Duration::from_millis(timeout_ms))
+        }
+        Ok(Request::Exec { argv, timeout_ms }) => {
+            exec(shared, &argv, timeout_ms.map(Duration::from_millis))
+        }
+        Ok(Request::Console) => {
+            send(
+                &stream,
+                &Reply {
+                    ok: true,
+                    ..Reply::default()
+                },
+            )?;
+            return attach_console(shared, stream);
+        }
+    };
+    send(&stream, &reply)
+}
+
+fn send(mut stream: &UnixStream, reply: &Reply) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(reply).expect("serializable reply");
+    text.push('\n');
+    stream.write_all(text.as_bytes())
+}
+
+fn wait_ready(shared: &Shared, timeout: Duration) -> Reply {
+    let phase = shared.phase.lock().unwrap();
+    let (phase, _) = shared
+        .phase_changed
+        .wait_timeout_while(phase, timeout, |p| *p == Phase::Booting)
+        .unwrap();
+    match &*phase {
+        Phase::Ready => Reply {
+            ok: true,
+            ..Reply::default()
+        },
+        Phase::Over(why) => Reply::err(why.clone()),
+        Phase::Booting => Reply::err(format!(
+            "the guest did not come up within {} s",
+            timeout.as_secs()
+        )),
+    }
+}
+
+fn exec(shared: &Shared, argv: &[String], timeout: Option<Duration>) -> Reply {
+    use base64::Engine;
+    if argv.is_empty() {
+        return Reply::err("no command given");
+    }
+    if *shared.phase.lock().unwrap() != Phase::Ready {
+        return Reply::err("the guest is not ready (still booting, or stopped)");
+    }
+    let mut line = shared.exec.lock().unwrap();
+    // Drop what no one waits for: the boot's ready banner, late answers.
+    while line.from_guest.try_recv().is_ok() {}
+    let id = line.next_id;
+    line.next_id += 1;
+    let cmd = base64::engine::general_purpose::STANDARD.encode(shell_join(argv));
+    if let Err(e) = writeln!(line.to_guest, "X {id} {cmd}") {
+        return Reply::err(format!("writing to the guest agent: {e}"));
+    }
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let got = match deadline {
+            Some(d) => line
+                .from_guest
+                .recv_timeout(d.saturating_duration_since(Instant::now())),
+            None => line
+                .from_guest
+                .recv()
+                .map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match got {
+            Ok(l) if l == AGENT_READY => {
+                return Reply::err("the guest agent restarted while running the command")
+            }
+            Ok(l) => {
+                if let Some(r) = parse_result(&l, id) {
+                    return r;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                return Reply::err("timed out waiting for the command")
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Reply::err("the VM stopped while running the command")
+            }
+        }
+    }
+}
+
+/// Parses `R <id> <status> b<stdout> b<stderr>` for request `id`.
+fn parse_result(line: &str, id: u64) -> Option<Reply> {
+    let mut f = line.split(' ');
+    let (_, rid, status, out, err) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+    if rid.parse::<u64>().ok()? != id {
+        return None; // a late answer to a request that timed out
+    }
+    Some(Reply {
+        ok: true,
+        status: status.parse().ok(),
+        stdout_b64: Some(out.strip_prefix('b')?.to_string()),
+        stderr_b64: Some(err.strip_prefix('b')?.to_string()),
+        error: None,
+    })
+}
+
+/// Console client: its input goes to the guest console until it hangs up;
+/// output reaches it through the console reader.
+fn attach_console(shared: &Shared, stream: UnixStream) -> std::io::Result<()> {
+    shared
+        .console_clients
+        .lock()
+        .unwrap()
+        .push(stream.try_clone()?);
+    let mut buf = [0u8; 4096];
+    let mut stream = stream;
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        shared.console_in.lock().unwrap().write_all(&buf[..n])?;
+    }
+}
+
+/// After UML exits: say why if it died, undo the network, leave no run files.
+fn finish(vm: &Vm, died: Option<String>, tap: Option<String>) {
+    match &died {
+        Some(reason) => {
+            tracing::warn!(vm = vm.name(), "{reason}");
+            let record = serde_json::json!({"reason": reason, "at_unix": now_unix()});
+            let _ = write_private(&vm.dead_file(), record.to_string().as_bytes());
+        }
+        None => {
+            let _ = std::fs::remove_file(vm.dead_file());
+        }
+    }
+    if let Some(tap) = tap {
+        net::detach(&tap);
+    }
+    kill_leftovers(vm);
+    let _ = std::fs::remove_dir_all(vm.run_dir());
+}
+
+/// Kills what is left of UML's process group (stubs, helpers), if anything.
+pub fn kill_leftovers(vm: &Vm) {
+    let pgid = std::fs::read_to_string(vm.run_dir().join("uml.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    if let Some(pgid) = pgid.filter(|p| *p > 1) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_match_their_request() {
+        let r = parse_result("R 7 3 baGk= b", 7).unwrap();
+        assert_eq!(r.status, Some(3));
+        assert_eq!(r.stdout_b64.as_deref(), Some("aGk="));
+        assert_eq!(r.stderr_b64.as_deref(), Some(""));
+        assert!(parse_result("R 6 0 b b", 7).is_none());
+        assert!(parse_result("R 7 0", 7).is_none());
+    }
+
+    #[test]
+    fn recognises_boot_failures() {
+        assert!(boot_failure("x\nToo few physical memory! Needed=1\n", 16)
+            .unwrap()
+            .contains("--mem"));
+        assert!(boot_failure("swapper/0 invoked oom-killer: gfp", 32).is_some());
+        assert!(boot_failure("Kernel panic - not syncing: VFS\n", 64)
+            .unwrap()
+            .contains("VFS"));
+        assert!(boot_failure("Run /init as init process\n", 64).is_none());
+    }
+}
