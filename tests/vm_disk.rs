@@ -16,10 +16,18 @@ fn vms_from_one_base_do_not_see_each_other_and_the_base_is_unchanged() {
     lab.boot("b", &["--mem", "64M"]);
 
     assert_eq!(lab.sh("a", "echo from-a > /root/note && sync").0, 0);
-    assert_eq!(lab.sh("b", "echo from-b > /root/note && rm /etc/passwd && sync").0, 0);
+    assert_eq!(
+        lab.sh("b", "echo from-b > /root/note && rm /etc/passwd && sync")
+            .0,
+        0
+    );
     assert_eq!(lab.sh("a", "cat /root/note").1, "from-a\n");
     assert_eq!(lab.sh("b", "cat /root/note").1, "from-b\n");
-    assert_eq!(lab.sh("a", "test -f /etc/passwd").0, 0, "b's delete leaked into a");
+    assert_eq!(
+        lab.sh("a", "test -f /etc/passwd").0,
+        0,
+        "b's delete leaked into a"
+    );
     lab.ok(&["vm", "stop", "a"]);
     lab.ok(&["vm", "stop", "b"]);
 
@@ -29,9 +37,15 @@ fn vms_from_one_base_do_not_see_each_other_and_the_base_is_unchanged() {
     lab.ok(&["vm", "stop", "a"]);
     for vm in ["a", "b"] {
         let bytes = lab.vm_info(vm)["disk_bytes"].as_u64().unwrap();
-        assert!(bytes < 8 << 20, "VM {vm} disk layer is {bytes} bytes for a few small writes");
+        assert!(
+            bytes < 8 << 20,
+            "VM {vm} disk layer is {bytes} bytes for a few small writes"
+        );
     }
-    assert!(std::fs::read(&lab.image).unwrap() == base_before, "the base image changed");
+    assert!(
+        std::fs::read(&lab.image).unwrap() == base_before,
+        "the base image changed"
+    );
 }
 
 #[test]
@@ -47,12 +61,23 @@ fn checkpoint_write_rollback_forgets_the_write() {
     assert_eq!(lab.vm_info("c")["pid"], pid);
     assert_eq!(lab.sh("c", "cat /root/kept").1, "before\n");
 
-    assert_eq!(lab.sh("c", "echo after > /root/later; echo changed > /root/kept; sync").0, 0);
+    assert_eq!(
+        lab.sh(
+            "c",
+            "echo after > /root/later; echo changed > /root/kept; sync"
+        )
+        .0,
+        0
+    );
     let rb = lab.json(&["vm", "rollback", "c", "ck1"]);
     assert_eq!(rb["restarted"], true, "{rb}");
     assert_eq!(lab.vm_info("c")["state"], "running");
     assert_eq!(lab.sh("c", "cat /root/kept").1, "before\n");
-    assert_ne!(lab.sh("c", "test -e /root/later").0, 0, "the write after the checkpoint survived");
+    assert_ne!(
+        lab.sh("c", "test -e /root/later").0,
+        0,
+        "the write after the checkpoint survived"
+    );
 
     // Rollback works again from the same checkpoint, and on a stopped VM.
     assert_eq!(lab.sh("c", "echo again > /root/later; sync").0, 0);

@@ -119,7 +119,9 @@ pub fn detach(tap: &str) {
         .args(["-n", NETNS, "link", "del", tap])
         .output();
     if taps().is_ok_and(|t| t.is_empty()) {
-        // The veth pair and the bridge go with the namespace.
+        // Deleting one end of the veth pair deletes both; the bridge goes
+        // with the namespace (whose teardown the kernel finishes later).
+        let _ = Command::new("ip").args(["link", "del", HOST_IF]).output();
         let _ = Command::new("ip").args(["netns", "del", NETNS]).output();
     }
 }
