@@ -371,19 +371,28 @@ fn creds(st: &std::collections::BTreeMap<String, String>, dumpable: bool) -> Cre
     }
 }
 
+/// Resource limits from /proc/PID/limits (prlimit on another user's
+/// process needs CAP_SYS_RESOURCE, which we may not have). Its lines come
+/// in RLIMIT_* order.
 fn rlimits(pid: i32) -> Result<Vec<(u32, u64, u64)>> {
-    let mut v = Vec::new();
-    for res in 0..sys::RLIMIT_NLIMITS {
-        let mut old = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: old is a valid out pointer; no new limit is set.
-        let r = unsafe { libc::prlimit64(pid, res, std::ptr::null(), &mut old) };
-        nix::errno::Errno::result(r).map_err(|e| Error::sys(format!("prlimit {pid}"), e))?;
-        v.push((res, old.rlim_cur, old.rlim_max));
-    }
-    Ok(v)
+    let text = proc::read_proc(pid, "limits")?;
+    let value = |v: &str| {
+        if v == "unlimited" {
+            u64::MAX
+        } else {
+            v.parse().unwrap_or(u64::MAX)
+        }
+    };
+    Ok(text
+        .lines()
+        .skip(1)
+        .take(sys::RLIMIT_NLIMITS as usize)
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let mut cols = l.get(26..)?.split_whitespace();
+            Some((i as u32, value(cols.next()?), value(cols.next()?)))
+        })
+        .collect())
 }
 
 fn mm_fields(pid: i32, f: &[String], brk: u64) -> Result<MmFields> {

@@ -98,10 +98,14 @@ fn out(line: String) {
     let _ = o.flush();
 }
 
-fn worker(t: usize, args: &Args, words: usize) {
+fn fill(t: usize, args: &Args, words: usize) -> Vec<u64> {
     let seed = args.seed.wrapping_add(t as u64);
-    let w = words as u64;
-    let mut mem: Vec<u64> = (0..w).map(|k| hash(seed, k)).collect();
+    (0..words as u64).map(|k| hash(seed, k)).collect()
+}
+
+fn worker(t: usize, args: &Args, mut mem: Vec<u64>) {
+    let seed = args.seed.wrapping_add(t as u64);
+    let w = mem.len() as u64;
     let mut seen = 0u64;
     let mut counter = 0u64;
     while counter < args.steps {
@@ -212,23 +216,25 @@ fn main() {
     let args = parse_args();
     // SAFETY: the handler only touches an atomic.
     unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
+    let words = ((args.mib << 20) / 8 / args.threads).max(1);
+    let mut mems: Vec<Vec<u64>> = (0..args.threads).map(|t| fill(t, &args, words)).collect();
     out(format!(
         "ready pid={} threads={} mib={}",
         std::process::id(),
         args.threads,
         args.mib
     ));
-    let words = (args.mib << 20) / 8 / args.threads;
     #[cfg(target_arch = "x86_64")]
     if args.avx512 {
         let seed = args.seed;
         std::thread::spawn(move || zmm_thread(seed));
     }
     std::thread::scope(|s| {
-        for t in 1..args.threads {
+        let first = mems.remove(0);
+        for (i, mem) in mems.into_iter().enumerate() {
             let args = &args;
-            s.spawn(move || worker(t, args, words.max(1)));
+            s.spawn(move || worker(i + 1, args, mem));
         }
-        worker(0, &args, words.max(1));
+        worker(0, &args, first);
     });
 }
