@@ -556,7 +556,8 @@ fn corrupt_images_are_refused_before_anything_runs() {
     ok(&snapshot(child.id() as i32, &good, &["--kill"]));
     kill_and_reap(child);
     ok(&umlctl(&["image", "verify", good.to_str().unwrap()]));
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
         (
             "pages byte",
             Box::new(|d: &Path| flip(&d.join("pages.img"), 0.7)),

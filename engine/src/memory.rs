@@ -114,7 +114,7 @@ fn classify(pid: i32, m: &MapsEntry) -> Result<(VmaKind, Source)> {
 }
 
 fn on_tmpfs(path: &str) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == TMPFS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == TMPFS_MAGIC)
 }
 
 /// Saves the memory of every VMA in `maps` into the image; returns the VMAs

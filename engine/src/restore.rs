@@ -482,7 +482,7 @@ fn set_mm(p: &mut Puppet, process: &Process) -> Result<()> {
 fn create_threads(p: &mut Puppet, threads: &[Thread], same_pid: bool) -> Result<Vec<Remote>> {
     let mut out = Vec::new();
     for t in threads.iter().skip(1) {
-        let tid_addr = p.put(0x3100, &(t.tid as i32).to_ne_bytes())?;
+        let tid_addr = p.put(0x3100, &t.tid.to_ne_bytes())?;
         let flags = libc::CLONE_VM
             | libc::CLONE_FS
             | libc::CLONE_FILES

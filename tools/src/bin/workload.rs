@@ -117,7 +117,7 @@ fn worker(t: usize, args: &Args, mut mem: Vec<u64>) {
             seen = req;
             verify(t, seed, &mem, counter);
         }
-        if counter % args.sleep_every == 0 {
+        if counter.is_multiple_of(args.sleep_every) {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
