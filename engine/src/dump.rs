@@ -60,6 +60,7 @@ pub fn dump(pid: i32, out: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let t_frozen = Instant::now();
     let cancelled = || opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     let mut frozen = frozen;
+    tracing::debug!("froze {} threads in {:?}", frozen.tids.len(), t_frozen - t0);
     let process = collect(&mut frozen, &mut writer, opts, &cancelled)?;
     let memory_bytes = process.vmas.iter().map(|v| v.stored_bytes()).sum();
     let manifest = Manifest {
@@ -117,7 +118,10 @@ pub fn check_target(pid: i32) -> Result<()> {
         });
     }
     let st = proc::status(pid)?;
-    if st.get("State").is_some_and(|s| s.starts_with('Z') || s.starts_with('X')) {
+    if st
+        .get("State")
+        .is_some_and(|s| s.starts_with('Z') || s.starts_with('X'))
+    {
         return Err(Error::Zombie(pid));
     }
     let fields = proc::stat_fields(pid)?;
@@ -125,7 +129,10 @@ pub fn check_target(pid: i32) -> Result<()> {
     if proc::stat_field(&fields, 9) & PF_KTHREAD != 0 {
         return Err(Error::KernelThread(pid));
     }
-    let tracer = proc::status_nums(&st, "TracerPid").first().copied().unwrap_or(0);
+    let tracer = proc::status_nums(&st, "TracerPid")
+        .first()
+        .copied()
+        .unwrap_or(0);
     if tracer != 0 {
         return Err(Error::AlreadyTraced {
             pid,
@@ -153,7 +160,9 @@ fn collect(
     let st = proc::status(pid)?;
     let fields = proc::stat_fields(pid)?;
     let mem = ProcMem::open(pid)?;
+    let t = Instant::now();
     let injected = inject_queries(frozen, &mem, &maps, &st)?;
+    tracing::debug!("injected queries in {:?}", t.elapsed());
     let mut threads = Vec::new();
     for (i, &tid) in frozen.tids.iter().enumerate() {
         let mut t = thread_state(tid, &frozen.regs[i], injected.tid_addresses[i])?;
@@ -163,19 +172,32 @@ fn collect(
     if cancelled() {
         return Err(Error::Interrupted);
     }
+    let t = Instant::now();
     let vmas = memory::dump_vmas(pid, &maps, writer, opts.progress, cancelled)?;
+    tracing::debug!("memory saved in {:?}", t.elapsed());
     Ok(Process {
         pid,
         comm: proc::read_proc(pid, "comm")?.trim_end().to_string(),
-        exe: proc::readlink(&format!("/proc/{pid}/exe"))?.to_string_lossy().into(),
-        cwd: proc::readlink(&format!("/proc/{pid}/cwd"))?.to_string_lossy().into(),
-        umask: st.get("Umask").and_then(|u| u32::from_str_radix(u, 8).ok()).unwrap_or(0o022),
-        personality: u64::from_str_radix(proc::read_proc(pid, "personality")?.trim(), 16).unwrap_or(0),
+        exe: proc::readlink(&format!("/proc/{pid}/exe"))?
+            .to_string_lossy()
+            .into(),
+        cwd: proc::readlink(&format!("/proc/{pid}/cwd"))?
+            .to_string_lossy()
+            .into(),
+        umask: st
+            .get("Umask")
+            .and_then(|u| u32::from_str_radix(u, 8).ok())
+            .unwrap_or(0o022),
+        personality: u64::from_str_radix(proc::read_proc(pid, "personality")?.trim(), 16)
+            .unwrap_or(0),
         creds: creds(&st, injected.dumpable),
         rlimits: rlimits(pid)?,
         mm: mm_fields(pid, &fields, injected.brk)?,
         sigactions: injected.sigactions,
-        shared_pending: ptrace::pending_signals(pid, true)?.iter().map(|s| s.to_vec()).collect(),
+        shared_pending: ptrace::pending_signals(pid, true)?
+            .iter()
+            .map(|s| s.to_vec())
+            .collect(),
         threads,
         vmas,
         fds,
@@ -204,7 +226,14 @@ fn inject_queries(
     let scratch = main.check(
         "mmap scratch page",
         libc::SYS_mmap,
-        &[0, 4096, (libc::PROT_READ | libc::PROT_WRITE) as u64, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0],
+        &[
+            0,
+            4096,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
     )?;
     let result = (|| {
         let caught = proc::status_hex(st, "SigCgt");
@@ -213,17 +242,39 @@ fn inject_queries(
         for sig in 1..=64i32 {
             let bit = 1u64 << (sig - 1);
             if caught & bit != 0 {
-                main.check("rt_sigaction", libc::SYS_rt_sigaction, &[sig as u64, 0, scratch, 8])?;
+                main.check(
+                    "rt_sigaction",
+                    libc::SYS_rt_sigaction,
+                    &[sig as u64, 0, scratch, 8],
+                )?;
                 let mut b = [0u8; 32];
                 mem.read(scratch, &mut b)?;
                 let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8"));
-                sigactions.push((sig, sys::KernelSigaction { handler: w(0), flags: w(1), restorer: w(2), mask: w(3) }));
+                sigactions.push((
+                    sig,
+                    sys::KernelSigaction {
+                        handler: w(0),
+                        flags: w(1),
+                        restorer: w(2),
+                        mask: w(3),
+                    },
+                ));
             } else if ignored & bit != 0 {
-                sigactions.push((sig, sys::KernelSigaction { handler: 1, ..Default::default() }));
+                sigactions.push((
+                    sig,
+                    sys::KernelSigaction {
+                        handler: 1,
+                        ..Default::default()
+                    },
+                ));
             }
         }
         let brk = main.check("brk(0)", libc::SYS_brk, &[0])?;
-        let dumpable = main.check("prctl(PR_GET_DUMPABLE)", libc::SYS_prctl, &[libc::PR_GET_DUMPABLE as u64])? == 1;
+        let dumpable = main.check(
+            "prctl(PR_GET_DUMPABLE)",
+            libc::SYS_prctl,
+            &[libc::PR_GET_DUMPABLE as u64],
+        )? == 1;
         let mut tid_addresses = Vec::new();
         let mut altstacks = Vec::new();
         for i in 0..frozen.tids.len() {
@@ -234,16 +285,30 @@ fn inject_queries(
                 Some(Remote::new(frozen.tids[i], ip, frozen.regs[i]))
             };
             let remote = r.as_mut().unwrap_or(&mut main);
-            remote.check("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, &[sys::PR_GET_TID_ADDRESS as u64, scratch])?;
+            remote.check(
+                "prctl(PR_GET_TID_ADDRESS)",
+                libc::SYS_prctl,
+                &[sys::PR_GET_TID_ADDRESS as u64, scratch],
+            )?;
             tid_addresses.push(mem.read_u64(scratch)?);
             remote.check("sigaltstack", libc::SYS_sigaltstack, &[0, scratch + 64])?;
             let ss_flags = mem.read_u64(scratch + 72)? as i32;
-            altstacks.push((mem.read_u64(scratch + 64)?, ss_flags, mem.read_u64(scratch + 80)?));
+            altstacks.push((
+                mem.read_u64(scratch + 64)?,
+                ss_flags,
+                mem.read_u64(scratch + 80)?,
+            ));
             if let Some(r) = r {
                 frozen.intercepted[i] = r.intercepted;
             }
         }
-        Ok(Injected { sigactions, tid_addresses, altstacks, brk, dumpable })
+        Ok(Injected {
+            sigactions,
+            tid_addresses,
+            altstacks,
+            brk,
+            dumpable,
+        })
     })();
     main.check("munmap scratch page", libc::SYS_munmap, &[scratch, 4096])?;
     frozen.intercepted[0] = main.intercepted;
@@ -268,7 +333,10 @@ fn thread_state(tid: i32, regs: &ptrace::Regs, clear_child_tid: u64) -> Result<T
         robust_list,
         robust_list_len,
         altstack: (0, libc::SS_DISABLE, 0),
-        pending: ptrace::pending_signals(tid, false)?.iter().map(|s| s.to_vec()).collect(),
+        pending: ptrace::pending_signals(tid, false)?
+            .iter()
+            .map(|s| s.to_vec())
+            .collect(),
     })
 }
 
@@ -289,7 +357,10 @@ fn creds(st: &std::collections::BTreeMap<String, String>, dumpable: bool) -> Cre
     Creds {
         uids: four("Uid"),
         gids: four("Gid"),
-        groups: proc::status_nums(st, "Groups").iter().map(|&g| g as u32).collect(),
+        groups: proc::status_nums(st, "Groups")
+            .iter()
+            .map(|&g| g as u32)
+            .collect(),
         cap_inheritable: proc::status_hex(st, "CapInh"),
         cap_permitted: proc::status_hex(st, "CapPrm"),
         cap_effective: proc::status_hex(st, "CapEff"),
@@ -300,20 +371,33 @@ fn creds(st: &std::collections::BTreeMap<String, String>, dumpable: bool) -> Cre
     }
 }
 
+/// Resource limits from /proc/PID/limits (prlimit on another user's
+/// process needs CAP_SYS_RESOURCE, which we may not have). Its lines come
+/// in RLIMIT_* order.
 fn rlimits(pid: i32) -> Result<Vec<(u32, u64, u64)>> {
-    let mut v = Vec::new();
-    for res in 0..sys::RLIMIT_NLIMITS {
-        let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: old is a valid out pointer; no new limit is set.
-        let r = unsafe { libc::prlimit64(pid, res, std::ptr::null(), &mut old) };
-        nix::errno::Errno::result(r).map_err(|e| Error::sys(format!("prlimit {pid}"), e))?;
-        v.push((res, old.rlim_cur, old.rlim_max));
-    }
-    Ok(v)
+    let text = proc::read_proc(pid, "limits")?;
+    let value = |v: &str| {
+        if v == "unlimited" {
+            u64::MAX
+        } else {
+            v.parse().unwrap_or(u64::MAX)
+        }
+    };
+    Ok(text
+        .lines()
+        .skip(1)
+        .take(sys::RLIMIT_NLIMITS as usize)
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let mut cols = l.get(26..)?.split_whitespace();
+            Some((i as u32, value(cols.next()?), value(cols.next()?)))
+        })
+        .collect())
 }
 
 fn mm_fields(pid: i32, f: &[String], brk: u64) -> Result<MmFields> {
-    let raw = std::fs::read(format!("/proc/{pid}/auxv")).ctx(|| format!("read /proc/{pid}/auxv"))?;
+    let raw =
+        std::fs::read(format!("/proc/{pid}/auxv")).ctx(|| format!("read /proc/{pid}/auxv"))?;
     let auxv = raw
         .chunks_exact(8)
         .map(|c| u64::from_ne_bytes(c.try_into().expect("8")))

@@ -30,7 +30,10 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("{what}: {errno}")]
-    Sys { what: String, errno: nix::errno::Errno },
+    Sys {
+        what: String,
+        errno: nix::errno::Errno,
+    },
     #[error("{path} changed since the snapshot (its size, time or inode differ): the image maps it and needs the same file; restore the original file")]
     FileChanged { path: String },
     #[error("interrupted: the operation was cancelled and rolled back")]
@@ -60,7 +63,9 @@ impl Error {
             | Error::NotPermitted(_) => ErrorKind::Target,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::BadImage { .. } => ErrorKind::BadImage,
-            Error::Exists { .. } | Error::PidInUse(_) | Error::FileChanged { .. } => ErrorKind::Conflict,
+            Error::Exists { .. } | Error::PidInUse(_) | Error::FileChanged { .. } => {
+                ErrorKind::Conflict
+            }
             Error::Interrupted => ErrorKind::Interrupted,
             _ => ErrorKind::Other,
         }

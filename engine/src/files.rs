@@ -40,35 +40,68 @@ pub fn collect(pid: i32, writer: &mut ImageWriter) -> Result<Vec<Fd>> {
     let mut out = Vec::new();
     for fd in proc::fds(pid)? {
         let link = format!("/proc/{pid}/fd/{fd}");
-        let Ok(target) = std::fs::read_link(&link) else { continue };
+        let Ok(target) = std::fs::read_link(&link) else {
+            continue;
+        };
         let target = target.to_string_lossy().into_owned();
         let info = proc::fdinfo(pid, fd)?;
-        let flags = info.get("flags").and_then(|f| i32::from_str_radix(f, 8).ok()).unwrap_or(0);
+        let flags = info
+            .get("flags")
+            .and_then(|f| i32::from_str_radix(f, 8).ok())
+            .unwrap_or(0);
         let pos: u64 = info.get("pos").and_then(|p| p.parse().ok()).unwrap_or(0);
         let meta = std::fs::metadata(&link).ctx(|| format!("stat fd {fd} of pid {pid}"))?;
         let ft = meta.file_type();
         let kind = if fd <= 2 && (ft.is_fifo() || ft.is_socket() || is_tty(&target, &ft)) {
-            FdKind::Stdio { was: target.clone(), flags: flags & KEEP_FLAGS }
+            FdKind::Stdio {
+                was: target.clone(),
+                flags: flags & KEEP_FLAGS,
+            }
         } else if ft.is_file() && target.ends_with(" (deleted)") {
-            let content = std::fs::read(&link).ctx(|| format!("read deleted file behind fd {fd}"))?;
+            let content =
+                std::fs::read(&link).ctx(|| format!("read deleted file behind fd {fd}"))?;
             let offset = writer.append_padded(&content)?;
             let path = target.trim_end_matches(" (deleted)").to_string();
-            FdKind::DeletedFile { path, flags: flags & KEEP_FLAGS, pos, len: content.len() as u64, offset }
+            FdKind::DeletedFile {
+                path,
+                flags: flags & KEEP_FLAGS,
+                pos,
+                len: content.len() as u64,
+                offset,
+            }
         } else if (ft.is_file() || ft.is_dir()) && target.starts_with('/') {
             let id = FileId::of(Path::new(&target)).ctx(|| format!("stat {target} (fd {fd})"))?;
-            FdKind::File { path: target.clone(), flags: flags & KEEP_FLAGS, pos, id }
+            FdKind::File {
+                path: target.clone(),
+                flags: flags & KEEP_FLAGS,
+                pos,
+                id,
+            }
         } else if ft.is_char_device() && target.starts_with("/dev/") {
-            FdKind::CharDev { path: target.clone(), flags: flags & KEEP_FLAGS }
+            FdKind::CharDev {
+                path: target.clone(),
+                flags: flags & KEEP_FLAGS,
+            }
         } else {
-            return Err(Error::Unsupported { pid, what: unsupported_fd(fd, &target) });
+            return Err(Error::Unsupported {
+                pid,
+                what: unsupported_fd(fd, &target),
+            });
         };
-        out.push(Fd { fd, cloexec: flags & libc::O_CLOEXEC != 0, kind });
+        out.push(Fd {
+            fd,
+            cloexec: flags & libc::O_CLOEXEC != 0,
+            kind,
+        });
     }
     Ok(out)
 }
 
 fn is_tty(target: &str, ft: &std::fs::FileType) -> bool {
-    ft.is_char_device() && (target.starts_with("/dev/pts/") || target.starts_with("/dev/tty") || target == "/dev/console")
+    ft.is_char_device()
+        && (target.starts_with("/dev/pts/")
+            || target.starts_with("/dev/tty")
+            || target == "/dev/console")
 }
 
 fn unsupported_fd(fd: i32, target: &str) -> String {
@@ -85,7 +118,11 @@ fn unsupported_fd(fd: i32, target: &str) -> String {
 pub fn restore(p: &mut Puppet, fds: &[Fd], pages: &[u8], stdio: &Stdio) -> Result<()> {
     // The puppet's own fds: keep 0-2 only where the image wants inherited streams.
     let keep_std: Vec<i32> = match stdio {
-        Stdio::Inherit => fds.iter().filter(|f| matches!(f.kind, FdKind::Stdio { .. })).map(|f| f.fd).collect(),
+        Stdio::Inherit => fds
+            .iter()
+            .filter(|f| matches!(f.kind, FdKind::Stdio { .. }))
+            .map(|f| f.fd)
+            .collect(),
         _ => vec![],
     };
     for fd in 0..3 {
@@ -93,13 +130,23 @@ pub fn restore(p: &mut Puppet, fds: &[Fd], pages: &[u8], stdio: &Stdio) -> Resul
             p.close(fd).ok();
         }
     }
-    p.sys("close_range", libc::SYS_close_range, &[3, u32::MAX as u64, 0])?;
+    p.sys(
+        "close_range",
+        libc::SYS_close_range,
+        &[3, u32::MAX as u64, 0],
+    )?;
     for f in fds {
         let opened = match &f.kind {
             FdKind::File { path, flags, .. } | FdKind::CharDev { path, flags } => {
                 Some(p.open(path, *flags | libc::O_NOCTTY, 0)?)
             }
-            FdKind::DeletedFile { path, flags, len, offset, .. } => {
+            FdKind::DeletedFile {
+                path,
+                flags,
+                len,
+                offset,
+                ..
+            } => {
                 let data = &pages[*offset as usize..(*offset + *len) as usize];
                 Some(reopen_deleted(p, path, *flags, data)?)
             }
@@ -123,9 +170,17 @@ pub fn restore(p: &mut Puppet, fds: &[Fd], pages: &[u8], stdio: &Stdio) -> Resul
             }
         }
         let cloexec = if f.cloexec { libc::FD_CLOEXEC } else { 0 };
-        p.sys("fcntl(F_SETFD)", libc::SYS_fcntl, &[f.fd as u64, libc::F_SETFD as u64, cloexec as u64])?;
+        p.sys(
+            "fcntl(F_SETFD)",
+            libc::SYS_fcntl,
+            &[f.fd as u64, libc::F_SETFD as u64, cloexec as u64],
+        )?;
         if let FdKind::File { pos, .. } | FdKind::DeletedFile { pos, .. } = f.kind {
-            p.sys("lseek", libc::SYS_lseek, &[f.fd as u64, pos, libc::SEEK_SET as u64])?;
+            p.sys(
+                "lseek",
+                libc::SYS_lseek,
+                &[f.fd as u64, pos, libc::SEEK_SET as u64],
+            )?;
         }
     }
     Ok(())
@@ -135,7 +190,10 @@ pub fn restore(p: &mut Puppet, fds: &[Fd], pages: &[u8], stdio: &Stdio) -> Resul
 /// directory, or in /tmp if that is gone, and opens it in the puppet.
 fn reopen_deleted(p: &mut Puppet, path: &str, flags: i32, data: &[u8]) -> Result<i32> {
     use std::io::Write;
-    let dir = Path::new(path).parent().filter(|d| d.is_dir()).unwrap_or(Path::new("/tmp"));
+    let dir = Path::new(path)
+        .parent()
+        .filter(|d| d.is_dir())
+        .unwrap_or(Path::new("/tmp"));
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -151,7 +209,8 @@ fn reopen_deleted(p: &mut Puppet, path: &str, flags: i32, data: &[u8]) -> Result
                 .open("/tmp")
         })
         .ctx(|| format!("recreate deleted file {path}"))?;
-    f.write_all(data).ctx(|| format!("write deleted file {path}"))?;
+    f.write_all(data)
+        .ctx(|| format!("write deleted file {path}"))?;
     use std::os::fd::AsRawFd;
     let via = format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd());
     p.open(&via, flags & !libc::O_CREAT, 0)

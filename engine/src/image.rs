@@ -170,12 +170,21 @@ impl Vma {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum VmaKind {
     /// Private anonymous memory (incl. [heap] and [stack]).
-    Anon { name: String },
+    Anon {
+        name: String,
+    },
     /// A file mapped from the host's filesystem, which must be unchanged at resume.
-    File { path: String, offset: u64, id: FileId },
+    File {
+        path: String,
+        offset: u64,
+        id: FileId,
+    },
     /// Memory with no file to come back from (shared anonymous, memfd,
     /// deleted files, tmpfs files): every page that exists is stored.
-    Shmem { name: String, offset: u64 },
+    Shmem {
+        name: String,
+        offset: u64,
+    },
     /// Kernel-provided mappings that are placed, not dumped.
     Vdso,
     Vvar,
@@ -189,7 +198,7 @@ pub struct FileId {
     pub dev: u64,
     pub ino: u64,
     pub size: u64,
-    pub mtime_ns: i128,
+    pub mtime_ns: i64,
 }
 
 impl FileId {
@@ -200,7 +209,7 @@ impl FileId {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
-            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
         })
     }
 }
@@ -216,9 +225,20 @@ pub struct Fd {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FdKind {
     /// A regular file or directory reopened by path at its offset.
-    File { path: String, flags: i32, pos: u64, id: FileId },
+    File {
+        path: String,
+        flags: i32,
+        pos: u64,
+        id: FileId,
+    },
     /// A file that was deleted while open: its contents are stored.
-    DeletedFile { path: String, flags: i32, pos: u64, len: u64, offset: u64 },
+    DeletedFile {
+        path: String,
+        flags: i32,
+        pos: u64,
+        len: u64,
+        offset: u64,
+    },
     /// A character device reopened by path (/dev/null, /dev/urandom...).
     CharDev { path: String, flags: i32 },
     /// A std stream (fd 0-2) that was a pipe, socket or terminal: what it
@@ -257,7 +277,7 @@ fn to_hex(v: &[u8]) -> String {
 }
 
 fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -377,7 +397,9 @@ impl ImageWriter {
     pub fn append(&mut self, data: &[u8]) -> Result<u64> {
         debug_assert_eq!(data.len() % 4096, 0, "pages.img holds whole pages");
         let off = self.len;
-        self.pages.write_all(data).ctx(|| "write pages.img".into())?;
+        self.pages
+            .write_all(data)
+            .ctx(|| "write pages.img".into())?;
         self.len += data.len() as u64;
         let mut rest = data;
         while !rest.is_empty() {
@@ -445,7 +467,11 @@ pub fn partial_path(dir: &Path) -> PathBuf {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    let d = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let d = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     File::open(d)
         .and_then(|f| f.sync_all())
         .ctx(|| format!("fsync {}", d.display()))
@@ -472,12 +498,16 @@ impl Image {
     pub fn open(dir: &Path) -> Result<Image> {
         let bad = |what: String| Error::bad_image(dir, what);
         if !dir.is_dir() {
-            return Err(bad("not a directory (give the --out directory of a snapshot)".into()));
+            return Err(bad(
+                "not a directory (give the --out directory of a snapshot)".into(),
+            ));
         }
         let path = dir.join(MANIFEST_FILE);
         let raw = fs::read(&path).map_err(|e| bad(format!("cannot read {MANIFEST_FILE}: {e}")))?;
         if raw.len() < HEADER_LEN || raw[..8] != MAGIC {
-            return Err(bad(format!("{MANIFEST_FILE} is not an umlctl image manifest (bad magic)")));
+            return Err(bad(format!(
+                "{MANIFEST_FILE} is not an umlctl image manifest (bad magic)"
+            )));
         }
         let version = u32::from_le_bytes(raw[8..12].try_into().expect("4"));
         if version != FORMAT_VERSION {
@@ -495,10 +525,12 @@ impl Image {
             )));
         }
         if xxh3_64(body) != sum {
-            return Err(bad(format!("{MANIFEST_FILE} checksum mismatch: the file is corrupt")));
+            return Err(bad(format!(
+                "{MANIFEST_FILE} checksum mismatch: the file is corrupt"
+            )));
         }
-        let manifest: Manifest =
-            serde_json::from_slice(body).map_err(|e| bad(format!("{MANIFEST_FILE} does not parse: {e}")))?;
+        let manifest: Manifest = serde_json::from_slice(body)
+            .map_err(|e| bad(format!("{MANIFEST_FILE} does not parse: {e}")))?;
         Ok(Image {
             dir: dir.into(),
             manifest,
@@ -526,9 +558,15 @@ impl Image {
         }
         let expected_chunks = info.len.div_ceil(info.chunk_size.max(1)) as usize;
         if info.chunk_size == 0 || info.chunk_checksums.len() != expected_chunks {
-            return Err(bad("the manifest's chunk checksums do not cover pages.img".into()));
+            return Err(bad(
+                "the manifest's chunk checksums do not cover pages.img".into()
+            ));
         }
-        for (i, (chunk, sum)) in map.chunks(info.chunk_size as usize).zip(&info.chunk_checksums).enumerate() {
+        for (i, (chunk, sum)) in map
+            .chunks(info.chunk_size as usize)
+            .zip(&info.chunk_checksums)
+            .enumerate()
+        {
             if xxh3_64(chunk) != *sum {
                 return Err(bad(format!(
                     "{PAGES_FILE} chunk {i} (bytes {}..) checksum mismatch: the file is corrupt",
@@ -541,7 +579,10 @@ impl Image {
                 for r in &v.pages {
                     let inside = r[0] >= v.start && r[0] + r[1] * 4096 <= v.end;
                     if !inside || r[2] + r[1] * 4096 > info.len || r[2] % 4096 != 0 {
-                        return Err(bad(format!("page run {:#x}+{} is out of bounds", r[0], r[1])));
+                        return Err(bad(format!(
+                            "page run {:#x}+{} is out of bounds",
+                            r[0], r[1]
+                        )));
                     }
                 }
             }
@@ -552,7 +593,8 @@ impl Image {
     /// pages.img, mapped read-only.
     pub fn pages(&self) -> Result<Pages> {
         let path = self.dir.join(PAGES_FILE);
-        let f = File::open(&path).map_err(|e| Error::bad_image(&self.dir, format!("cannot open {PAGES_FILE}: {e}")))?;
+        let f = File::open(&path)
+            .map_err(|e| Error::bad_image(&self.dir, format!("cannot open {PAGES_FILE}: {e}")))?;
         let len = f.metadata().ctx(|| "stat pages.img".into())?.len();
         if len == 0 {
             return Ok(Pages { map: None });

@@ -42,7 +42,14 @@ impl Remote {
         regs.rip = self.ip;
         regs.rax = nr as u64;
         regs.orig_rax = u64::MAX;
-        let slots = [&mut regs.rdi, &mut regs.rsi, &mut regs.rdx, &mut regs.r10, &mut regs.r8, &mut regs.r9];
+        let slots = [
+            &mut regs.rdi,
+            &mut regs.rsi,
+            &mut regs.rdx,
+            &mut regs.r10,
+            &mut regs.r8,
+            &mut regs.r9,
+        ];
         for (slot, v) in slots.into_iter().zip(args.iter()) {
             *slot = *v;
         }
@@ -82,7 +89,10 @@ impl Remote {
                     ptrace::syscall(self.tid, 0)?;
                 }
                 Stop::Exited => {
-                    return Err(Error::Restore(format!("thread {} exited during injection", self.tid)))
+                    return Err(Error::Restore(format!(
+                        "thread {} exited during injection",
+                        self.tid
+                    )))
                 }
             }
         }
@@ -114,6 +124,7 @@ pub fn find_syscall_ip(mem: &ProcMem, regs: &Regs, maps: &[MapsEntry]) -> Result
         }
     }
     Err(Error::Restore(
-        "no syscall instruction found in the target (no [vdso] and not stopped in a syscall)".into(),
+        "no syscall instruction found in the target (no [vdso] and not stopped in a syscall)"
+            .into(),
     ))
 }

@@ -54,7 +54,13 @@ pub fn vm_write(pid: i32, ranges: &[(u64, usize)], buf: &[u8]) -> Result<()> {
     vm_copy(pid, ranges, buf.as_ptr() as *mut u8, buf.len(), true)
 }
 
-fn vm_copy(pid: i32, ranges: &[(u64, usize)], local: *mut u8, len: usize, write: bool) -> Result<()> {
+fn vm_copy(
+    pid: i32,
+    ranges: &[(u64, usize)],
+    local: *mut u8,
+    len: usize,
+    write: bool,
+) -> Result<()> {
     let total: usize = ranges.iter().map(|r| r.1).sum();
     assert_eq!(total, len, "ranges must cover the buffer");
     let mut done = 0usize;
@@ -79,7 +85,11 @@ fn vm_copy(pid: i32, ranges: &[(u64, usize)], local: *mut u8, len: usize, write:
                 }
             };
             if r <= 0 {
-                let what = if write { "process_vm_writev" } else { "process_vm_readv" };
+                let what = if write {
+                    "process_vm_writev"
+                } else {
+                    "process_vm_readv"
+                };
                 let at = iovs.first().map(|v| v.iov_base as u64).unwrap_or(0);
                 return Err(Error::io(
                     format!("{what} pid {pid} at {at:#x}"),

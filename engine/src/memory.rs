@@ -56,29 +56,65 @@ fn classify(pid: i32, m: &MapsEntry) -> Result<(VmaKind, Source)> {
     let is_file = m.inode != 0 && m.path.starts_with('/');
     if !is_file {
         if m.shared {
-            return Ok((VmaKind::Shmem { name: m.path.clone(), offset: m.offset }, Source::Object));
+            return Ok((
+                VmaKind::Shmem {
+                    name: m.path.clone(),
+                    offset: m.offset,
+                },
+                Source::Object,
+            ));
         }
-        return Ok((VmaKind::Anon { name: m.path.clone() }, Source::Memory(present)));
+        return Ok((
+            VmaKind::Anon {
+                name: m.path.clone(),
+            },
+            Source::Memory(present),
+        ));
     }
     let deleted = m.path.ends_with(" (deleted)");
     let mapped = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
     if m.shared {
         if deleted || on_tmpfs(&mapped) {
-            return Ok((VmaKind::Shmem { name: m.path.clone(), offset: m.offset }, Source::Object));
+            return Ok((
+                VmaKind::Shmem {
+                    name: m.path.clone(),
+                    offset: m.offset,
+                },
+                Source::Object,
+            ));
         }
         let id = FileId::of(Path::new(&m.path)).ctx(|| format!("stat mapped file {}", m.path))?;
-        return Ok((VmaKind::File { path: m.path.clone(), offset: m.offset, id }, Source::Nothing));
+        return Ok((
+            VmaKind::File {
+                path: m.path.clone(),
+                offset: m.offset,
+                id,
+            },
+            Source::Nothing,
+        ));
     }
     if deleted {
         // The file is gone: keep what the process sees, as anonymous memory.
-        return Ok((VmaKind::Anon { name: m.path.clone() }, Source::Memory(|_| true)));
+        return Ok((
+            VmaKind::Anon {
+                name: m.path.clone(),
+            },
+            Source::Memory(|_| true),
+        ));
     }
     let id = FileId::of(Path::new(&m.path)).ctx(|| format!("stat mapped file {}", m.path))?;
-    Ok((VmaKind::File { path: m.path.clone(), offset: m.offset, id }, Source::Memory(private_copy)))
+    Ok((
+        VmaKind::File {
+            path: m.path.clone(),
+            offset: m.offset,
+            id,
+        },
+        Source::Memory(private_copy),
+    ))
 }
 
 fn on_tmpfs(path: &str) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == TMPFS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == TMPFS_MAGIC)
 }
 
 /// Saves the memory of every VMA in `maps` into the image; returns the VMAs
@@ -90,7 +126,8 @@ pub fn dump_vmas(
     progress: Option<&dyn Fn(u64, u64)>,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Vec<Vma>> {
-    let pagemap = File::open(format!("/proc/{pid}/pagemap")).ctx(|| format!("open /proc/{pid}/pagemap"))?;
+    let pagemap =
+        File::open(format!("/proc/{pid}/pagemap")).ctx(|| format!("open /proc/{pid}/pagemap"))?;
     let mut plan = Vec::new();
     for m in maps {
         let (kind, source) = classify(pid, m)?;
@@ -101,7 +138,11 @@ pub fn dump_vmas(
         };
         plan.push((m, kind, source, runs));
     }
-    let total: u64 = plan.iter().flat_map(|p| &p.3).map(|r| r.1 * PAGE_SIZE).sum();
+    let total: u64 = plan
+        .iter()
+        .flat_map(|p| &p.3)
+        .map(|r| r.1 * PAGE_SIZE)
+        .sum();
     let mut done = 0u64;
     let mut buf = vec![0u8; BATCH];
     let mut vmas = Vec::with_capacity(plan.len());
@@ -158,7 +199,10 @@ fn memory_runs(pagemap: &File, m: &MapsEntry, keep: fn(u64) -> bool) -> Result<V
 fn object_runs(pid: i32, m: &MapsEntry) -> Result<Vec<(u64, u64)>> {
     let f = open_mapped(pid, m)?;
     let size = f.metadata().ctx(|| "stat mapped object".into())?.len();
-    let (lo, hi) = (m.offset, (m.offset + m.len()).min(size.div_ceil(PAGE_SIZE) * PAGE_SIZE));
+    let (lo, hi) = (
+        m.offset,
+        (m.offset + m.len()).min(size.div_ceil(PAGE_SIZE) * PAGE_SIZE),
+    );
     let mut runs = Vec::new();
     let mut pos = lo;
     while pos < hi {
@@ -166,7 +210,11 @@ fn object_runs(pid: i32, m: &MapsEntry) -> Result<Vec<(u64, u64)>> {
             Some(d) if d < hi => d / PAGE_SIZE * PAGE_SIZE,
             _ => break,
         };
-        let hole = seek(&f, data, libc::SEEK_HOLE).unwrap_or(hi).min(hi).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let hole = seek(&f, data, libc::SEEK_HOLE)
+            .unwrap_or(hi)
+            .min(hi)
+            .div_ceil(PAGE_SIZE)
+            * PAGE_SIZE;
         let hole = hole.min(hi).max(data + PAGE_SIZE);
         runs.push((m.start + (data - m.offset), (hole - data) / PAGE_SIZE));
         pos = hole;
@@ -186,11 +234,21 @@ fn seek(f: &File, off: u64, whence: i32) -> Option<u64> {
 }
 
 /// Copies runs of process memory into the image in large batches.
-fn copy_memory(pid: i32, runs: &[(u64, u64)], writer: &mut ImageWriter, buf: &mut [u8]) -> Result<Vec<[u64; 3]>> {
+fn copy_memory(
+    pid: i32,
+    runs: &[(u64, u64)],
+    writer: &mut ImageWriter,
+    buf: &mut [u8],
+) -> Result<Vec<[u64; 3]>> {
     let mut out: Vec<[u64; 3]> = Vec::new();
     let mut batch: Vec<(u64, usize)> = Vec::new();
     let mut fill = 0usize;
-    let flush = |batch: &mut Vec<(u64, usize)>, fill: &mut usize, out: &mut Vec<[u64; 3]>, writer: &mut ImageWriter, buf: &mut [u8]| -> Result<()> {
+    let flush = |batch: &mut Vec<(u64, usize)>,
+                 fill: &mut usize,
+                 out: &mut Vec<[u64; 3]>,
+                 writer: &mut ImageWriter,
+                 buf: &mut [u8]|
+     -> Result<()> {
         if *fill == 0 {
             return Ok(());
         }
@@ -199,7 +257,9 @@ fn copy_memory(pid: i32, runs: &[(u64, u64)], writer: &mut ImageWriter, buf: &mu
         for &(addr, len) in batch.iter() {
             let n = len as u64 / PAGE_SIZE;
             match out.last_mut() {
-                Some(r) if r[0] + r[1] * PAGE_SIZE == addr && r[2] + r[1] * PAGE_SIZE == off => r[1] += n,
+                Some(r) if r[0] + r[1] * PAGE_SIZE == addr && r[2] + r[1] * PAGE_SIZE == off => {
+                    r[1] += n
+                }
                 _ => out.push([addr, n, off]),
             }
             off += len as u64;
@@ -227,7 +287,13 @@ fn copy_memory(pid: i32, runs: &[(u64, u64)], writer: &mut ImageWriter, buf: &mu
 }
 
 /// Copies runs of a shared object (through map_files) into the image.
-fn copy_object(pid: i32, m: &MapsEntry, runs: &[(u64, u64)], writer: &mut ImageWriter, buf: &mut [u8]) -> Result<Vec<[u64; 3]>> {
+fn copy_object(
+    pid: i32,
+    m: &MapsEntry,
+    runs: &[(u64, u64)],
+    writer: &mut ImageWriter,
+    buf: &mut [u8],
+) -> Result<Vec<[u64; 3]>> {
     let f = open_mapped(pid, m)?;
     let mut out = Vec::new();
     for &(addr, pages) in runs {

@@ -87,7 +87,11 @@ pub fn status(pid: i32) -> Result<BTreeMap<String, String>> {
 /// Numbers from a status field such as "Uid:\t0\t0\t0\t0".
 pub fn status_nums(st: &BTreeMap<String, String>, key: &str) -> Vec<u64> {
     st.get(key)
-        .map(|v| v.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -196,7 +200,8 @@ mod tests {
         assert_eq!(e.offset, 0x2000);
         assert_eq!(e.inode, 1234);
         assert_eq!(e.path, "/usr/lib/x86_64-linux-gnu/libc.so.6");
-        let a = parse_maps_line("7ffd1000-7ffd2000 rw-s 00000000 00:01 5 /dev/zero (deleted)").unwrap();
+        let a =
+            parse_maps_line("7ffd1000-7ffd2000 rw-s 00000000 00:01 5 /dev/zero (deleted)").unwrap();
         assert!(a.shared);
         assert_eq!(a.path, "/dev/zero (deleted)");
         let anon = parse_maps_line("55550000-55551000 rw-p 00000000 00:00 0 ").unwrap();

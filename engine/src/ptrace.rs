@@ -24,7 +24,8 @@ pub fn seize(tid: i32, opts: Options) -> Result<()> {
 }
 
 pub fn interrupt(tid: i32) -> Result<()> {
-    ptrace::interrupt(Pid::from_raw(tid)).map_err(|e| Error::sys(format!("PTRACE_INTERRUPT {tid}"), e))
+    ptrace::interrupt(Pid::from_raw(tid))
+        .map_err(|e| Error::sys(format!("PTRACE_INTERRUPT {tid}"), e))
 }
 
 pub fn detach(tid: i32, sig: i32) -> Result<()> {
@@ -33,7 +34,8 @@ pub fn detach(tid: i32, sig: i32) -> Result<()> {
     } else {
         nix::sys::signal::Signal::try_from(sig).ok()
     };
-    ptrace::detach(Pid::from_raw(tid), sig).map_err(|e| Error::sys(format!("PTRACE_DETACH {tid}"), e))
+    ptrace::detach(Pid::from_raw(tid), sig)
+        .map_err(|e| Error::sys(format!("PTRACE_DETACH {tid}"), e))
 }
 
 pub fn getregs(tid: i32) -> Result<Regs> {
@@ -41,20 +43,25 @@ pub fn getregs(tid: i32) -> Result<Regs> {
 }
 
 pub fn setregs(tid: i32, regs: &Regs) -> Result<()> {
-    ptrace::setregs(Pid::from_raw(tid), *regs).map_err(|e| Error::sys(format!("PTRACE_SETREGS {tid}"), e))
+    ptrace::setregs(Pid::from_raw(tid), *regs)
+        .map_err(|e| Error::sys(format!("PTRACE_SETREGS {tid}"), e))
 }
 
 /// Resume to the next syscall entry or exit.
 pub fn syscall(tid: i32, sig: i32) -> Result<()> {
     // SAFETY: PTRACE_SYSCALL takes no pointers.
     let r = unsafe { libc::ptrace(libc::PTRACE_SYSCALL, tid, 0, sig as libc::c_long) };
-    Errno::result(r).map(drop).map_err(|e| Error::sys(format!("PTRACE_SYSCALL {tid}"), e))
+    Errno::result(r)
+        .map(drop)
+        .map_err(|e| Error::sys(format!("PTRACE_SYSCALL {tid}"), e))
 }
 
 pub fn cont(tid: i32, sig: i32) -> Result<()> {
     // SAFETY: PTRACE_CONT takes no pointers.
     let r = unsafe { libc::ptrace(libc::PTRACE_CONT, tid, 0, sig as libc::c_long) };
-    Errno::result(r).map(drop).map_err(|e| Error::sys(format!("PTRACE_CONT {tid}"), e))
+    Errno::result(r)
+        .map(drop)
+        .map_err(|e| Error::sys(format!("PTRACE_CONT {tid}"), e))
 }
 
 /// The full XSAVE area (x87, SSE, AVX, AVX-512, AMX...) in the standard format.
@@ -65,8 +72,16 @@ pub fn get_xstate(tid: i32) -> Result<Vec<u8>> {
         iov_len: buf.len(),
     };
     // SAFETY: iov points at a live buffer of iov_len bytes.
-    let r = unsafe { libc::ptrace(libc::PTRACE_GETREGSET, tid, sys::NT_X86_XSTATE as usize, &mut iov) };
-    Errno::result(r).map_err(|e| Error::sys(format!("PTRACE_GETREGSET(NT_X86_XSTATE) {tid}"), e))?;
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            tid,
+            sys::NT_X86_XSTATE as usize,
+            &mut iov,
+        )
+    };
+    Errno::result(r)
+        .map_err(|e| Error::sys(format!("PTRACE_GETREGSET(NT_X86_XSTATE) {tid}"), e))?;
     buf.truncate(iov.iov_len);
     Ok(buf)
 }
@@ -83,10 +98,23 @@ pub fn set_xstate(tid: i32, xstate: &[u8]) -> Result<()> {
         iov_len: buf.len(),
     };
     // SAFETY: iov points at a live buffer of iov_len bytes.
-    let r = unsafe { libc::ptrace(libc::PTRACE_SETREGSET, tid, sys::NT_X86_XSTATE as usize, &mut iov) };
-    Errno::result(r)
-        .map(drop)
-        .map_err(|e| Error::sys(format!("PTRACE_SETREGSET(NT_X86_XSTATE) {tid} ({} bytes)", buf.len()), e))
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            tid,
+            sys::NT_X86_XSTATE as usize,
+            &mut iov,
+        )
+    };
+    Errno::result(r).map(drop).map_err(|e| {
+        Error::sys(
+            format!(
+                "PTRACE_SETREGSET(NT_X86_XSTATE) {tid} ({} bytes)",
+                buf.len()
+            ),
+            e,
+        )
+    })
 }
 
 /// The kernel refuses tile data for a thread that never used AMX; when the
@@ -95,7 +123,11 @@ fn clear_unused_amx(buf: &mut [u8]) {
     if buf.len() < XSTATE_BV_OFFSET + 8 {
         return;
     }
-    let bv = u64::from_le_bytes(buf[XSTATE_BV_OFFSET..XSTATE_BV_OFFSET + 8].try_into().expect("8"));
+    let bv = u64::from_le_bytes(
+        buf[XSTATE_BV_OFFSET..XSTATE_BV_OFFSET + 8]
+            .try_into()
+            .expect("8"),
+    );
     if bv & XFEATURE_XTILEDATA == 0 {
         return;
     }
@@ -118,7 +150,9 @@ pub fn get_sigmask(tid: i32) -> Result<u64> {
 pub fn set_sigmask(tid: i32, mask: u64) -> Result<()> {
     // SAFETY: data points at 8 readable bytes.
     let r = unsafe { libc::ptrace(libc::PTRACE_SETSIGMASK, tid, 8usize, &mask) };
-    Errno::result(r).map(drop).map_err(|e| Error::sys(format!("PTRACE_SETSIGMASK {tid}"), e))
+    Errno::result(r)
+        .map(drop)
+        .map_err(|e| Error::sys(format!("PTRACE_SETSIGMASK {tid}"), e))
 }
 
 pub fn rseq_config(tid: i32) -> Result<sys::PtraceRseqConfiguration> {
@@ -248,7 +282,11 @@ impl Frozen {
         };
         loop {
             let now = crate::proc::threads(pid)?;
-            let new: Vec<i32> = now.iter().copied().filter(|t| !f.tids.contains(t)).collect();
+            let new: Vec<i32> = now
+                .iter()
+                .copied()
+                .filter(|t| !f.tids.contains(t))
+                .collect();
             if new.is_empty() {
                 break;
             }
@@ -256,7 +294,10 @@ impl Frozen {
                 match seize(tid, opts) {
                     Ok(()) => {}
                     // Auto-attached through TRACECLONE already: just wait for it.
-                    Err(Error::Sys { errno: Errno::EPERM, .. }) if !f.tids.is_empty() => {}
+                    Err(Error::Sys {
+                        errno: Errno::EPERM,
+                        ..
+                    }) if !f.tids.is_empty() => {}
                     Err(Error::NoSuchProcess(_)) if tid != pid => continue,
                     Err(e) => return Err(e),
                 }
@@ -281,7 +322,10 @@ impl Frozen {
     }
 
     pub fn index(&self, tid: i32) -> usize {
-        self.tids.iter().position(|&t| t == tid).expect("frozen thread")
+        self.tids
+            .iter()
+            .position(|&t| t == tid)
+            .expect("frozen thread")
     }
 
     /// Lets every thread run again from where it was frozen.
@@ -338,7 +382,10 @@ pub fn restartable(mut regs: Regs) -> Regs {
     if (regs.orig_rax as i64) >= 0
         && matches!(
             rax,
-            sys::ERESTARTSYS | sys::ERESTARTNOINTR | sys::ERESTARTNOHAND | sys::ERESTART_RESTARTBLOCK
+            sys::ERESTARTSYS
+                | sys::ERESTARTNOINTR
+                | sys::ERESTARTNOHAND
+                | sys::ERESTART_RESTARTBLOCK
         )
     {
         regs.rax = regs.orig_rax;

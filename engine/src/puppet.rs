@@ -35,11 +35,15 @@ impl Puppet {
         let pid = double_fork(pid)?;
         ptrace::seize(
             pid,
-            Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACECLONE | Options::PTRACE_O_EXITKILL,
+            Options::PTRACE_O_TRACESYSGOOD
+                | Options::PTRACE_O_TRACECLONE
+                | Options::PTRACE_O_EXITKILL,
         )?;
         ptrace::interrupt(pid)?;
         if !ptrace::wait_frozen(pid)? {
-            return Err(Error::Restore("the puppet process died before it was seized".into()));
+            return Err(Error::Restore(
+                "the puppet process died before it was seized".into(),
+            ));
         }
         let regs = ptrace::getregs(pid)?;
         let mem = ProcMem::open(pid)?;
@@ -63,10 +67,19 @@ impl Puppet {
         let got = self.sys(
             "mmap the restorer's code and scratch pages",
             libc::SYS_mmap,
-            &[addr, CODE_LEN + SCRATCH_LEN, prot as u64, flags as u64, u64::MAX, 0],
+            &[
+                addr,
+                CODE_LEN + SCRATCH_LEN,
+                prot as u64,
+                flags as u64,
+                u64::MAX,
+                0,
+            ],
         )?;
         if got != addr {
-            return Err(Error::Restore(format!("scratch mapped at {got:#x}, wanted {addr:#x}")));
+            return Err(Error::Restore(format!(
+                "scratch mapped at {got:#x}, wanted {addr:#x}"
+            )));
         }
         self.mem.write(addr, &[0x0f, 0x05])?;
         self.area = addr;
@@ -81,7 +94,10 @@ impl Puppet {
 
     /// Copies bytes into the scratch page at `offset`; returns their address.
     pub fn put(&self, offset: u64, bytes: &[u8]) -> Result<u64> {
-        assert!(offset + bytes.len() as u64 <= SCRATCH_LEN, "scratch overflow");
+        assert!(
+            offset + bytes.len() as u64 <= SCRATCH_LEN,
+            "scratch overflow"
+        );
         let addr = self.scratch() + offset;
         self.mem.write(addr, bytes)?;
         Ok(addr)
@@ -170,7 +186,11 @@ unsafe fn intermediate(wr: i32, pid: Option<i32>) -> ! {
                     set_tid_size: 1,
                     ..Default::default()
                 };
-                let r = libc::syscall(libc::SYS_clone3, &args, std::mem::size_of::<sys::CloneArgs>());
+                let r = libc::syscall(
+                    libc::SYS_clone3,
+                    &args,
+                    std::mem::size_of::<sys::CloneArgs>(),
+                );
                 if r < 0 {
                     -(*libc::__errno_location()) as i64
                 } else {

@@ -10,11 +10,11 @@
 use crate::error::{Error, Result};
 use crate::files::{self, Stdio};
 use crate::image::{Image, Process, Thread, Vma, VmaKind};
+use crate::inject::Remote;
 use crate::mem;
 use crate::proc::{self, PAGE_SIZE};
 use crate::ptrace;
 use crate::puppet::{Puppet, CODE_LEN, SCRATCH_LEN};
-use crate::inject::Remote;
 use crate::sys;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -39,15 +39,27 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     let img = Image::open_verified(dir)?;
     let process = match img.manifest.processes.as_slice() {
         [p] => p,
-        _ => return Err(Error::bad_image(dir, "holds no process or several (trees are not supported yet)")),
+        _ => {
+            return Err(Error::bad_image(
+                dir,
+                "holds no process or several (trees are not supported yet)",
+            ))
+        }
     };
     precheck(dir, process, opts)?;
     let pages = img.pages()?;
     let mut p = Puppet::spawn(opts.same_pid.then_some(process.pid))?;
     match build(&mut p, process, &pages, opts) {
-        Ok(tids) => Ok(ResumeReport { pid: p.pid, tids, elapsed: t0.elapsed() }),
+        Ok(tids) => Ok(ResumeReport {
+            pid: p.pid,
+            tids,
+            elapsed: t0.elapsed(),
+        }),
         Err(e) => {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             Err(e)
         }
     }
@@ -81,7 +93,12 @@ fn precheck(dir: &Path, process: &Process, opts: &ResumeOptions) -> Result<()> {
     Ok(())
 }
 
-fn build(p: &mut Puppet, process: &Process, pages: &[u8], opts: &ResumeOptions) -> Result<Vec<i32>> {
+fn build(
+    p: &mut Puppet,
+    process: &Process,
+    pages: &[u8],
+    opts: &ResumeOptions,
+) -> Result<Vec<i32>> {
     prepare(p, &process.vmas)?;
     place_specials(p, &process.vmas)?;
     map_memory(p, &process.vmas, pages)?;
@@ -89,19 +106,40 @@ fn build(p: &mut Puppet, process: &Process, pages: &[u8], opts: &ResumeOptions) 
     process_attributes(p, process)?;
     set_mm(p, process)?;
     let mut remotes = create_threads(p, &process.threads, opts.same_pid)?;
-    let tids: Vec<i32> = std::iter::once(p.pid).chain(remotes.iter().map(|r| r.tid)).collect();
+    let tids: Vec<i32> = std::iter::once(p.pid)
+        .chain(remotes.iter().map(|r| r.tid))
+        .collect();
     for (i, t) in process.threads.iter().enumerate() {
-        let r = if i == 0 { &mut p.main } else { &mut remotes[i - 1] };
+        let r = if i == 0 {
+            &mut p.main
+        } else {
+            &mut remotes[i - 1]
+        };
         thread_attributes(r, p.area + CODE_LEN, &p.mem, t, tids[i])?;
     }
     for (i, t) in process.threads.iter().enumerate() {
-        let r = if i == 0 { &mut p.main } else { &mut remotes[i - 1] };
+        let r = if i == 0 {
+            &mut p.main
+        } else {
+            &mut remotes[i - 1]
+        };
         set_creds(r, p.area + CODE_LEN, &p.mem, process, i == 0)?;
         queue_signals(r, p.area + CODE_LEN, &p.mem, p.pid, &t.pending, false)?;
     }
     let scratch = p.scratch();
-    queue_signals(&mut p.main, scratch, &p.mem, p.pid, &process.shared_pending, true)?;
-    p.sys("munmap the restorer's pages", libc::SYS_munmap, &[p.area, CODE_LEN + SCRATCH_LEN])?;
+    queue_signals(
+        &mut p.main,
+        scratch,
+        &p.mem,
+        p.pid,
+        &process.shared_pending,
+        true,
+    )?;
+    p.sys(
+        "munmap the restorer's pages",
+        libc::SYS_munmap,
+        &[p.area, CODE_LEN + SCRATCH_LEN],
+    )?;
     for (i, t) in process.threads.iter().enumerate().rev() {
         let tid = tids[i];
         ptrace::setregs(tid, &ptrace::restartable(t.regs.to_user_regs()))?;
@@ -122,7 +160,12 @@ fn prepare(p: &mut Puppet, image_vmas: &[Vma]) -> Result<()> {
         p.sys(
             "unregister the puppet's rseq",
             libc::SYS_rseq,
-            &[rseq.rseq_abi_pointer, rseq.rseq_abi_size as u64, sys::RSEQ_FLAG_UNREGISTER as u64, rseq.signature as u64],
+            &[
+                rseq.rseq_abi_pointer,
+                rseq.rseq_abi_size as u64,
+                sys::RSEQ_FLAG_UNREGISTER as u64,
+                rseq.signature as u64,
+            ],
         )?;
     }
     ptrace::set_sigmask(p.pid, !0)?;
@@ -132,7 +175,11 @@ fn prepare(p: &mut Puppet, image_vmas: &[Vma]) -> Result<()> {
     let area = find_gap(&busy, CODE_LEN + SCRATCH_LEN);
     p.map_area(area)?;
     for m in own.iter().filter(|m| !m.path.starts_with("[v")) {
-        p.sys("munmap the puppet's own memory", libc::SYS_munmap, &[m.start, m.len()])?;
+        p.sys(
+            "munmap the puppet's own memory",
+            libc::SYS_munmap,
+            &[m.start, m.len()],
+        )?;
     }
     Ok(())
 }
@@ -167,13 +214,18 @@ fn special_name(k: &VmaKind) -> Option<&'static str> {
 /// Moves the puppet's [vdso] and [vvar]s to where the image had them
 /// (through free addresses first, so that no move lands on another).
 fn place_specials(p: &mut Puppet, image_vmas: &[Vma]) -> Result<()> {
-    let own: Vec<_> = proc::maps(p.pid)?.into_iter().filter(|m| m.path.starts_with("[v") && m.path != "[vsyscall]").collect();
+    let own: Vec<_> = proc::maps(p.pid)?
+        .into_iter()
+        .filter(|m| m.path.starts_with("[v") && m.path != "[vsyscall]")
+        .collect();
     let mut busy: Vec<(u64, u64)> = own.iter().map(|m| (m.start, m.end)).collect();
     busy.extend(image_vmas.iter().map(|v| (v.start, v.end)));
     busy.push((p.area, p.area + CODE_LEN + SCRATCH_LEN));
     let mut moves = Vec::new();
     for m in &own {
-        let want = image_vmas.iter().find(|v| special_name(&v.kind) == Some(m.path.as_str()));
+        let want = image_vmas
+            .iter()
+            .find(|v| special_name(&v.kind) == Some(m.path.as_str()));
         match want {
             Some(v) if v.len() != m.len() => {
                 return Err(Error::Restore(format!(
@@ -202,23 +254,36 @@ fn place_specials(p: &mut Puppet, image_vmas: &[Vma]) -> Result<()> {
 
 fn mremap(p: &mut Puppet, from: u64, len: u64, to: u64) -> Result<()> {
     let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
-    let got = p.sys("mremap vdso/vvar", libc::SYS_mremap, &[from, len, len, flags, to])?;
+    let got = p.sys(
+        "mremap vdso/vvar",
+        libc::SYS_mremap,
+        &[from, len, len, flags, to],
+    )?;
     if got != to {
-        return Err(Error::Restore(format!("mremap moved to {got:#x}, not {to:#x}")));
+        return Err(Error::Restore(format!(
+            "mremap moved to {got:#x}, not {to:#x}"
+        )));
     }
     Ok(())
 }
 
 /// Maps every VMA of the image and fills in its stored pages.
 fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8]) -> Result<()> {
-    for v in vmas.iter().filter(|v| special_name(&v.kind).is_none() && v.kind != VmaKind::Vsyscall) {
+    for v in vmas
+        .iter()
+        .filter(|v| special_name(&v.kind).is_none() && v.kind != VmaKind::Vsyscall)
+    {
         let fill = !v.pages.is_empty();
         let prot = v.prot() | if fill { libc::PROT_WRITE } else { 0 };
         map_vma(p, v, prot)?;
         if fill {
             fill_vma(p.pid, v, pages)?;
             if prot != v.prot() {
-                p.sys("mprotect", libc::SYS_mprotect, &[v.start, v.len(), v.prot() as u64])?;
+                p.sys(
+                    "mprotect",
+                    libc::SYS_mprotect,
+                    &[v.start, v.len(), v.prot() as u64],
+                )?;
             }
         }
     }
@@ -226,14 +291,22 @@ fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8]) -> Result<()> {
 }
 
 fn map_vma(p: &mut Puppet, v: &Vma, prot: i32) -> Result<()> {
-    let share = if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+    let share = if v.shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    };
     let (flags, fd, offset) = match &v.kind {
         VmaKind::Anon { .. } => {
             let grows = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
             (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows, -1, 0)
         }
         VmaKind::File { path, offset, .. } => {
-            let mode = if v.shared && v.write { libc::O_RDWR } else { libc::O_RDONLY };
+            let mode = if v.shared && v.write {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
             (share, p.open(path, mode | libc::O_CLOEXEC, 0)?, *offset)
         }
         VmaKind::Shmem { name, offset } => shmem_object(p, v, name, *offset)?,
@@ -242,7 +315,14 @@ fn map_vma(p: &mut Puppet, v: &Vma, prot: i32) -> Result<()> {
     let r = p.sys(
         &format!("mmap {:#x}-{:#x} ({:?})", v.start, v.end, v.kind),
         libc::SYS_mmap,
-        &[v.start, v.len(), prot as u64, (flags | libc::MAP_FIXED) as u64, fd as u64, offset],
+        &[
+            v.start,
+            v.len(),
+            prot as u64,
+            (flags | libc::MAP_FIXED) as u64,
+            fd as u64,
+            offset,
+        ],
     );
     if fd >= 0 {
         p.close(fd)?;
@@ -256,14 +336,30 @@ fn map_vma(p: &mut Puppet, v: &Vma, prot: i32) -> Result<()> {
 fn shmem_object(p: &mut Puppet, v: &Vma, name: &str, offset: u64) -> Result<(i32, i32, u64)> {
     let deleted = name.ends_with(" (deleted)");
     if name.starts_with('/') && !deleted && Path::new(name).exists() {
-        return Ok((libc::MAP_SHARED, p.open(name, libc::O_RDWR | libc::O_CLOEXEC, 0)?, offset));
+        return Ok((
+            libc::MAP_SHARED,
+            p.open(name, libc::O_RDWR | libc::O_CLOEXEC, 0)?,
+            offset,
+        ));
     }
-    if name.starts_with("/memfd:") || (deleted && !name.starts_with("/dev/zero") && !name.starts_with("/SYSV")) {
-        let label = name.trim_start_matches("/memfd:").trim_end_matches(" (deleted)");
+    if name.starts_with("/memfd:")
+        || (deleted && !name.starts_with("/dev/zero") && !name.starts_with("/SYSV"))
+    {
+        let label = name
+            .trim_start_matches("/memfd:")
+            .trim_end_matches(" (deleted)");
         let label: String = label.chars().take(200).collect();
         let addr = p.put_path(0, &label)?;
-        let fd = p.sys("memfd_create", libc::SYS_memfd_create, &[addr, libc::MFD_CLOEXEC as u64])? as i32;
-        p.sys("ftruncate memfd", libc::SYS_ftruncate, &[fd as u64, offset + v.len()])?;
+        let fd = p.sys(
+            "memfd_create",
+            libc::SYS_memfd_create,
+            &[addr, libc::MFD_CLOEXEC as u64],
+        )? as i32;
+        p.sys(
+            "ftruncate memfd",
+            libc::SYS_ftruncate,
+            &[fd as u64, offset + v.len()],
+        )?;
         return Ok((libc::MAP_SHARED, fd, offset));
     }
     Ok((libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0))
@@ -289,17 +385,27 @@ fn fill_vma(pid: i32, v: &Vma, pages: &[u8]) -> Result<()> {
 }
 
 fn process_attributes(p: &mut Puppet, process: &Process) -> Result<()> {
-    let cwd = if Path::new(&process.cwd).is_dir() { process.cwd.as_str() } else { "/" };
+    let cwd = if Path::new(&process.cwd).is_dir() {
+        process.cwd.as_str()
+    } else {
+        "/"
+    };
     let addr = p.put_path(0, cwd)?;
     p.sys(&format!("chdir {cwd}"), libc::SYS_chdir, &[addr])?;
     p.sys("umask", libc::SYS_umask, &[process.umask as u64])?;
     p.sys("personality", libc::SYS_personality, &[process.personality])?;
     for &(res, cur, max) in &process.rlimits {
-        let new = libc::rlimit64 { rlim_cur: cur, rlim_max: max };
+        let new = libc::rlimit64 {
+            rlim_cur: cur,
+            rlim_max: max,
+        };
         // SAFETY: new is a valid rlimit64; no old value is read.
         let r = unsafe { libc::prlimit64(p.pid, res as _, &new, std::ptr::null_mut()) };
         if r != 0 {
-            tracing::warn!("rlimit {res} ({cur}/{max}) not restored: {}", std::io::Error::last_os_error());
+            tracing::warn!(
+                "rlimit {res} ({cur}/{max}) not restored: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     let st = proc::status(p.pid)?;
@@ -308,12 +414,20 @@ fn process_attributes(p: &mut Puppet, process: &Process) -> Result<()> {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
-        let act = process.sigactions.iter().find(|(s, _)| *s == sig).map(|(_, a)| *a);
+        let act = process
+            .sigactions
+            .iter()
+            .find(|(s, _)| *s == sig)
+            .map(|(_, a)| *a);
         if act.is_none() && custom & (1u64 << (sig - 1)) == 0 {
             continue;
         }
         let addr = p.put(0, sys::as_bytes(&act.unwrap_or_default()))?;
-        p.sys(&format!("rt_sigaction {sig}"), libc::SYS_rt_sigaction, &[sig as u64, addr, 0, 8])?;
+        p.sys(
+            &format!("rt_sigaction {sig}"),
+            libc::SYS_rt_sigaction,
+            &[sig as u64, addr, 0, 8],
+        )?;
     }
     Ok(())
 }
@@ -349,7 +463,13 @@ fn set_mm(p: &mut Puppet, process: &Process) -> Result<()> {
     let r = p.sys(
         "prctl(PR_SET_MM_MAP)",
         libc::SYS_prctl,
-        &[sys::PR_SET_MM as u64, sys::PR_SET_MM_MAP, addr, std::mem::size_of::<sys::PrctlMmMap>() as u64, 0],
+        &[
+            sys::PR_SET_MM as u64,
+            sys::PR_SET_MM_MAP,
+            addr,
+            std::mem::size_of::<sys::PrctlMmMap>() as u64,
+            0,
+        ],
     );
     if exe_fd != u32::MAX {
         p.close(exe_fd as i32)?;
@@ -362,8 +482,13 @@ fn set_mm(p: &mut Puppet, process: &Process) -> Result<()> {
 fn create_threads(p: &mut Puppet, threads: &[Thread], same_pid: bool) -> Result<Vec<Remote>> {
     let mut out = Vec::new();
     for t in threads.iter().skip(1) {
-        let tid_addr = p.put(0x3100, &(t.tid as i32).to_ne_bytes())?;
-        let flags = libc::CLONE_VM | libc::CLONE_FS | libc::CLONE_FILES | libc::CLONE_SIGHAND | libc::CLONE_THREAD | libc::CLONE_SYSVSEM;
+        let tid_addr = p.put(0x3100, &t.tid.to_ne_bytes())?;
+        let flags = libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM;
         let args = sys::CloneArgs {
             flags: flags as u64,
             set_tid: if same_pid { tid_addr } else { 0 },
@@ -371,12 +496,18 @@ fn create_threads(p: &mut Puppet, threads: &[Thread], same_pid: bool) -> Result<
             ..Default::default()
         };
         let addr = p.put(0x3000, sys::as_bytes(&args))?;
-        let r = p.main.call(libc::SYS_clone3, &[addr, std::mem::size_of::<sys::CloneArgs>() as u64])?;
+        let r = p.main.call(
+            libc::SYS_clone3,
+            &[addr, std::mem::size_of::<sys::CloneArgs>() as u64],
+        )?;
         if r == -(libc::EEXIST as i64) {
             return Err(Error::PidInUse(t.tid));
         }
         if r < 0 {
-            return Err(Error::sys("clone3 a thread", nix::errno::Errno::from_raw(-r as i32)));
+            return Err(Error::sys(
+                "clone3 a thread",
+                nix::errno::Errno::from_raw(-r as i32),
+            ));
         }
         let tid = r as i32;
         if !ptrace::wait_frozen(tid)? {
@@ -389,18 +520,44 @@ fn create_threads(p: &mut Puppet, threads: &[Thread], same_pid: bool) -> Result<
 
 /// Per-thread kernel state: name, rseq, clear_child_tid, robust list,
 /// alternate signal stack; and glibc's cached tid when the tid changed.
-fn thread_attributes(r: &mut Remote, scratch: u64, mem: &crate::mem::ProcMem, t: &Thread, new_tid: i32) -> Result<()> {
+fn thread_attributes(
+    r: &mut Remote,
+    scratch: u64,
+    mem: &crate::mem::ProcMem,
+    t: &Thread,
+    new_tid: i32,
+) -> Result<()> {
     let mut name = t.comm.as_bytes().to_vec();
     name.truncate(15);
     name.push(0);
     mem.write(scratch, &name)?;
-    r.check("prctl(PR_SET_NAME)", libc::SYS_prctl, &[libc::PR_SET_NAME as u64, scratch])?;
+    r.check(
+        "prctl(PR_SET_NAME)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_NAME as u64, scratch],
+    )?;
     if let Some(q) = t.rseq {
-        r.check("rseq register", libc::SYS_rseq, &[q.addr, q.len as u64, 0, q.sig as u64])?;
+        r.check(
+            "rseq register",
+            libc::SYS_rseq,
+            &[q.addr, q.len as u64, 0, q.sig as u64],
+        )?;
     }
-    r.check("set_tid_address", libc::SYS_set_tid_address, &[t.clear_child_tid])?;
-    let len = if t.robust_list_len == 0 { 24 } else { t.robust_list_len };
-    r.check("set_robust_list", libc::SYS_set_robust_list, &[t.robust_list, len])?;
+    r.check(
+        "set_tid_address",
+        libc::SYS_set_tid_address,
+        &[t.clear_child_tid],
+    )?;
+    let len = if t.robust_list_len == 0 {
+        24
+    } else {
+        t.robust_list_len
+    };
+    r.check(
+        "set_robust_list",
+        libc::SYS_set_robust_list,
+        &[t.robust_list, len],
+    )?;
     let (sp, flags, size) = t.altstack;
     let stack: [u64; 3] = if flags & libc::SS_DISABLE != 0 {
         [0, libc::SS_DISABLE as u64, 0]
@@ -421,45 +578,102 @@ fn thread_attributes(r: &mut Remote, scratch: u64, mem: &crate::mem::ProcMem, t:
 
 /// Drops the calling thread to the image's credentials (per thread, as the
 /// kernel keeps them): groups, gids, uids, then capabilities.
-fn set_creds(r: &mut Remote, scratch: u64, mem: &crate::mem::ProcMem, process: &Process, main: bool) -> Result<()> {
+fn set_creds(
+    r: &mut Remote,
+    scratch: u64,
+    mem: &crate::mem::ProcMem,
+    process: &Process,
+    main: bool,
+) -> Result<()> {
     let c = &process.creds;
     for cap in 0..64u64 {
         if c.cap_bounding & (1 << cap) == 0 && cap <= last_cap() {
-            r.check("prctl(PR_CAPBSET_DROP)", libc::SYS_prctl, &[libc::PR_CAPBSET_DROP as u64, cap])?;
+            r.check(
+                "prctl(PR_CAPBSET_DROP)",
+                libc::SYS_prctl,
+                &[libc::PR_CAPBSET_DROP as u64, cap],
+            )?;
         }
     }
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     mem.write(scratch, &groups)?;
-    r.check("setgroups", libc::SYS_setgroups, &[c.groups.len() as u64, scratch])?;
-    r.check("setresgid", libc::SYS_setresgid, &[c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64])?;
+    r.check(
+        "setgroups",
+        libc::SYS_setgroups,
+        &[c.groups.len() as u64, scratch],
+    )?;
+    r.check(
+        "setresgid",
+        libc::SYS_setresgid,
+        &[c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64],
+    )?;
     let keep = c.cap_permitted != 0;
     if keep {
-        r.check("prctl(PR_SET_KEEPCAPS)", libc::SYS_prctl, &[libc::PR_SET_KEEPCAPS as u64, 1])?;
+        r.check(
+            "prctl(PR_SET_KEEPCAPS)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_KEEPCAPS as u64, 1],
+        )?;
     }
-    r.check("setresuid", libc::SYS_setresuid, &[c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64])?;
+    r.check(
+        "setresuid",
+        libc::SYS_setresuid,
+        &[c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64],
+    )?;
     if keep {
-        let hdr = sys::CapUserHeader { version: sys::LINUX_CAPABILITY_VERSION_3, pid: 0 };
+        let hdr = sys::CapUserHeader {
+            version: sys::LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
         let lo = |v: u64| v as u32;
         let hi = |v: u64| (v >> 32) as u32;
         let data = [
-            sys::CapUserData { effective: lo(c.cap_effective), permitted: lo(c.cap_permitted), inheritable: lo(c.cap_inheritable) },
-            sys::CapUserData { effective: hi(c.cap_effective), permitted: hi(c.cap_permitted), inheritable: hi(c.cap_inheritable) },
+            sys::CapUserData {
+                effective: lo(c.cap_effective),
+                permitted: lo(c.cap_permitted),
+                inheritable: lo(c.cap_inheritable),
+            },
+            sys::CapUserData {
+                effective: hi(c.cap_effective),
+                permitted: hi(c.cap_permitted),
+                inheritable: hi(c.cap_inheritable),
+            },
         ];
         mem.write(scratch, sys::as_bytes(&hdr))?;
         mem.write(scratch + 16, sys::as_bytes(&data))?;
         r.check("capset", libc::SYS_capset, &[scratch, scratch + 16])?;
         for cap in 0..64u64 {
             if c.cap_ambient & (1 << cap) != 0 {
-                r.check("prctl(PR_CAP_AMBIENT_RAISE)", libc::SYS_prctl, &[libc::PR_CAP_AMBIENT as u64, libc::PR_CAP_AMBIENT_RAISE as u64, cap])?;
+                r.check(
+                    "prctl(PR_CAP_AMBIENT_RAISE)",
+                    libc::SYS_prctl,
+                    &[
+                        libc::PR_CAP_AMBIENT as u64,
+                        libc::PR_CAP_AMBIENT_RAISE as u64,
+                        cap,
+                    ],
+                )?;
             }
         }
-        r.check("prctl(PR_SET_KEEPCAPS)", libc::SYS_prctl, &[libc::PR_SET_KEEPCAPS as u64, 0])?;
+        r.check(
+            "prctl(PR_SET_KEEPCAPS)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_KEEPCAPS as u64, 0],
+        )?;
     }
     if main {
-        r.check("prctl(PR_SET_DUMPABLE)", libc::SYS_prctl, &[libc::PR_SET_DUMPABLE as u64, c.dumpable as u64])?;
+        r.check(
+            "prctl(PR_SET_DUMPABLE)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_DUMPABLE as u64, c.dumpable as u64],
+        )?;
     }
     if c.no_new_privs {
-        r.check("prctl(PR_SET_NO_NEW_PRIVS)", libc::SYS_prctl, &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0])?;
+        r.check(
+            "prctl(PR_SET_NO_NEW_PRIVS)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
+        )?;
     }
     Ok(())
 }
@@ -472,14 +686,29 @@ fn last_cap() -> u64 {
 }
 
 /// Queues pending signals again, as the thread itself (so any si_code is allowed).
-fn queue_signals(r: &mut Remote, scratch: u64, mem: &crate::mem::ProcMem, pid: i32, infos: &[Vec<u8>], shared: bool) -> Result<()> {
+fn queue_signals(
+    r: &mut Remote,
+    scratch: u64,
+    mem: &crate::mem::ProcMem,
+    pid: i32,
+    infos: &[Vec<u8>],
+    shared: bool,
+) -> Result<()> {
     for info in infos {
         let signo = i32::from_ne_bytes(info[..4].try_into().expect("siginfo"));
         mem.write(scratch, info)?;
         if shared {
-            r.check("rt_sigqueueinfo", libc::SYS_rt_sigqueueinfo, &[pid as u64, signo as u64, scratch])?;
+            r.check(
+                "rt_sigqueueinfo",
+                libc::SYS_rt_sigqueueinfo,
+                &[pid as u64, signo as u64, scratch],
+            )?;
         } else {
-            r.check("rt_tgsigqueueinfo", libc::SYS_rt_tgsigqueueinfo, &[pid as u64, r.tid as u64, signo as u64, scratch])?;
+            r.check(
+                "rt_tgsigqueueinfo",
+                libc::SYS_rt_tgsigqueueinfo,
+                &[pid as u64, r.tid as u64, signo as u64, scratch],
+            )?;
         }
     }
     Ok(())

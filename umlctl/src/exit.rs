@@ -6,6 +6,8 @@
 use std::fmt;
 
 /// The documented exit codes of `umlctl` (also listed in `umlctl --help`).
+/// (Some codes are produced only by some commands, or by clap itself.)
+#[allow(dead_code)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Code {
     /// Everything worked.

@@ -78,7 +78,10 @@ fn init_logging(verbose: u8) {
 }
 
 fn run(cli: Cli) -> CliResult {
-    let out = Output { json: cli.json };
+    let out = Output {
+        json: cli.json,
+        verbose: cli.verbose,
+    };
     match cli.command {
         Command::Snapshot(a) => cmd::process::snapshot(out, a),
         Command::SnapshotWorker(a) => cmd::process::snapshot_worker(out, a),

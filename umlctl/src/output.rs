@@ -9,6 +9,8 @@ use std::io::IsTerminal;
 #[derive(Clone, Copy, Debug)]
 pub struct Output {
     pub json: bool,
+    /// How many -v were given (passed on to helper processes).
+    pub verbose: u8,
 }
 
 impl Output {

@@ -13,7 +13,7 @@
 //! Output lines (stdout, line-buffered):
 //!   ready pid=P threads=T mib=N
 //!   verify t=I counter=C ok            (or `verify t=I counter=C BAD word=K`)
-//!   zmm ok loops=L                      (every 64 loops; `zmm BAD` then exit 3)
+//!   zmm ok loops=L                      (after each loop; `zmm BAD` then exit 3)
 //!   done t=I counter=C sum=S
 
 use std::io::Write;
@@ -84,9 +84,9 @@ fn hash(seed: u64, k: u64) -> u64 {
 /// What word `k` of a slice of `w` words holds after `counter` steps: the
 /// last step `c <= counter` with `c % w == k` wrote `hash ^ c`, if any did.
 fn expected(seed: u64, k: u64, w: u64, counter: u64) -> u64 {
-    let last = counter - (counter % w + w - k) % w;
-    if last >= 1 {
-        hash(seed, k) ^ last
+    let back = (counter % w + w - k) % w;
+    if back < counter {
+        hash(seed, k) ^ (counter - back)
     } else {
         hash(seed, k)
     }
@@ -98,10 +98,14 @@ fn out(line: String) {
     let _ = o.flush();
 }
 
-fn worker(t: usize, args: &Args, words: usize) {
+fn fill(t: usize, args: &Args, words: usize) -> Vec<u64> {
     let seed = args.seed.wrapping_add(t as u64);
-    let w = words as u64;
-    let mut mem: Vec<u64> = (0..w).map(|k| hash(seed, k)).collect();
+    (0..words as u64).map(|k| hash(seed, k)).collect()
+}
+
+fn worker(t: usize, args: &Args, mut mem: Vec<u64>) {
+    let seed = args.seed.wrapping_add(t as u64);
+    let w = mem.len() as u64;
     let mut seen = 0u64;
     let mut counter = 0u64;
     while counter < args.steps {
@@ -113,13 +117,13 @@ fn worker(t: usize, args: &Args, words: usize) {
             seen = req;
             verify(t, seed, &mem, counter);
         }
-        if counter % args.sleep_every == 0 {
+        if counter.is_multiple_of(args.sleep_every) {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    let sum = mem
-        .iter()
-        .fold(0u64, |acc, v| acc.rotate_left(5) ^ v.wrapping_mul(0x100_0000_01B3));
+    let sum = mem.iter().fold(0u64, |acc, v| {
+        acc.rotate_left(5) ^ v.wrapping_mul(0x100_0000_01B3)
+    });
     verify(t, seed, &mem, counter);
     out(format!("done t={t} counter={counter} sum={sum:016x}"));
 }
@@ -194,15 +198,13 @@ fn zmm_thread(seed: u64) {
         let input: [u64; 128] = std::array::from_fn(|k| hash(seed ^ 0x2a2a, k as u64 + loops));
         let mut output = [0u64; 128];
         // SAFETY: AVX-512F was detected above.
-        unsafe { zmm::spin(&input, &mut output, 20_000_000, &mut spins) };
+        unsafe { zmm::spin(&input, &mut output, 5_000_000, &mut spins) };
         loops += 1;
         if output != input {
             out(format!("zmm BAD loops={loops}"));
             std::process::exit(3);
         }
-        if loops % 64 == 1 {
-            out(format!("zmm ok loops={loops}"));
-        }
+        out(format!("zmm ok loops={loops}"));
     }
 }
 
@@ -214,23 +216,25 @@ fn main() {
     let args = parse_args();
     // SAFETY: the handler only touches an atomic.
     unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
+    let words = ((args.mib << 20) / 8 / args.threads).max(1);
+    let mut mems: Vec<Vec<u64>> = (0..args.threads).map(|t| fill(t, &args, words)).collect();
     out(format!(
         "ready pid={} threads={} mib={}",
         std::process::id(),
         args.threads,
         args.mib
     ));
-    let words = (args.mib << 20) / 8 / args.threads;
     #[cfg(target_arch = "x86_64")]
     if args.avx512 {
         let seed = args.seed;
         std::thread::spawn(move || zmm_thread(seed));
     }
     std::thread::scope(|s| {
-        for t in 1..args.threads {
+        let first = mems.remove(0);
+        for (i, mem) in mems.into_iter().enumerate() {
             let args = &args;
-            s.spawn(move || worker(t, args, words.max(1)));
+            s.spawn(move || worker(i + 1, args, mem));
         }
-        worker(0, &args, words.max(1));
+        worker(0, &args, first);
     });
 }

@@ -63,6 +63,9 @@ pub fn snapshot(out: Output, a: SnapshotArgs) -> CliResult {
     if out.json {
         cmd.arg("--json");
     }
+    for _ in 0..out.verbose {
+        cmd.arg("-v");
+    }
     cmd.arg("__snapshot-worker")
         .arg(a.pid.to_string())
         .arg("--out")
@@ -79,7 +82,10 @@ pub fn snapshot(out: Output, a: SnapshotArgs) -> CliResult {
         Some(0) => Ok(()),
         // The worker already printed the error.
         Some(c) => std::process::exit(c),
-        None => Err(CliError::new(Code::Internal, "the snapshot worker died by a signal")),
+        None => Err(CliError::new(
+            Code::Internal,
+            "the snapshot worker died by a signal",
+        )),
     }
 }
 
@@ -102,7 +108,9 @@ fn guard_worker() {
         }
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
     }
-    let parent: Option<i32> = std::env::var("UMLCTL_PARENT").ok().and_then(|p| p.parse().ok());
+    let parent: Option<i32> = std::env::var("UMLCTL_PARENT")
+        .ok()
+        .and_then(|p| p.parse().ok());
     // SAFETY: getppid has no preconditions.
     if parent.is_some_and(|p| p != unsafe { libc::getppid() }) {
         CANCEL.store(true, Ordering::SeqCst);
