@@ -9,7 +9,7 @@ use crate::state::{Ino, Kind, Meta, ROOT};
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::os::unix::fs::{DirEntryExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -93,19 +93,26 @@ impl Base {
         if let Some(l) = self.listings.read().unwrap().get(dir) {
             return l.clone();
         }
+        // Each entry is stat()ed now: readdirplus answers with attributes,
+        // and later lookups hit the cache.
         let mut out = Vec::new();
         if let Ok(rd) = std::fs::read_dir(self.path(dir)) {
+            let mut inodes = self.inodes.write().unwrap();
             for e in rd.flatten() {
-                let kind = match e.file_type() {
-                    Ok(t) if t.is_dir() => Kind::Dir,
-                    Ok(t) if t.is_symlink() => Kind::Symlink,
-                    Ok(t) if t.is_file() => Kind::File,
-                    _ => match e.metadata().ok().and_then(|m| Meta::from_metadata(&m)) {
-                        Some(m) => m.kind,
-                        None => continue,
-                    },
+                let Some((md, meta)) = e
+                    .metadata()
+                    .ok()
+                    .and_then(|md| Meta::from_metadata(&md).map(|m| (md, m)))
+                else {
+                    continue;
                 };
-                out.push((e.file_name(), self.ino_of(e.ino()), kind));
+                let ino = self.ino_of(md.ino());
+                inodes.entry(ino).or_insert_with(|| BaseInode {
+                    origin: dir.join(e.file_name()),
+                    meta,
+                    blocks512: md.blocks(),
+                });
+                out.push((e.file_name(), ino, meta.kind));
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));

@@ -1,0 +1,464 @@
+//! cowfs end to end through `umlctl fs`: block copy-up, checkpoint and
+//! rollback exactness (mounted, offline, with files open), the base never
+//! modified, two stores over one base, file data semantics against ext4,
+//! and refusals of bad input.
+
+#[path = "common/mod.rs"]
+mod common;
+#[path = "cowfs_support.rs"]
+mod support;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::Path;
+use support::{hash, ok, pattern, s, snapshot, stored_bytes, umlctl, Mounted};
+
+const MIB: u64 = 1 << 20;
+
+fn file_hash(p: &Path) -> u64 {
+    let mut data = Vec::new();
+    File::open(p).unwrap().read_to_end(&mut data).unwrap();
+    hash(&data)
+}
+
+#[test]
+fn block_copy_up_stores_about_one_block() {
+    if support::skip() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().join("base");
+    fs::create_dir(&base).unwrap();
+    // A 1 GiB disk image: sparse, with real data around the write.
+    let img = base.join("disk.img");
+    let f = File::create(&img).unwrap();
+    f.set_len(1 << 30).unwrap();
+    let around = pattern(256 * 1024, 1);
+    f.write_all_at(&around, 512 * MIB - 128 * 1024).unwrap();
+    drop(f);
+    let base_before = file_hash(&img);
+
+    let store = t.path().join("store");
+    ok(&["fs", "create", s(&store), "--base", s(&base)]);
+    let m = Mounted::new(&store, &t.path().join("mnt"));
+    let before = stored_bytes(&store);
+    let off = 512 * MIB - 64 * 1024 + 1000; // inside one 64 KiB block
+    let data = pattern(4096, 2);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.path("disk.img"))
+        .unwrap();
+    f.write_all_at(&data, off).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let added = stored_bytes(&store) - before;
+    assert!(
+        added <= 64 * 1024 + 16 * 1024,
+        "a 4 KiB write into a 1 GiB file stored {added} bytes, more than one 64 KiB block"
+    );
+
+    // The merged content: base bytes around, the write in the middle.
+    let mut expect = around.clone();
+    let at = (off - (512 * MIB - 128 * 1024)) as usize;
+    expect[at..at + 4096].copy_from_slice(&data);
+    let check = |p: &Path| {
+        let mut got = vec![0u8; around.len()];
+        File::open(p)
+            .unwrap()
+            .read_exact_at(&mut got, 512 * MIB - 128 * 1024)
+            .unwrap();
+        assert!(got == expect, "merged bytes differ from base + write");
+        assert_eq!(fs::metadata(p).unwrap().len(), 1 << 30);
+    };
+    check(&m.path("disk.img"));
+    m.umount();
+    let m = Mounted::new(&store, &t.path().join("mnt"));
+    check(&m.path("disk.img"));
+    drop(m);
+    assert_eq!(file_hash(&img), base_before, "the base file was modified");
+}
+
+/// A base tree with files, a directory, a symlink and a hard link pair.
+fn make_base(base: &Path) {
+    fs::create_dir_all(base.join("etc/conf.d")).unwrap();
+    fs::write(base.join("etc/app.conf"), "version=1\n").unwrap();
+    fs::write(base.join("etc/conf.d/a"), pattern(200_000, 3)).unwrap();
+    fs::write(base.join("data.bin"), pattern(300_000, 4)).unwrap();
+    std::os::unix::fs::symlink("etc/app.conf", base.join("conf")).unwrap();
+    fs::hard_link(base.join("data.bin"), base.join("data.link")).unwrap();
+    fs::create_dir(base.join("empty")).unwrap();
+}
+
+/// Many kinds of change, applied to a mounted view.
+fn mutate(root: &Path, round: u64) {
+    fs::write(root.join("etc/app.conf"), format!("version={round}\n")).unwrap();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(root.join("data.bin"))
+        .unwrap();
+    f.write_all_at(&pattern(5000, round), 70_000).unwrap();
+    f.set_len(150_000 + round).unwrap();
+    drop(f);
+    OpenOptions::new()
+        .append(true)
+        .open(root.join("data.link"))
+        .unwrap()
+        .write_all(b"appended")
+        .unwrap();
+    fs::create_dir_all(root.join(format!("new{round}/deep"))).unwrap();
+    fs::write(
+        root.join(format!("new{round}/deep/f")),
+        pattern(1000, round),
+    )
+    .unwrap();
+    if root.join("etc/conf.d").exists() {
+        fs::rename(root.join("etc/conf.d"), root.join(format!("conf{round}.d"))).unwrap();
+        fs::remove_file(root.join("conf")).unwrap();
+    }
+    std::os::unix::fs::symlink("data.bin", root.join(format!("sym{round}"))).unwrap();
+    fs::hard_link(root.join("data.link"), root.join(format!("hl{round}"))).unwrap();
+    fs::set_permissions(root.join("data.bin"), fs::Permissions::from_mode(0o600)).unwrap();
+    support::set_xattr(
+        &root.join("data.bin"),
+        "user.round",
+        round.to_string().as_bytes(),
+    );
+    fs::remove_dir_all(root.join("empty")).unwrap();
+    fs::create_dir(root.join("empty")).unwrap();
+    fs::write(root.join("empty/x"), round.to_string()).unwrap();
+}
+
+#[test]
+fn checkpoint_write_rollback_is_exact() {
+    if support::skip() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (base, store, mnt) = (
+        t.path().join("base"),
+        t.path().join("store"),
+        t.path().join("mnt"),
+    );
+    make_base(&base);
+    let base_before = snapshot(&base);
+    ok(&[
+        "fs",
+        "create",
+        s(&store),
+        "--base",
+        s(&base),
+        "--block-size",
+        "4K",
+    ]);
+    let m = Mounted::new(&store, &mnt);
+    fs::write(m.path("before.txt"), "made before the checkpoint").unwrap();
+    let snap0 = snapshot(&mnt);
+    ok(&["fs", "checkpoint", s(&store), "c1"]);
+    mutate(&mnt, 1);
+    let snap1 = snapshot(&mnt);
+    assert_ne!(snap0, snap1);
+    ok(&["fs", "checkpoint", s(&store), "c2"]);
+    mutate(&mnt, 2);
+    let diff = ok(&["fs", "diff", s(&store), "c1", "c2"]);
+    assert!(
+        diff.contains("M /data.bin") && diff.contains("A /new1"),
+        "diff: {diff}"
+    );
+
+    ok(&["fs", "rollback", s(&store), "c2"]);
+    assert_eq!(snapshot(&mnt), snap1, "rollback to c2 is not exact");
+    ok(&["fs", "rollback", s(&store), "c1"]);
+    assert_eq!(snapshot(&mnt), snap0, "rollback to c1 is not exact");
+    let list = ok(&["--json", "fs", "list", s(&store)]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let names: Vec<_> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["c1"],
+        "a checkpoint after the rollback target survived"
+    );
+    assert_eq!(ok(&["fs", "diff", s(&store), "c1"]).trim(), "");
+
+    // Offline: change, unmount, roll back without a daemon, remount.
+    mutate(&mnt, 3);
+    m.umount();
+    ok(&["fs", "rollback", s(&store), "c1"]);
+    let m = Mounted::new(&store, &mnt);
+    assert_eq!(snapshot(&mnt), snap0, "offline rollback is not exact");
+    mutate(&mnt, 4);
+    let snap4 = snapshot(&mnt);
+    m.umount();
+    let m = Mounted::new(&store, &mnt);
+    assert_eq!(snapshot(&mnt), snap4, "state changed across remount");
+    drop(m);
+    assert_eq!(snapshot(&base), base_before, "the base was modified");
+    let fsck = ok(&["fs", "fsck", s(&store)]);
+    assert!(
+        fsck.contains("clean") || fsck.contains("trash"),
+        "fsck: {fsck}"
+    );
+}
+
+#[test]
+fn rollback_with_files_open() {
+    if support::skip() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (base, store, mnt) = (
+        t.path().join("base"),
+        t.path().join("store"),
+        t.path().join("mnt"),
+    );
+    fs::create_dir(&base).unwrap();
+    fs::write(base.join("f"), pattern(100_000, 7)).unwrap();
+    ok(&["fs", "create", s(&store), "--base", s(&base)]);
+    let m = Mounted::new(&store, &mnt);
+    let fd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("f"))
+        .unwrap();
+    ok(&["fs", "checkpoint", s(&store), "c"]);
+    fd.write_all_at(&pattern(100_000, 8), 0).unwrap();
+    fd.sync_all().unwrap();
+    let mut later = File::create(m.path("later")).unwrap();
+    later.write_all(b"created after the checkpoint").unwrap();
+    let cwd_dir = m.path("dir-after");
+    fs::create_dir(&cwd_dir).unwrap();
+
+    ok(&["fs", "rollback", s(&store), "c"]);
+    let mut got = vec![0u8; 100_000];
+    fd.read_exact_at(&mut got, 0).unwrap();
+    assert!(
+        got == pattern(100_000, 7),
+        "an open fd sees pre-rollback data"
+    );
+    assert_eq!(fs::read(m.path("f")).unwrap(), pattern(100_000, 7));
+    assert!(!m.path("later").exists() && !cwd_dir.exists());
+    assert!(later.flush().is_ok());
+    // The fd of a file that no longer exists fails cleanly.
+    let mut buf = [0u8; 8];
+    assert!(File::open(m.path("later")).is_err());
+    let _ = later.write_all_at(&mut buf, 0);
+    // The old fd keeps working on the rolled-back view.
+    fd.write_all_at(b"after", 0).unwrap();
+    fd.sync_all().unwrap();
+    assert_eq!(&fs::read(m.path("f")).unwrap()[..5], b"after");
+    drop((fd, later));
+    m.umount();
+}
+
+#[test]
+fn two_stores_share_one_base() {
+    if support::skip() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().join("base");
+    make_base(&base);
+    let base_before = snapshot(&base);
+    let (s1, s2) = (t.path().join("s1"), t.path().join("s2"));
+    ok(&["fs", "create", s(&s1), "--base", s(&base)]);
+    ok(&["fs", "create", s(&s2), "--base", s(&base)]);
+    let m1 = Mounted::new(&s1, &t.path().join("m1"));
+    let m2 = Mounted::new(&s2, &t.path().join("m2"));
+    fs::write(m1.path("etc/app.conf"), "one").unwrap();
+    fs::write(m2.path("etc/app.conf"), "two").unwrap();
+    fs::remove_file(m2.path("data.bin")).unwrap();
+    assert_eq!(fs::read_to_string(m1.path("etc/app.conf")).unwrap(), "one");
+    assert_eq!(fs::read_to_string(m2.path("etc/app.conf")).unwrap(), "two");
+    assert!(m1.path("data.bin").exists() && !m2.path("data.bin").exists());
+    ok(&["fs", "checkpoint", s(&s1), "x"]);
+    fs::write(m1.path("etc/app.conf"), "one-later").unwrap();
+    ok(&["fs", "rollback", s(&s1), "x"]);
+    assert_eq!(fs::read_to_string(m1.path("etc/app.conf")).unwrap(), "one");
+    assert_eq!(fs::read_to_string(m2.path("etc/app.conf")).unwrap(), "two");
+    drop((m1, m2));
+    assert_eq!(snapshot(&base), base_before, "the shared base was modified");
+}
+
+fn fallocate(f: &File, mode: i32, off: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open fd; fallocate only reads its integer arguments.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
+    assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+}
+
+/// Write through a shared writable mapping.
+fn mmap_write(f: &File, off: usize, data: &[u8]) {
+    use std::os::fd::AsRawFd;
+    let len = off + data.len();
+    // SAFETY: mapping a file we own read-write; the range is within the file
+    // (the caller made it long enough) and unmapped before returning.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        std::ptr::copy_nonoverlapping(data.as_ptr(), (p as *mut u8).add(off), data.len());
+        assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0);
+        libc::munmap(p, len);
+    }
+}
+
+/// The same sequence of data operations, on a file that starts as
+/// `initial` (a base file, below a checkpoint on cowfs).
+fn data_ops(path: &Path, between: &dyn Fn()) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    f.write_all_at(&pattern(10_000, 11), 5_000).unwrap();
+    between();
+    f.set_len(100_003).unwrap(); // cut inside a block
+    f.set_len(400_000).unwrap(); // extend: zeros
+    f.write_all_at(b"tail", 700_000).unwrap(); // a hole before
+    fallocate(
+        &f,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        30_000,
+        90_000,
+    );
+    between();
+    fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, 200, 5_000);
+    fallocate(&f, 0, 690_000, 100_000); // extends the size
+    mmap_write(&f, 50_000, &pattern(9_000, 12));
+    f.set_len(650_001).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn file_data_behaves_like_the_native_filesystem() {
+    if support::skip() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (base, store, mnt) = (
+        t.path().join("base"),
+        t.path().join("store"),
+        t.path().join("mnt"),
+    );
+    fs::create_dir(&base).unwrap();
+    fs::write(base.join("f"), pattern(600_000, 10)).unwrap();
+    let native = t.path().join("native");
+    fs::copy(base.join("f"), &native).unwrap();
+    data_ops(&native, &|| {});
+
+    ok(&[
+        "fs",
+        "create",
+        s(&store),
+        "--base",
+        s(&base),
+        "--block-size",
+        "8K",
+    ]);
+    let m = Mounted::new(&store, &mnt);
+    let n = std::cell::Cell::new(0);
+    let checkpoint = || {
+        n.set(n.get() + 1);
+        ok(&["fs", "checkpoint", s(&store), &format!("k{}", n.get())]);
+    };
+    data_ops(&m.path("f"), &checkpoint);
+    let want = fs::read(&native).unwrap();
+    let got = fs::read(m.path("f")).unwrap();
+    assert_eq!(got.len(), want.len());
+    let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "cowfs content differs from ext4's");
+    m.umount();
+    let m = Mounted::new(&store, &mnt);
+    assert!(
+        fs::read(m.path("f")).unwrap() == want,
+        "differs after remount"
+    );
+    drop(m);
+    assert_eq!(fs::read(base.join("f")).unwrap(), pattern(600_000, 10));
+}
+
+fn code(args: &[&str]) -> i32 {
+    umlctl(args).status.code().unwrap_or(-1)
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_changes_nothing() {
+    if support::skip() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (base, store, mnt) = (
+        t.path().join("base"),
+        t.path().join("store"),
+        t.path().join("mnt"),
+    );
+    fs::create_dir(&base).unwrap();
+    let missing = t.path().join("nope");
+    assert_eq!(code(&["fs", "create", s(&store), "--base", s(&missing)]), 7);
+    assert!(!store.exists(), "a failed create left a store behind");
+    assert_eq!(
+        code(&[
+            "fs",
+            "create",
+            s(&store),
+            "--base",
+            s(&base),
+            "--block-size",
+            "1000"
+        ]),
+        2
+    );
+    ok(&["fs", "create", s(&store), "--base", s(&base)]);
+    assert_eq!(code(&["fs", "create", s(&store), "--base", s(&base)]), 6);
+    assert_eq!(code(&["fs", "list", s(&missing)]), 7);
+    assert_eq!(code(&["fs", "rollback", s(&store), "unknown"]), 7);
+    assert_eq!(code(&["fs", "checkpoint", s(&store), "bad/name"]), 2);
+    ok(&["fs", "checkpoint", s(&store), "a"]);
+    assert_eq!(code(&["fs", "checkpoint", s(&store), "a"]), 6);
+
+    let m = Mounted::new(&store, &mnt);
+    let stack = fs::read(store.join("stack.json")).unwrap();
+    // The mountpoint is in use; the store is already mounted.
+    let other = t.path().join("other");
+    ok(&["fs", "create", s(&other), "--base", s(&base)]);
+    let out = umlctl(&["fs", "mount", s(&other), s(&mnt)]);
+    assert_eq!(out.status.code(), Some(6));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+    assert_eq!(
+        code(&["fs", "mount", s(&store), s(&t.path().join("m2"))]),
+        6
+    );
+    assert_eq!(code(&["fs", "rollback", s(&store), "unknown"]), 7);
+    assert_eq!(code(&["fs", "fsck", s(&store)]), 6);
+    assert_eq!(fs::read(store.join("stack.json")).unwrap(), stack);
+    drop(m);
+
+    // A store written by a newer cowfs.
+    let cfg = store.join("store.json");
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"format\": 1", "\"format\": 99");
+    fs::write(&cfg, text).unwrap();
+    let out = umlctl(&["fs", "mount", s(&store), s(&mnt)]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upgrade"));
+    assert_eq!(code(&["fs", "list", s(&store)]), 3);
+    assert!(!cowfs_mounted(&mnt));
+}
+
+fn cowfs_mounted(mnt: &Path) -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(&format!(" {} ", mnt.display()))
+}
