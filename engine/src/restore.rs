@@ -16,6 +16,7 @@ use crate::proc::{self, PAGE_SIZE};
 use crate::ptrace;
 use crate::puppet::{Puppet, CODE_LEN, SCRATCH_LEN};
 use crate::sys;
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -23,46 +24,99 @@ use std::time::{Duration, Instant};
 pub struct ResumeOptions {
     /// Give the process (and its threads) their original ids; fails if taken.
     pub same_pid: bool,
+    /// Resume into a new PID namespace, where the processes have their
+    /// original pids (so a clone never collides with its original).
+    pub new_pid_ns: bool,
     pub stdio: Stdio,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ResumeReport {
+    /// The root process (as this host's PID namespace numbers it).
     pub pid: i32,
+    /// The root's threads.
     pub tids: Vec<i32>,
+    /// Every process resumed, root first, in image order.
+    pub pids: Vec<i32>,
     pub elapsed: Duration,
 }
 
-/// Resumes the image in `dir`; returns once the process runs on its own.
+/// Resumes the image in `dir` (one process or a tree); returns once every
+/// process runs on its own.
 pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     let t0 = Instant::now();
     let img = Image::open_verified(dir)?;
-    let process = match img.manifest.processes.as_slice() {
-        [p] => p,
-        _ => {
-            return Err(Error::bad_image(
-                dir,
-                "holds no process or several (trees are not supported yet)",
-            ))
-        }
-    };
-    precheck(dir, process, opts)?;
+    let procs = &img.manifest.processes;
+    if procs.is_empty() {
+        return Err(Error::bad_image(dir, "holds no process"));
+    }
+    for process in procs {
+        precheck(dir, process, opts)?;
+    }
     let pages = img.pages()?;
-    let mut p = Puppet::spawn(opts.same_pid.then_some(process.pid))?;
-    match build(&mut p, process, &pages, opts) {
-        Ok(tids) => Ok(ResumeReport {
-            pid: p.pid,
-            tids,
+    // Objects first: every puppet forked from here on inherits them.
+    let mut installer = crate::fds::Installer::create(&img.manifest, &pages)?;
+    installer.prepare_shm(&img.manifest)?;
+    let same_pid = opts.same_pid || opts.new_pid_ns;
+    let root = if opts.new_pid_ns {
+        crate::pidns::spawn(procs[0].pid)?
+    } else {
+        Puppet::spawn(opts.same_pid.then_some(procs[0].pid))?
+    };
+    let root_pid = root.pid;
+    let mut made = vec![root_pid];
+    let result = (|| {
+        let mut puppets = crate::tree::spawn_children(root, procs, same_pid, &mut made)?;
+        crate::tree::set_groups(&mut puppets, procs)?;
+        let pids: HashMap<i32, i32> = procs
+            .iter()
+            .zip(&puppets)
+            .map(|(a, b)| (a.pid, b.pid))
+            .collect();
+        let mut all_tids = Vec::new();
+        for (p, process) in puppets.iter_mut().zip(procs) {
+            let ctx = Context {
+                pages: &pages,
+                opts,
+                same_pid,
+                installer: &mut installer,
+                objects: &img.manifest.objects,
+                pids: &pids,
+            };
+            all_tids.push(build(p, process, ctx)?);
+        }
+        for (process, tids) in procs.iter().zip(&all_tids).rev() {
+            start(process, tids)?;
+        }
+        Ok((puppets.iter().map(|p| p.pid).collect(), all_tids))
+    })();
+    match result {
+        Ok((pids, all_tids)) => Ok(ResumeReport {
+            pid: root_pid,
+            tids: all_tids.into_iter().next().unwrap_or_default(),
+            pids,
             elapsed: t0.elapsed(),
         }),
         Err(e) => {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            for &pid in made.iter().rev() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             Err(e)
         }
     }
+}
+
+/// What building one process of an image needs besides its puppet.
+struct Context<'a> {
+    pages: &'a [u8],
+    opts: &'a ResumeOptions,
+    same_pid: bool,
+    installer: &'a mut crate::fds::Installer,
+    objects: &'a [crate::image::FileObject],
+    pids: &'a HashMap<i32, i32>,
 }
 
 /// Checks that the image can be resumed here, before any process is made.
@@ -83,7 +137,7 @@ fn precheck(dir: &Path, process: &Process, opts: &ResumeOptions) -> Result<()> {
             ));
         }
     }
-    if opts.same_pid {
+    if opts.same_pid && !opts.new_pid_ns {
         for t in &process.threads {
             if Path::new(&format!("/proc/{}", t.tid)).exists() {
                 return Err(Error::PidInUse(t.tid));
@@ -93,19 +147,22 @@ fn precheck(dir: &Path, process: &Process, opts: &ResumeOptions) -> Result<()> {
     Ok(())
 }
 
-fn build(
-    p: &mut Puppet,
-    process: &Process,
-    pages: &[u8],
-    opts: &ResumeOptions,
-) -> Result<Vec<i32>> {
+fn build(p: &mut Puppet, process: &Process, ctx: Context) -> Result<Vec<i32>> {
     prepare(p, &process.vmas)?;
     place_specials(p, &process.vmas)?;
-    map_memory(p, &process.vmas, pages)?;
-    files::restore(p, &process.fds, pages, &opts.stdio)?;
+    map_memory(p, &process.vmas, ctx.pages, ctx.installer)?;
+    files::restore(
+        p,
+        process,
+        ctx.objects,
+        ctx.installer,
+        ctx.pages,
+        &ctx.opts.stdio,
+        ctx.pids,
+    )?;
     process_attributes(p, process)?;
     set_mm(p, process)?;
-    let mut remotes = create_threads(p, &process.threads, opts.same_pid)?;
+    let mut remotes = create_threads(p, &process.threads, ctx.same_pid)?;
     let tids: Vec<i32> = std::iter::once(p.pid)
         .chain(remotes.iter().map(|r| r.tid))
         .collect();
@@ -135,11 +192,30 @@ fn build(
         &process.shared_pending,
         true,
     )?;
+    let tid_map: HashMap<i32, i32> = process
+        .threads
+        .iter()
+        .map(|t| t.tid)
+        .zip(tids.iter().copied())
+        .collect();
+    crate::timers::restore(
+        &mut p.main,
+        &p.mem,
+        scratch,
+        &process.posix_timers,
+        &process.itimers,
+        &tid_map,
+    )?;
     p.sys(
         "munmap the restorer's pages",
         libc::SYS_munmap,
         &[p.area, CODE_LEN + SCRATCH_LEN],
     )?;
+    Ok(tids)
+}
+
+/// Gives every thread its registers back and lets the process run.
+fn start(process: &Process, tids: &[i32]) -> Result<()> {
     for (i, t) in process.threads.iter().enumerate().rev() {
         let tid = tids[i];
         ptrace::setregs(tid, &ptrace::restartable(t.regs.to_user_regs()))?;
@@ -149,7 +225,7 @@ fn build(
     for &tid in tids.iter().rev() {
         ptrace::detach(tid, 0)?;
     }
-    Ok(tids)
+    Ok(())
 }
 
 /// Unregisters the puppet's rseq, blocks its signals, moves injection to a
@@ -268,14 +344,19 @@ fn mremap(p: &mut Puppet, from: u64, len: u64, to: u64) -> Result<()> {
 }
 
 /// Maps every VMA of the image and fills in its stored pages.
-fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8]) -> Result<()> {
+fn map_memory(
+    p: &mut Puppet,
+    vmas: &[Vma],
+    pages: &[u8],
+    installer: &mut crate::fds::Installer,
+) -> Result<()> {
     for v in vmas
         .iter()
         .filter(|v| special_name(&v.kind).is_none() && v.kind != VmaKind::Vsyscall)
     {
         let fill = !v.pages.is_empty();
         let prot = v.prot() | if fill { libc::PROT_WRITE } else { 0 };
-        map_vma(p, v, prot)?;
+        map_vma(p, v, prot, installer)?;
         if fill {
             fill_vma(p.pid, v, pages)?;
             if prot != v.prot() {
@@ -290,7 +371,12 @@ fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn map_vma(p: &mut Puppet, v: &Vma, prot: i32) -> Result<()> {
+fn map_vma(
+    p: &mut Puppet,
+    v: &Vma,
+    prot: i32,
+    installer: &mut crate::fds::Installer,
+) -> Result<()> {
     let share = if v.shared {
         libc::MAP_SHARED
     } else {
@@ -309,7 +395,26 @@ fn map_vma(p: &mut Puppet, v: &Vma, prot: i32) -> Result<()> {
             };
             (share, p.open(path, mode | libc::O_CLOEXEC, 0)?, *offset)
         }
-        VmaKind::Shmem { name, offset } => shmem_object(p, v, name, *offset)?,
+        VmaKind::Shmem { object, offset, .. } if installer.has_shm(*object) => {
+            // Shared with other processes of the tree: the resumer's object,
+            // which this puppet inherited (and must not close).
+            let fd = installer.shm(*object, "", offset + v.len())?;
+            return p
+                .sys(
+                    &format!("mmap shared {:#x}-{:#x}", v.start, v.end),
+                    libc::SYS_mmap,
+                    &[
+                        v.start,
+                        v.len(),
+                        prot as u64,
+                        (libc::MAP_SHARED | libc::MAP_FIXED) as u64,
+                        fd as u64,
+                        *offset,
+                    ],
+                )
+                .map(drop);
+        }
+        VmaKind::Shmem { name, offset, .. } => shmem_object(p, v, name, *offset)?,
         _ => unreachable!("special VMAs are placed, not mapped"),
     };
     let r = p.sys(
@@ -333,9 +438,15 @@ fn map_vma(p: &mut Puppet, v: &Vma, prot: i32) -> Result<()> {
 /// The object behind a shared mapping: an existing tmpfs file is reopened;
 /// memfds and deleted files become a new memfd; anything else is shared
 /// anonymous memory. Returns (mmap flags, fd, offset).
+/// True for a shared mapping of a tmpfs file that still exists (reopened
+/// by path, not recreated).
+pub fn reopens_tmpfs(name: &str) -> bool {
+    name.starts_with('/') && !name.ends_with(" (deleted)") && Path::new(name).exists()
+}
+
 fn shmem_object(p: &mut Puppet, v: &Vma, name: &str, offset: u64) -> Result<(i32, i32, u64)> {
     let deleted = name.ends_with(" (deleted)");
-    if name.starts_with('/') && !deleted && Path::new(name).exists() {
+    if reopens_tmpfs(name) {
         return Ok((
             libc::MAP_SHARED,
             p.open(name, libc::O_RDWR | libc::O_CLOEXEC, 0)?,
