@@ -261,7 +261,11 @@ fn objects_after_install(
             p.sys(
                 "fcntl(F_SETFL O_ASYNC)",
                 libc::SYS_fcntl,
-                &[f.fd as u64, libc::F_SETFL as u64, (o.flags & (libc::O_ASYNC | libc::O_NONBLOCK | libc::O_APPEND)) as u64],
+                &[
+                    f.fd as u64,
+                    libc::F_SETFL as u64,
+                    (o.flags & (libc::O_ASYNC | libc::O_NONBLOCK | libc::O_APPEND)) as u64,
+                ],
             )?;
         }
     }

@@ -316,11 +316,19 @@ pub enum ObjectKind {
         write: bool,
         path: Option<String>,
     },
-    EventFd { count: u64, semaphore: bool },
+    EventFd {
+        count: u64,
+        semaphore: bool,
+    },
     /// An epoll instance and its registrations; `fd` numbers are those of
     /// the process `owner`, which made them.
-    Epoll { owner: i32, items: Vec<EpollItem> },
-    SignalFd { mask: u64 },
+    Epoll {
+        owner: i32,
+        items: Vec<EpollItem>,
+    },
+    SignalFd {
+        mask: u64,
+    },
     TimerFd {
         clock: i32,
         /// Nanoseconds until the next expiry (0 = disarmed), period, and

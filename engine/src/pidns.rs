@@ -57,7 +57,8 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 
 fn read_i64(fd: &OwnedFd) -> Result<i64> {
     let mut b = [0u8; 8];
-    let n = nix::unistd::read(fd, &mut b).map_err(|e| Error::sys("read from the namespace's init", e))?;
+    let n = nix::unistd::read(fd, &mut b)
+        .map_err(|e| Error::sys("read from the namespace's init", e))?;
     if n != 8 {
         return Err(Error::Restore(
             "the new PID namespace's init died before reporting".into(),

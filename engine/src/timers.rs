@@ -12,6 +12,9 @@ use crate::inject::Remote;
 use crate::mem::ProcMem;
 use std::collections::HashMap;
 
+/// (which, interval ns, value ns), as `image::Process::itimers` keeps them.
+pub type Itimer = (i32, u64, u64);
+
 const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
 const SIGEV_THREAD_ID: i32 = 4;
 
@@ -75,7 +78,7 @@ pub fn query(
     mem: &ProcMem,
     scratch: u64,
     pid: i32,
-) -> Result<(Vec<PosixTimer>, Vec<(i32, u64, u64)>)> {
+) -> Result<(Vec<PosixTimer>, Vec<Itimer>)> {
     let mut timers = parse(&crate::proc::read_proc(pid, "timers")?);
     for t in &mut timers {
         r.check(
@@ -99,7 +102,7 @@ pub fn query(
             sec as u64 * 1_000_000_000 + usec as u64 * 1000
         };
         if us(16) != 0 {
-            itimers.push((which as i32, us(0), us(16)));
+            itimers.push((which, us(0), us(16)));
         }
     }
     Ok((timers, itimers))

@@ -47,7 +47,10 @@ fn children(pid: i32) -> Result<Vec<i32>> {
     for tid in proc::threads(pid)? {
         let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
             .map_err(|e| Error::io(format!("list the children of {pid}"), e))?;
-        out.extend(text.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok()),
+        );
     }
     out.sort();
     Ok(out)
@@ -88,6 +91,9 @@ pub fn fork_puppet(parent: &mut Puppet, want: Option<i32>) -> Result<Puppet> {
         libc::SYS_clone3,
         &[page, std::mem::size_of::<sys::CloneArgs>() as u64],
     )?;
+    // The event names the child as our namespace sees it (r is the pid
+    // inside the parent's namespace).
+    let seen = parent.main.last_clone;
     parent.sys("munmap the clone3 page", libc::SYS_munmap, &[page, 4096])?;
     if r == -(libc::EEXIST as i64) {
         return Err(Error::PidInUse(tid));
@@ -98,7 +104,7 @@ pub fn fork_puppet(parent: &mut Puppet, want: Option<i32>) -> Result<Puppet> {
             nix::errno::Errno::from_raw(-r as i32),
         ));
     }
-    let pid = parent.main.last_clone.unwrap_or(r as i32);
+    let pid = seen.unwrap_or(r as i32);
     if !ptrace::wait_frozen(pid)? {
         return Err(Error::Restore(format!("new child process {pid} died")));
     }
@@ -130,7 +136,9 @@ pub fn spawn_children(
         let parent = processes
             .iter()
             .position(|q| q.pid == p.ppid)
-            .ok_or_else(|| Error::Restore(format!("process {} has no parent in the image", p.pid)))?;
+            .ok_or_else(|| {
+                Error::Restore(format!("process {} has no parent in the image", p.pid))
+            })?;
         let mut child = fork_puppet(&mut puppets[parent], same_pid.then_some(p.pid))?;
         made.push(child.pid);
         if p.sid == p.pid {
@@ -145,11 +153,11 @@ pub fn spawn_children(
 /// Sets process groups as the image had them, relative to the tree (the
 /// sessions were made at fork): group leaders first, then the members.
 pub fn set_groups(puppets: &mut [Puppet], processes: &[Process]) -> Result<()> {
-    let new: HashMap<i32, i32> = processes
-        .iter()
-        .zip(puppets.iter())
-        .map(|(p, q)| (p.pid, q.pid))
-        .collect();
+    // setpgid takes pids as the caller's namespace numbers them.
+    let mut new: HashMap<i32, i32> = HashMap::new();
+    for (p, q) in processes.iter().zip(puppets.iter()) {
+        new.insert(p.pid, inner_pid(q.pid)?);
+    }
     for (i, p) in processes.iter().enumerate() {
         if p.pgid == p.pid && p.sid != p.pid {
             puppets[i].sys("setpgid(0, 0)", libc::SYS_setpgid, &[0, 0])?;
@@ -167,4 +175,12 @@ pub fn set_groups(puppets: &mut [Puppet], processes: &[Process]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `pid` as its own PID namespace numbers it (NSpid's last field).
+fn inner_pid(pid: i32) -> Result<i32> {
+    let st = proc::status(pid)?;
+    Ok(proc::status_nums(&st, "NSpid")
+        .last()
+        .map_or(pid, |&p| p as i32))
 }

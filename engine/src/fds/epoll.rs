@@ -16,9 +16,7 @@ pub fn dump(t: &Target) -> Result<ObjectKind> {
     let mut items = Vec::new();
     for line in text.lines().filter(|l| l.starts_with("tfd:")) {
         let mut w = line.split_whitespace();
-        let mut field = |k: &str| -> Option<&str> {
-            w.by_ref().skip_while(|x| *x != k).nth(1)
-        };
+        let mut field = |k: &str| -> Option<&str> { w.by_ref().skip_while(|x| *x != k).nth(1) };
         let item = (|| {
             Some(EpollItem {
                 fd: field("tfd:")?.parse().ok()?,
@@ -26,7 +24,11 @@ pub fn dump(t: &Target) -> Result<ObjectKind> {
                 data: u64::from_str_radix(field("data:")?, 16).ok()?,
             })
         })()
-        .ok_or_else(|| t.unsupported(format!("is an epoll whose registration '{line}' cannot be read")))?;
+        .ok_or_else(|| {
+            t.unsupported(format!(
+                "is an epoll whose registration '{line}' cannot be read"
+            ))
+        })?;
         if !std::path::Path::new(&format!("/proc/{}/fd/{}", t.pid, item.fd)).exists() {
             return Err(t.unsupported(format!(
                 "is an epoll watching fd {}, which the process has closed (a dup keeps the file alive): close the epoll's registration first",

@@ -59,7 +59,10 @@ pub fn create(kind: &ObjectKind, pages: &[u8]) -> Result<OwnedFd> {
     unsafe {
         libc::lseek(fd.as_raw_fd(), *pos as i64, libc::SEEK_SET);
         if *seals != 0 && libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, *seals) < 0 {
-            return Err(Error::sys(format!("add seals to memfd {name}"), nix::errno::Errno::last()));
+            return Err(Error::sys(
+                format!("add seals to memfd {name}"),
+                nix::errno::Errno::last(),
+            ));
         }
     }
     Ok(fd)

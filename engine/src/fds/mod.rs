@@ -196,10 +196,7 @@ fn async_owner(t: &Target) -> Result<Option<(i32, i32, i32)>> {
         return Ok(None);
     }
     let f = take(t)?;
-    let mut own = crate::sys::FOwnerEx {
-        type_: 0,
-        pid: 0,
-    };
+    let mut own = crate::sys::FOwnerEx { type_: 0, pid: 0 };
     // SAFETY: F_GETOWN_EX writes one f_owner_ex.
     let r = unsafe { libc::fcntl(f.as_raw_fd(), crate::sys::F_GETOWN_EX, &mut own) };
     // SAFETY: F_GETSIG takes no argument.

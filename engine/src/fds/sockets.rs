@@ -126,9 +126,9 @@ fn dump_inet(t: &Target, fd: i32, s: &mut Socket, listening: bool, tcp_close: bo
         return Ok(());
     }
     if inq(fd) > 0 {
-        return Err(t.unsupported(
-            "is a UDP socket with datagrams queued: retry once they are read",
-        ));
+        return Err(
+            t.unsupported("is a UDP socket with datagrams queued: retry once they are read")
+        );
     }
     if !s.remote.is_empty() {
         s.state = SocketState::Connected;
@@ -164,14 +164,9 @@ fn inq(fd: i32) -> i32 {
 pub fn addr_text(raw: &[u8]) -> String {
     let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
     match raw.len() {
-        16.. if raw[0] as i32 == libc::AF_INET => format!(
-            "{}.{}.{}.{}:{}",
-            raw[4],
-            raw[5],
-            raw[6],
-            raw[7],
-            port(raw)
-        ),
+        16.. if raw[0] as i32 == libc::AF_INET => {
+            format!("{}.{}.{}.{}:{}", raw[4], raw[5], raw[6], raw[7], port(raw))
+        }
         28.. => {
             let a: [u8; 16] = raw[8..24].try_into().expect("16");
             format!("[{}]:{}", std::net::Ipv6Addr::from(a), port(raw))
@@ -180,7 +175,9 @@ pub fn addr_text(raw: &[u8]) -> String {
             let p = &raw[2..];
             match p.first() {
                 Some(0) => format!("@{}", String::from_utf8_lossy(&p[1..])),
-                _ => String::from_utf8_lossy(p).trim_end_matches('\0').to_string(),
+                _ => String::from_utf8_lossy(p)
+                    .trim_end_matches('\0')
+                    .to_string(),
             }
         }
         _ => "(unnamed)".into(),
@@ -364,7 +361,11 @@ pub fn create_all(objects: &[FileObject], made: &mut HashMap<u32, OwnedFd>) -> R
             continue;
         }
         let peer = (s.family == libc::AF_UNIX && s.peer != 0)
-            .then(|| socks.iter().find(|(_, p)| p.ino == s.peer && p.peer == s.ino))
+            .then(|| {
+                socks
+                    .iter()
+                    .find(|(_, p)| p.ino == s.peer && p.peer == s.ino)
+            })
             .flatten();
         if let Some(&(pid_, p)) = peer {
             let (a, b) = pair(s)?;
@@ -423,7 +424,10 @@ fn shutdown(fd: &OwnedFd, how: i32) -> Result<()> {
         _ => libc::SHUT_RDWR,
     };
     // SAFETY: shutdown takes integers.
-    check(unsafe { libc::shutdown(fd.as_raw_fd(), h) } as _, || "shutdown".into()).map(drop)
+    check(unsafe { libc::shutdown(fd.as_raw_fd(), h) } as _, || {
+        "shutdown".into()
+    })
+    .map(drop)
 }
 
 fn apply_options(fd: i32, s: &Socket) -> Result<()> {
@@ -444,7 +448,8 @@ fn single(s: &Socket) -> Result<OwnedFd> {
     if s.state == SocketState::Reset {
         return reset_tcp(s);
     }
-    if s.family == libc::AF_UNIX && s.state == SocketState::Connected && s.stype != libc::SOCK_DGRAM {
+    if s.family == libc::AF_UNIX && s.state == SocketState::Connected && s.stype != libc::SOCK_DGRAM
+    {
         return Err(Error::Restore(format!(
             "unix socket {} was connected to a process outside the snapshot; snapshot that process too (--tree from a common ancestor)",
             addr_text(&s.local)
