@@ -1,9 +1,10 @@
 //! Creating, starting, stopping and removing VMs.
 
 use super::control::{self, Request};
+use super::disk::{self, DiskKind};
 use super::host::Uml;
 use super::state::{self, now_unix, parse_size, private_dir, Status, Store, Vm, VmConfig};
-use super::{disk, mconsole, net, supervisor};
+use super::{mconsole, net, supervisor};
 use crate::exit::{fail, CliError, CliResult, Code};
 use crate::output::Output;
 use serde::Serialize;
@@ -34,6 +35,9 @@ pub struct CreateArgs {
     /// The VM's address on that network (default: the lowest free one).
     #[arg(long, requires = "net")]
     pub ip: Option<String>,
+    /// How the VM's disk layer is kept.
+    #[arg(long, value_enum, default_value = "cowfs")]
+    pub disk: DiskKind,
 }
 
 #[derive(Serialize)]
@@ -44,6 +48,7 @@ struct VmInfo {
     image: PathBuf,
     mem_mib: u64,
     ip: Option<String>,
+    disk: DiskKind,
     /// Bytes allocated to the VM's own disk layer and checkpoints.
     disk_bytes: u64,
     checkpoints: Vec<String>,
@@ -90,23 +95,30 @@ pub fn create(out: Output, a: CreateArgs) -> CliResult {
         Err(e) => return Err(e.into()),
     }
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-    let ip = match a.net {
-        true => Some(net::allocate(&store, a.ip.as_deref()).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&dir);
-        })?),
-        false => None,
-    };
-    let vm = Vm {
-        dir,
-        config: VmConfig {
+    let made = (|| {
+        let ip = match a.net {
+            true => Some(net::allocate(&store, a.ip.as_deref())?),
+            false => None,
+        };
+        let base_dir = disk::create(&dir, a.disk, &image)?;
+        let config = VmConfig {
             name: a.name.clone(),
             image,
+            disk: a.disk,
+            base_dir,
             mem_mib,
             ip,
             created_unix: now_unix(),
-        },
-    };
-    vm.save()?;
+        };
+        let vm = Vm {
+            dir: dir.clone(),
+            config,
+        };
+        vm.save().map(|_| vm)
+    })();
+    let vm = made.inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&dir);
+    })?;
     out.emit(&info(&vm), || format!("created VM {}", a.name));
     Ok(())
 }
@@ -156,12 +168,13 @@ pub fn boot(store: &Store, vm: &Vm) -> CliResult {
         Status::Dead { .. } => clean_up(vm),
         Status::Stopped => {}
     }
-    if !vm.config.image.is_file() {
+    let base = disk::base_image(vm);
+    if !base.is_file() {
         return fail(
             Code::NotFound,
             format!(
                 "the base image {} of VM {} is missing: restore it, or remove the VM",
-                vm.config.image.display(),
+                base.display(),
                 vm.name()
             ),
         );
@@ -350,6 +363,7 @@ fn clean_up(vm: &Vm) {
     if let Some(ip) = &vm.config.ip {
         net::detach(&net::tap_name(ip));
     }
+    disk::detach_stale(vm);
     let _ = std::fs::remove_dir_all(vm.run_dir());
 }
 
@@ -383,6 +397,15 @@ pub fn rm(out: Output, a: RmArgs) -> CliResult {
             Status::Stopped => {}
         }
         std::fs::remove_dir_all(&vm.dir)?;
+    }
+    if let Some(base) = &vm.config.base_dir {
+        let others = store.all()?;
+        disk::release_base(
+            base,
+            others
+                .iter()
+                .any(|o| o.config.base_dir.as_ref() == Some(base)),
+        );
     }
     out.emit(&serde_json::json!({"removed": a.name}), || {
         format!("removed VM {}", a.name)
@@ -422,18 +445,14 @@ pub fn list(out: Output) -> CliResult {
 }
 
 fn info(vm: &Vm) -> VmInfo {
-    let checkpoints = super::checkpoint::names(vm);
-    let ck_bytes: u64 = checkpoints
-        .iter()
-        .map(|c| disk::allocated_bytes(&vm.checkpoint_dir(c).join("disk.cow")))
-        .sum();
     VmInfo {
         name: vm.name().to_string(),
         status: vm.status(),
         image: vm.config.image.clone(),
         mem_mib: vm.config.mem_mib,
         ip: vm.config.ip.clone(),
-        disk_bytes: disk::allocated_bytes(&vm.disk()) + ck_bytes,
-        checkpoints,
+        disk: vm.config.disk,
+        disk_bytes: disk::usage(vm),
+        checkpoints: disk::checkpoints(vm),
     }
 }

@@ -12,8 +12,8 @@
 
 use super::control::{shell_join, Reply, Request};
 use super::host::{path_str, Uml};
-use super::net;
 use super::state::{now_unix, write_private, Store, Vm};
+use super::{disk, net};
 use crate::exit::{CliError, CliResult, Code};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -69,6 +69,8 @@ pub fn run(name: &str) -> CliResult {
         &vm.run_dir().join("supervisor.pid"),
         std::process::id().to_string().as_bytes(),
     )?;
+    // Held until UML is gone: dropping it unmounts the disk.
+    let mount = disk::attach(&vm)?;
     let (line_tx, line_rx) = mpsc::channel();
     let (mut child, shared, console_out, exec_out, tap) = launch(&vm, &uml, line_rx)?;
     tracing::info!(vm = name, pid = shared.uml_pid, "UML started");
@@ -99,6 +101,9 @@ pub fn run(name: &str) -> CliResult {
                 .unwrap_or_else(|| "the VM was stopped".into()),
         ),
     );
+    // UML's stubs may still hold the disk open; the mount goes after them.
+    kill_leftovers(&vm);
+    drop(mount);
     finish(&vm, reason, tap);
     Ok(())
 }
@@ -194,13 +199,8 @@ fn launch(
 
 /// The UML kernel command line for this VM.
 pub fn kernel_args(vm: &Vm, uml: &Uml) -> Vec<String> {
-    let disk = format!(
-        "ubd0={},{}",
-        path_str(&vm.disk()),
-        path_str(&vm.config.image)
-    );
     let mut args = vec![
-        disk,
+        disk::kernel_arg(vm),
         "root=/dev/ubda".into(),
         "rw".into(),
         "init=/init".into(),
