@@ -71,15 +71,24 @@ pub fn unmount(mountpoint: &Path) -> Result<()> {
             mountpoint.display()
         )));
     };
-    match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
-        Ok(()) => {}
-        Err(nix::errno::Errno::EBUSY) => {
-            return Err(Error::Conflict(format!(
-                "{} is busy (open files or a process inside); close them and retry",
-                mountpoint.display()
-            )))
+    // References that are being dropped (a close in flight) make the mount
+    // busy for a moment: retry briefly before calling it busy.
+    let mut tries = 0;
+    loop {
+        match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+            Ok(()) => break,
+            Err(nix::errno::Errno::EBUSY) if tries < 40 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(nix::errno::Errno::EBUSY) => {
+                return Err(Error::Conflict(format!(
+                    "{} is busy (open files or a process inside); close them and retry",
+                    mountpoint.display()
+                )))
+            }
+            Err(e) => return Err(e).at("unmount", mountpoint),
         }
-        Err(e) => return Err(e).at("unmount", mountpoint),
     }
     let layout = Layout {
         dir: PathBuf::from(store),
