@@ -234,8 +234,8 @@ pub fn allocated_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Bytes allocated to every file under a directory.
-fn tree_bytes(dir: &Path) -> u64 {
+/// Bytes allocated to every file under a directory (or to one file).
+pub fn tree_bytes(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return allocated_bytes(dir);
     };
