@@ -2,6 +2,7 @@
 //! answer goes back with long cache lifetimes (this daemon is the only
 //! writer; a rollback invalidates the kernel's caches explicitly).
 
+use crate::base::Listing;
 use crate::state::{Ino, Kind, ROOT};
 use crate::view::{Attr, NewNode, Res, SetAttr, View};
 use fuser::{
@@ -60,7 +61,7 @@ pub struct CowFuse {
     /// Inodes handed to the kernel (their data may be cached).
     known: Arc<Mutex<HashSet<Ino>>>,
     next_fh: AtomicU64,
-    dirs: Mutex<HashMap<u64, Arc<Vec<(OsString, Ino, Kind)>>>>,
+    dirs: Mutex<HashMap<u64, Listing>>,
 }
 
 impl CowFuse {

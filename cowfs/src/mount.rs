@@ -47,8 +47,8 @@ fn mountinfo(path: &Path) -> Option<Vec<String>> {
     let canon = canon.to_string_lossy();
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines()
-        .filter(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m) == canon))
-        .last()
+        .rev()
+        .find(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m) == canon))
         .map(|l| l.split(' ').map(unescape).collect())
 }
 

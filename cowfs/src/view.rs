@@ -667,7 +667,7 @@ impl View {
             // A partial last block held in a lower layer keeps bytes past
             // `size` there: copy its head up so that they read as zero later.
             let b = size / bs;
-            if size % bs != 0 {
+            if !size.is_multiple_of(bs) {
                 if let Some(Loc::Layer(l)) = node.blocks.get(&b) {
                     if *l != top {
                         let mut head = vec![0u8; (size - b * bs) as usize];
