@@ -155,8 +155,7 @@ pub(crate) fn prepare(
     crate::sys::raise_nofile_limit();
     let view = Arc::new(view);
     let kernel = Arc::new(KernelCache::default());
-    let known = Arc::default();
-    let fs = CowFuse::new(view.clone(), kernel.clone(), Arc::clone(&known));
+    let fs = CowFuse::new(view.clone(), kernel.clone());
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::FSName(format!("cowfs:{}", layout.dir.display())),
@@ -180,10 +179,17 @@ pub(crate) fn prepare(
             mountpoint.display()
         ))
     })?;
+    let fuse_fd = {
+        use std::os::fd::AsFd;
+        session
+            .as_fd()
+            .try_clone_to_owned()
+            .ctx(|| "duplicate the /dev/fuse descriptor".into())?
+    };
     let live = Live {
+        fuse_fd,
         view: view.clone(),
         kernel,
-        known,
         notifier: session.notifier(),
         mountpoint: mountpoint.to_owned(),
     };
