@@ -57,6 +57,21 @@ pub fn is_mountpoint(path: &Path) -> bool {
     mountinfo(path).is_some()
 }
 
+/// FUSE mounts get a strict 1% share of the dirty page cache, which makes
+/// buffered writes with the writeback cache nearly synchronous. Lift it
+/// (root only; without it the mount still works, only slower).
+fn tune_writeback(mountpoint: &Path) {
+    let Some(dev) = mountinfo(mountpoint).and_then(|f| f.get(2).cloned()) else {
+        return;
+    };
+    let bdi = PathBuf::from("/sys/class/bdi").join(dev);
+    for (knob, value) in [("max_ratio", "100"), ("strict_limit", "0")] {
+        if let Err(e) = std::fs::write(bdi.join(knob), value) {
+            tracing::info!("cannot set {}/{knob}: {e}", bdi.display());
+        }
+    }
+}
+
 /// Unmount a cowfs mount (of any process) and wait until its daemon has
 /// made everything durable and let go of the store.
 pub fn unmount(mountpoint: &Path) -> Result<()> {
@@ -186,6 +201,7 @@ pub(crate) fn prepare(
             .try_clone_to_owned()
             .ctx(|| "duplicate the /dev/fuse descriptor".into())?
     };
+    tune_writeback(mountpoint);
     let live = Live {
         fuse_fd,
         view: view.clone(),
