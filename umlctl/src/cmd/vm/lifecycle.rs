@@ -190,6 +190,11 @@ pub fn boot(store: &Store, vm: &Vm) -> CliResult {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(["vm", "__supervise", vm.name()])
         .env("UMLCTL_VM_DIR", &store.root)
+        .env("NO_COLOR", "1")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
@@ -201,14 +206,13 @@ pub fn boot(store: &Store, vm: &Vm) -> CliResult {
             Ok(())
         });
     }
-    let child = cmd.spawn()?;
-    let sup_pid = child.id();
-    // Reap it in the background should it exit while we still run.
-    std::thread::spawn(move || {
-        let mut child = child;
-        let _ = child.wait();
-    });
-    let stream = control::connect_when_up(vm, || state::pid_alive(sup_pid))?;
+    let mut child = cmd.spawn()?;
+    let Some(stream) = control::connect_when_up(vm, || matches!(child.try_wait(), Ok(None))) else {
+        return Err(supervisor_failure(
+            vm,
+            child.wait().ok().and_then(|s| s.code()),
+        ));
+    };
     let reply = control::call_on(
         &stream,
         &Request::WaitReady {
@@ -228,6 +232,29 @@ pub fn boot(store: &Store, vm: &Vm) -> CliResult {
         );
     }
     Ok(())
+}
+
+/// The error a supervisor died of before it served: its own (the last
+/// `umlctl: error:` line of its log) with its exit code.
+fn supervisor_failure(vm: &Vm, exit_code: Option<i32>) -> CliError {
+    let log_path = vm.dir.join("supervisor.log");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let why = log
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("umlctl: error: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("see {}", log_path.display()));
+    let code = match exit_code {
+        Some(2) => Code::Usage,
+        Some(3) => Code::BadImage,
+        Some(6) => Code::Conflict,
+        Some(7) => Code::NotFound,
+        Some(8) => Code::Environment,
+        _ => Code::Internal,
+    };
+    clean_up(vm);
+    CliError::new(code, format!("VM {} did not start: {why}", vm.name()))
 }
 
 #[derive(clap::Args, Debug)]
