@@ -16,14 +16,49 @@ use crate::proc::{self, PAGE_SIZE};
 use crate::ptrace;
 use crate::puppet::{Batch, Puppet, CODE_LEN, SCRATCH_LEN};
 use crate::sys;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct ResumeOptions {
     /// Give the process (and its threads) their original ids; fails if taken.
     pub same_pid: bool,
     pub stdio: Stdio,
+    /// Lazy resume: the process runs before its memory is in; this starts
+    /// the pager (`pager::serve`) on the userfaultfd, for the given pid. It
+    /// must return once the pager runs (in a thread or another process):
+    /// the rest of the resume already faults on lazy memory.
+    pub lazy: Option<PagerLauncher>,
+}
+
+/// Starts a pager: (userfaultfd, "go" pipe, image directory, pid). The pipe
+/// reads end-of-file once the process runs (see `pager::serve`).
+pub type PagerLauncher =
+    std::sync::Arc<dyn Fn(OwnedFd, OwnedFd, &Path, i32) -> Result<()> + Send + Sync>;
+
+impl std::fmt::Debug for ResumeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumeOptions")
+            .field("same_pid", &self.same_pid)
+            .field("stdio", &self.stdio)
+            .field("lazy", &self.lazy.is_some())
+            .finish()
+    }
+}
+
+/// A pager launcher that serves from a thread of this process (for library
+/// users whose process outlives the resumed one's loading).
+pub fn pager_thread() -> PagerLauncher {
+    std::sync::Arc::new(|fd: OwnedFd, go: OwnedFd, dir: &Path, pid: i32| {
+        let image = Image::open(dir)?;
+        std::thread::spawn(move || {
+            if let Err(e) = crate::pager::serve(fd, Some(go), &image, pid) {
+                tracing::error!("pager for pid {pid}: {e}");
+            }
+        });
+        Ok(())
+    })
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -36,7 +71,12 @@ pub struct ResumeReport {
 /// Resumes the image in `dir`; returns once the process runs on its own.
 pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     let t0 = Instant::now();
-    let img = Image::open_verified(dir)?;
+    let img = Image::open(dir)?;
+    if opts.lazy.is_some() {
+        img.verify_index()?;
+    } else {
+        img.verify_pages()?;
+    }
     let process = match img.manifest.processes.as_slice() {
         [p] => p,
         _ => {
@@ -51,7 +91,7 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     tracing::debug!("resume: image checked in {:?}", t0.elapsed());
     let mut p = Puppet::spawn(opts.same_pid.then_some(process.pid))?;
     tracing::debug!("resume: puppet ready at {:?}", t0.elapsed());
-    match build(&mut p, process, &pages, opts) {
+    match build(&mut p, dir, process, &pages, opts) {
         Ok(tids) => Ok(ResumeReport {
             pid: p.pid,
             tids,
@@ -97,6 +137,7 @@ fn precheck(dir: &Path, process: &Process, opts: &ResumeOptions) -> Result<()> {
 
 fn build(
     p: &mut Puppet,
+    dir: &Path,
     process: &Process,
     pages: &[u8],
     opts: &ResumeOptions,
@@ -107,7 +148,12 @@ fn build(
     lap("prepare");
     place_specials(p, &process.vmas)?;
     lap("place specials");
-    map_memory(p, &process.vmas, pages)?;
+    map_memory(p, &process.vmas, pages, opts.lazy.is_some())?;
+    // Dropped (closed) when this function returns: the pager's go signal.
+    let _go = match &opts.lazy {
+        Some(launch) => Some(arm_pager(p, dir, process, launch)?),
+        None => None,
+    };
     lap("map memory");
     files::restore(p, &process.fds, pages, &opts.stdio)?;
     process_attributes(p, process)?;
@@ -253,7 +299,7 @@ fn place_specials(p: &mut Puppet, image_vmas: &[Vma]) -> Result<()> {
 /// Maps every VMA of the image and fills in its stored pages: one batch
 /// opens the files, one maps everything, then memory is copied in, then
 /// one batch sets the final protections.
-fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8]) -> Result<()> {
+fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8], lazy: bool) -> Result<()> {
     let vmas: Vec<&Vma> = vmas
         .iter()
         .filter(|v| special_name(&v.kind).is_none() && v.kind != VmaKind::Vsyscall)
@@ -285,8 +331,9 @@ fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8]) -> Result<()> {
     let mut fd_iter = fds.iter();
     let mut maps = p.batch();
     let mut protects = p.batch();
+    let fill_now = |v: &Vma| !v.pages.is_empty() && !(lazy && crate::pager::is_lazy(v));
     for (v, s) in vmas.iter().zip(&sources) {
-        let fill = !v.pages.is_empty();
+        let fill = fill_now(v);
         let prot = v.prot() | if fill { libc::PROT_WRITE } else { 0 };
         let share = if v.shared {
             libc::MAP_SHARED
@@ -337,10 +384,32 @@ fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8]) -> Result<()> {
         }
     }
     p.run(maps)?;
-    for v in vmas.iter().filter(|v| !v.pages.is_empty()) {
+    for v in vmas.iter().filter(|v| fill_now(v)) {
         fill_vma(p.pid, v, pages)?;
     }
     p.run(protects).map(drop)
+}
+
+/// Creates a userfaultfd inside the puppet (it must belong to the puppet's
+/// address space), takes it, registers the lazy VMAs and starts the pager.
+/// The puppet's own copy of the descriptor goes with its other fds.
+fn arm_pager(
+    p: &mut Puppet,
+    dir: &Path,
+    process: &Process,
+    launch: &PagerLauncher,
+) -> Result<OwnedFd> {
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+    let fd = p.sys("userfaultfd", libc::SYS_userfaultfd, &[flags])?;
+    let uffd = crate::uffd::Uffd::from_fd(crate::uffd::take_fd(p.pid, fd as i32)?);
+    uffd.api(crate::pager::FEATURES)?;
+    for v in process.vmas.iter().filter(|v| crate::pager::is_lazy(v)) {
+        uffd.register(v.start, v.len(), crate::uffd::MODE_MISSING)?;
+    }
+    let (go_read, go_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", e))?;
+    launch(uffd.fd, go_read, dir, p.pid)?;
+    Ok(go_write)
 }
 
 /// Where a VMA's contents come from at resume.
