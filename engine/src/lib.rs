@@ -14,6 +14,8 @@
 //! - `dump`: snapshot flow: check, freeze, collect, copy, release, publish
 //! - `restore`: resume flow: build the process inside a puppet
 //! - `puppet`: the process a resume starts from, and its scratch pages
+//! - `pager`: lazy resume: serves memory on demand from the image
+//! - `uffd`: userfaultfd ioctls
 //! - `memory`: which pages are saved, and copying them
 //! - `files`: file descriptors, saved and reopened
 //! - `inject`: remote syscall injection into a stopped thread
@@ -34,14 +36,16 @@ pub mod image;
 pub mod inject;
 pub mod mem;
 pub mod memory;
+pub mod pager;
 pub mod proc;
 pub mod ptrace;
 pub mod puppet;
 pub mod restore;
 pub mod sys;
+pub mod uffd;
 
 pub use dump::{dump, DumpOptions, DumpReport};
 pub use error::{Error, ErrorKind, Result};
 pub use files::Stdio;
 pub use image::Image;
-pub use restore::{resume, ResumeOptions, ResumeReport};
+pub use restore::{pager_thread, resume, PagerLauncher, ResumeOptions, ResumeReport};

@@ -62,7 +62,9 @@ pub fn run(out: Output, a: Table1Args) -> CliResult {
         let _ = std::fs::remove_dir_all(&base);
     }
     let rows = result?;
-    out.emit(&serde_json::json!({ "runs": a.runs, "rows": rows }), || table(&rows, a.runs));
+    out.emit(&serde_json::json!({ "runs": a.runs, "rows": rows }), || {
+        table(&rows, a.runs)
+    });
     Ok(())
 }
 
@@ -72,7 +74,10 @@ fn workload_binary() -> CliResult<PathBuf> {
     if !w.exists() {
         return Err(CliError::new(
             Code::Environment,
-            format!("{} not found: build it with `cargo build --release -p umlctl-tools`", w.display()),
+            format!(
+                "{} not found: build it with `cargo build --release -p umlctl-tools`",
+                w.display()
+            ),
         ));
     }
     Ok(w)
@@ -98,7 +103,10 @@ fn start_workload(mib: u64) -> CliResult<Child> {
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
     if !line.starts_with("ready") {
-        return Err(CliError::new(Code::Internal, format!("workload did not start: {line}")));
+        return Err(CliError::new(
+            Code::Internal,
+            format!("workload did not start: {line}"),
+        ));
     }
     Ok(child)
 }
@@ -121,7 +129,10 @@ fn measure(base: &Path, mib: u64, runs: usize, out: &Output) -> CliResult<Row> {
     for i in 0..runs {
         let dir = base.join(format!("img-{mib}-{i}"));
         let d = engine::dump(pid, &dir, &engine::DumpOptions::default()).map_err(engine_error)?;
-        let opts = engine::ResumeOptions { stdio: engine::Stdio::Null, ..Default::default() };
+        let opts = engine::ResumeOptions {
+            stdio: engine::Stdio::Null,
+            ..Default::default()
+        };
         let r = engine::resume(&dir, &opts).map_err(engine_error)?;
         // SAFETY: killing the copy we just made.
         unsafe { libc::kill(r.pid, libc::SIGKILL) };
@@ -138,7 +149,13 @@ fn measure(base: &Path, mib: u64, runs: usize, out: &Output) -> CliResult<Row> {
     bar.finish_and_clear();
     let _ = child.kill();
     let _ = child.wait();
-    let (snap, stopped, resume, raw_copy, raw_fill) = (median(s.0), median(s.1), median(s.2), median(s.3), median(s.4));
+    let (snap, stopped, resume, raw_copy, raw_fill) = (
+        median(s.0),
+        median(s.1),
+        median(s.2),
+        median(s.3),
+        median(s.4),
+    );
     Ok(Row {
         size_mib: mib,
         snapshot_ms: snap,
@@ -172,7 +189,8 @@ fn raw_limits(pid: i32, image_dir: &Path, base: &Path) -> CliResult<(Duration, D
         let mut done = 0;
         while done < len {
             let n = (len - done).min(buf.len());
-            engine::mem::vm_read(pid, &[(addr + done as u64, n)], &mut buf[..n]).map_err(engine_error)?;
+            engine::mem::vm_read(pid, &[(addr + done as u64, n)], &mut buf[..n])
+                .map_err(engine_error)?;
             f.write_all(&buf[..n])?;
             done += n;
         }
