@@ -43,6 +43,23 @@ fn boots_runs_commands_and_stops_without_leftovers() {
     let out = lab.ok(&["vm", "exec", "a", "--", "printf", "[%s]", "a b", "it's"]);
     assert_eq!(out, "[a b][it's]");
 
+    // Binary output of any size comes back byte for byte.
+    let first = lab.run(&[
+        "vm",
+        "exec",
+        "a",
+        "--",
+        "sh",
+        "-c",
+        "head -c 300000 /dev/urandom | tee /tmp/r",
+    ]);
+    let again = lab.run(&["vm", "exec", "a", "--", "cat", "/tmp/r"]);
+    assert_eq!(first.stdout.len(), 300_000);
+    assert!(
+        first.stdout == again.stdout,
+        "binary output differs between two reads"
+    );
+
     let info = lab.vm_info("a");
     assert_eq!(info["state"], "running");
     let pid = info["pid"].as_u64().unwrap() as u32;
