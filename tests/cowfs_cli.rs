@@ -244,9 +244,8 @@ fn rollback_with_files_open() {
     assert!(!m.path("later").exists() && !cwd_dir.exists());
     assert!(later.flush().is_ok());
     // The fd of a file that no longer exists fails cleanly.
-    let mut buf = [0u8; 8];
     assert!(File::open(m.path("later")).is_err());
-    let _ = later.write_all_at(&mut buf, 0);
+    let _ = later.write_all_at(&[0u8; 8], 0);
     // The old fd keeps working on the rolled-back view.
     fd.write_all_at(b"after", 0).unwrap();
     fd.sync_all().unwrap();

@@ -258,7 +258,15 @@ fn workload_512mib_single_and_multi_thread() {
 /// Runs `cmd` to the end once for reference, then again with its stdout on
 /// a pipe, snapshots it mid-way, kills it and resumes it with stdout to a
 /// file: the two outputs joined must equal the reference.
-fn same_output(prog: &Path, args: &[&str], after: Duration, filter: fn(&str) -> bool) {
+/// `filter` keeps the lines to compare; threads may finish in any order, so
+/// with `sorted` the lines are compared as sets.
+fn same_output(
+    prog: &Path,
+    args: &[&str],
+    after: Duration,
+    filter: fn(&str) -> bool,
+    sorted: bool,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let reference = Command::new(prog)
         .args(args)
@@ -277,11 +285,18 @@ fn same_output(prog: &Path, args: &[&str], after: Duration, filter: fn(&str) -> 
     }
     let mut child = cmd.spawn().unwrap();
     let mut pipe = child.stdout.take().unwrap();
+    let (first_line, started) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut r = std::io::BufReader::new(&mut pipe);
         let mut s = String::new();
-        std::io::Read::read_to_string(&mut pipe, &mut s).unwrap();
+        r.read_line(&mut s).unwrap();
+        first_line.send(()).unwrap();
+        std::io::Read::read_to_string(&mut r, &mut s).unwrap();
         s
     });
+    // Snapshot `after` the program's first line: mid-computation.
+    started.recv().unwrap();
     std::thread::sleep(after);
     let dir = tmp.path().join("img");
     ok(&snapshot(child.id() as i32, &dir, &["--kill"]));
@@ -299,10 +314,11 @@ fn same_output(prog: &Path, args: &[&str], after: Duration, filter: fn(&str) -> 
     }
     let got = first.clone() + &fs::read_to_string(&rest_path).unwrap_or_default();
     let keep = |s: &str| {
-        s.lines()
-            .filter(|l| filter(l))
-            .collect::<Vec<_>>()
-            .join("\n")
+        let mut v: Vec<&str> = s.lines().filter(|l| filter(l)).collect();
+        if sorted {
+            v.sort();
+        }
+        v.join("\n")
     };
     let want = String::from_utf8(reference.stdout).unwrap();
     assert!(
@@ -349,7 +365,7 @@ fn c_program_finishes_with_same_output() {
         .status()
         .expect("cc");
     assert!(cc.success());
-    same_output(&bin, &[], Duration::from_millis(400), |_| true);
+    same_output(&bin, &[], Duration::from_millis(400), |_| true, false);
 }
 
 #[test]
@@ -366,9 +382,8 @@ fn rust_program_finishes_with_same_output() {
             "--sleep-every",
             "200000",
         ];
-        same_output(&w, &args, Duration::from_millis(400), |l| {
-            !l.starts_with("ready")
-        });
+        let not_ready: fn(&str) -> bool = |l| !l.starts_with("ready");
+        same_output(&w, &args, Duration::from_millis(400), not_ready, true);
     }
 }
 
@@ -402,6 +417,7 @@ fn python_finishes_with_same_output() {
         &[script.to_str().unwrap()],
         Duration::from_millis(500),
         |_| true,
+        false,
     );
 }
 

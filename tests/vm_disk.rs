@@ -1,5 +1,6 @@
 //! VM disks: copy-on-write layers over one shared read-only base, and disk
-//! checkpoint and rollback. Real UML guests through the real umlctl binary.
+//! checkpoint and rollback, for both kinds of layer (cowfs, the default, and
+//! UML's own COW file). Real UML guests through the real umlctl binary.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -9,11 +10,31 @@ mod vm_support;
 use vm_support::Lab;
 
 #[test]
-fn vms_from_one_base_do_not_see_each_other_and_the_base_is_unchanged() {
+fn cowfs_vms_from_one_base_are_isolated_and_the_base_is_unchanged() {
+    vms_from_one_base("cowfs");
+}
+
+#[test]
+fn uml_cow_vms_from_one_base_are_isolated_and_the_base_is_unchanged() {
+    vms_from_one_base("uml-cow");
+}
+
+#[test]
+fn cowfs_checkpoint_write_rollback_forgets_the_write() {
+    checkpoint_write_rollback("cowfs");
+}
+
+#[test]
+fn uml_cow_checkpoint_write_rollback_forgets_the_write() {
+    checkpoint_write_rollback("uml-cow");
+}
+
+fn vms_from_one_base(kind: &str) {
     let Some(lab) = Lab::new(&[]) else { return };
     let base_before = std::fs::read(&lab.image).unwrap();
-    lab.boot("a", &["--mem", "64M"]);
-    lab.boot("b", &["--mem", "64M"]);
+    lab.boot("a", &["--mem", "64M", "--disk", kind]);
+    lab.boot("b", &["--mem", "64M", "--disk", kind]);
+    assert_eq!(lab.vm_info("a")["disk"], kind);
 
     assert_eq!(lab.sh("a", "echo from-a > /root/note && sync").0, 0);
     assert_eq!(
@@ -46,12 +67,20 @@ fn vms_from_one_base_do_not_see_each_other_and_the_base_is_unchanged() {
         std::fs::read(&lab.image).unwrap() == base_before,
         "the base image changed"
     );
+    // Removing the VMs removes their layers (and the shared base copy).
+    lab.ok(&["vm", "rm", "a"]);
+    lab.ok(&["vm", "rm", "b"]);
+    let left: Vec<_> = walk(&lab.state_dir());
+    assert!(
+        left.iter().all(|p| p.ends_with(".lock")),
+        "left after rm: {left:?}"
+    );
+    assert!(lab.image.is_file());
 }
 
-#[test]
-fn checkpoint_write_rollback_forgets_the_write() {
+fn checkpoint_write_rollback(kind: &str) {
     let Some(lab) = Lab::new(&[]) else { return };
-    lab.boot("c", &[]);
+    lab.boot("c", &["--disk", kind]);
     assert_eq!(lab.sh("c", "echo before > /root/kept").0, 0);
     let pid = lab.vm_info("c")["pid"].clone();
 
@@ -61,12 +90,10 @@ fn checkpoint_write_rollback_forgets_the_write() {
     assert_eq!(lab.vm_info("c")["pid"], pid);
     assert_eq!(lab.sh("c", "cat /root/kept").1, "before\n");
 
+    // No `sync` here: the rollback must forget whatever the guest wrote.
     assert_eq!(
-        lab.sh(
-            "c",
-            "echo after > /root/later; echo changed > /root/kept; sync"
-        )
-        .0,
+        lab.sh("c", "echo after > /root/later; echo changed > /root/kept")
+            .0,
         0
     );
     let rb = lab.json(&["vm", "rollback", "c", "ck1"]);
@@ -94,4 +121,17 @@ fn checkpoint_write_rollback_forgets_the_write() {
     let err = lab.fails(&["vm", "checkpoint", "c", "ck1"], 6);
     assert!(err.contains("already has a checkpoint"), "{err}");
     lab.ok(&["vm", "stop", "c"]);
+}
+
+/// Every file under a directory.
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path().to_string_lossy().into_owned());
+        }
+    }
+    out
 }

@@ -134,6 +134,17 @@ impl Lab {
             .unwrap_or_else(|| panic!("VM {name} not listed in {list}"))
     }
 
+    /// Mounts under this lab (the VMs' cowfs disks while they run).
+    pub fn mounts(&self) -> Vec<String> {
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Live (non-zombie) processes whose command line mentions this lab.
     pub fn processes(&self) -> Vec<(u32, String)> {
         let needle = self.dir.path().to_string_lossy().into_owned();

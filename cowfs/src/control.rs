@@ -4,15 +4,13 @@
 
 use crate::error::{Error, Result};
 use crate::fuse::KernelCache;
-use crate::state::Ino;
 use crate::view::View;
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -97,9 +95,10 @@ pub fn call(socket: &Path, req: &Request) -> Result<()> {
 pub struct Live {
     pub view: Arc<View>,
     pub kernel: Arc<KernelCache>,
-    pub known: Arc<Mutex<HashSet<Ino>>>,
     pub notifier: fuser::Notifier,
     pub mountpoint: PathBuf,
+    /// The session's /dev/fuse descriptor, for notifications fuser lacks.
+    pub fuse_fd: std::os::fd::OwnedFd,
 }
 
 impl Live {
@@ -118,11 +117,10 @@ impl Live {
         if let Ok(f) = std::fs::File::open(&self.mountpoint) {
             let _ = nix::unistd::syncfs(&f);
         }
-        self.view.rollback(name)?;
-        self.kernel.invalidate(&self.notifier);
-        let known: Vec<Ino> = self.known.lock().unwrap().iter().copied().collect();
+        let changed = self.view.rollback(name)?;
+        use std::os::fd::AsFd;
         self.kernel
-            .invalidate_inodes(&self.notifier, known.into_iter());
+            .after_rollback(&self.notifier, self.fuse_fd.as_fd(), &changed);
         Ok(())
     }
 }

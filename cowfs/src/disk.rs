@@ -235,6 +235,21 @@ impl Layout {
         sync_dir(&self.layers())
     }
 
+    /// Whether layer `id` exists and holds nothing (a spare made ahead).
+    pub fn is_empty_layer(&self, id: u32) -> bool {
+        let empty_dir = |p: PathBuf| fs::read_dir(p).is_ok_and(|mut d| d.next().is_none());
+        fs::metadata(self.journal(id)).is_ok_and(|m| m.len() == 0) && empty_dir(self.data_dir(id))
+    }
+
+    /// Make layer `id` unless an empty one is already there.
+    pub fn ensure_layer(&self, id: u32) -> Result<()> {
+        if self.is_empty_layer(id) {
+            Ok(())
+        } else {
+            self.make_layer(id)
+        }
+    }
+
     /// Move a dropped layer into the trash (O(1)); `empty_trash` deletes it.
     pub fn trash_layer(&self, id: u32) -> Result<()> {
         let from = self.layer(id);

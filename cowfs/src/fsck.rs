@@ -85,7 +85,8 @@ impl Store {
             .flatten()
         {
             let id = e.file_name().to_string_lossy().parse::<u32>().ok();
-            if id.is_none_or(|id| !stack.layers.contains(&id)) {
+            let spare = id == Some(stack.next_layer) && l.is_empty_layer(stack.next_layer);
+            if !spare && id.is_none_or(|id| !stack.layers.contains(&id)) {
                 r.unfinished.push(format!(
                     "uncommitted layer directory {}",
                     e.path().display()

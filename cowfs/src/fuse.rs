@@ -2,6 +2,7 @@
 //! answer goes back with long cache lifetimes (this daemon is the only
 //! writer; a rollback invalidates the kernel's caches explicitly).
 
+use crate::base::Listing;
 use crate::state::{Ino, Kind, ROOT};
 use crate::view::{Attr, NewNode, Res, SetAttr, View};
 use fuser::{
@@ -12,6 +13,7 @@ use fuser::{
 };
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
+use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,35 +23,50 @@ use std::time::{Duration, SystemTime};
 /// How long the kernel may cache entries and attributes.
 const TTL: Duration = Duration::from_secs(3600);
 
-/// What the kernel may have cached, so that a rollback can invalidate it.
+/// The names the kernel may have cached, so that a rollback can
+/// invalidate what changed.
 #[derive(Default)]
 pub struct KernelCache {
-    entries: Mutex<HashSet<(Ino, OsString)>>,
+    /// (directory, name) -> inode, as told to the kernel.
+    entries: Mutex<HashMap<(Ino, OsString), Ino>>,
 }
 
 impl KernelCache {
-    fn saw(&self, dir: Ino, name: &OsStr) {
-        self.entries.lock().unwrap().insert((dir, name.to_owned()));
+    fn saw(&self, dir: Ino, name: &OsStr, ino: Ino) {
+        self.entries
+            .lock()
+            .unwrap()
+            .insert((dir, name.to_owned()), ino);
     }
 
-    /// Drop every cached name and inode (after a rollback). Must not be
-    /// called with the view locked: the kernel may call back into us.
-    pub fn invalidate(&self, notifier: &Notifier) {
-        let entries: Vec<_> = self.entries.lock().unwrap().drain().collect();
-        let mut inodes: HashSet<Ino> = entries.iter().map(|(d, _)| *d).collect();
-        inodes.insert(ROOT);
-        for (dir, name) in &entries {
+    /// After a rollback: make every cached name stale (one FUSE epoch
+    /// increment where the kernel has it, else one by one), drop the names
+    /// of changed inodes so that the kernel evicts them (with the writeback
+    /// cache it trusts its own idea of their size), and drop their cached
+    /// data and attributes. Must not be called with the view locked: the
+    /// kernel may call back into us.
+    pub fn after_rollback(&self, notifier: &Notifier, fuse_fd: BorrowedFd<'_>, changed: &[Ino]) {
+        let changed: HashSet<Ino> = changed.iter().copied().collect();
+        let mut entries = self.entries.lock().unwrap();
+        let all_at_once = match crate::sys::fuse_inc_epoch(fuse_fd) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::info!("FUSE_NOTIFY_INC_EPOCH unavailable ({e}): names one by one");
+                false
+            }
+        };
+        let mut dirs = HashSet::from([ROOT]);
+        entries.retain(|(dir, name), ino| {
+            if all_at_once && !changed.contains(ino) {
+                return true;
+            }
+            dirs.insert(*dir);
             let _ = notifier.inval_entry(INodeNo(*dir), name);
-        }
-        for ino in inodes {
-            let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
-        }
-    }
-
-    /// Invalidate the data and attributes of these inodes too.
-    pub fn invalidate_inodes(&self, notifier: &Notifier, inodes: impl Iterator<Item = Ino>) {
-        for ino in inodes {
-            let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+            false
+        });
+        drop(entries);
+        for ino in changed.iter().chain(&dirs) {
+            let _ = notifier.inval_inode(INodeNo(*ino), 0, 0);
         }
     }
 }
@@ -57,18 +74,15 @@ impl KernelCache {
 pub struct CowFuse {
     view: Arc<View>,
     kernel: Arc<KernelCache>,
-    /// Inodes handed to the kernel (their data may be cached).
-    known: Arc<Mutex<HashSet<Ino>>>,
     next_fh: AtomicU64,
-    dirs: Mutex<HashMap<u64, Arc<Vec<(OsString, Ino, Kind)>>>>,
+    dirs: Mutex<HashMap<u64, Listing>>,
 }
 
 impl CowFuse {
-    pub fn new(view: Arc<View>, kernel: Arc<KernelCache>, known: Arc<Mutex<HashSet<Ino>>>) -> Self {
+    pub fn new(view: Arc<View>, kernel: Arc<KernelCache>) -> Self {
         CowFuse {
             view,
             kernel,
-            known,
             next_fh: AtomicU64::new(1),
             dirs: Mutex::default(),
         }
@@ -77,8 +91,7 @@ impl CowFuse {
     fn entry(&self, dir: Ino, name: &OsStr, r: Res<Attr>, reply: ReplyEntry) {
         match r {
             Ok(a) => {
-                self.kernel.saw(dir, name);
-                self.known.lock().unwrap().insert(a.ino);
+                self.kernel.saw(dir, name, a.ino);
                 reply.entry(&TTL, &file_attr(&a), Generation(0))
             }
             Err(e) => reply.error(Errno::from_i32(e)),
@@ -465,8 +478,7 @@ impl Filesystem for CowFuse {
                 continue;
             };
             if i >= 2 {
-                self.kernel.saw(ino.0, name);
-                self.known.lock().unwrap().insert(*child);
+                self.kernel.saw(ino.0, name, *child);
             }
             if reply.add(
                 INodeNo(*child),
@@ -565,8 +577,7 @@ impl Filesystem for CowFuse {
         };
         match self.view.create(parent.0, name, new, None) {
             Ok(a) => {
-                self.kernel.saw(parent.0, name);
-                self.known.lock().unwrap().insert(a.ino);
+                self.kernel.saw(parent.0, name, a.ino);
                 self.view.opened(a.ino);
                 reply.created(
                     &TTL,

@@ -54,6 +54,21 @@ pub enum Record {
     Drop { ino: Ino },
 }
 
+impl Record {
+    /// The inode a record changes (for an entry: the directory).
+    pub fn ino(&self) -> Ino {
+        match self {
+            Record::Node { ino, .. }
+            | Record::Symlink { ino, .. }
+            | Record::Xattrs { ino, .. }
+            | Record::Blocks { ino, .. }
+            | Record::Truncate { ino, .. }
+            | Record::Drop { ino } => *ino,
+            Record::Entry { dir, .. } => *dir,
+        }
+    }
+}
+
 const HEADER: usize = 12;
 /// Write the buffer out once it holds this much.
 const FLUSH_AT: usize = 1 << 20;

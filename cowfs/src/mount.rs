@@ -47,14 +47,29 @@ fn mountinfo(path: &Path) -> Option<Vec<String>> {
     let canon = canon.to_string_lossy();
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines()
-        .filter(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m) == canon))
-        .last()
+        .rev()
+        .find(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m) == canon))
         .map(|l| l.split(' ').map(unescape).collect())
 }
 
 /// Whether `path` is a mountpoint now.
 pub fn is_mountpoint(path: &Path) -> bool {
     mountinfo(path).is_some()
+}
+
+/// FUSE mounts get a strict 1% share of the dirty page cache, which makes
+/// buffered writes with the writeback cache nearly synchronous. Lift it
+/// (root only; without it the mount still works, only slower).
+fn tune_writeback(mountpoint: &Path) {
+    let Some(dev) = mountinfo(mountpoint).and_then(|f| f.get(2).cloned()) else {
+        return;
+    };
+    let bdi = PathBuf::from("/sys/class/bdi").join(dev);
+    for (knob, value) in [("max_ratio", "100"), ("strict_limit", "0")] {
+        if let Err(e) = std::fs::write(bdi.join(knob), value) {
+            tracing::info!("cannot set {}/{knob}: {e}", bdi.display());
+        }
+    }
 }
 
 /// Unmount a cowfs mount (of any process) and wait until its daemon has
@@ -71,15 +86,24 @@ pub fn unmount(mountpoint: &Path) -> Result<()> {
             mountpoint.display()
         )));
     };
-    match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
-        Ok(()) => {}
-        Err(nix::errno::Errno::EBUSY) => {
-            return Err(Error::Conflict(format!(
-                "{} is busy (open files or a process inside); close them and retry",
-                mountpoint.display()
-            )))
+    // References that are being dropped (a close in flight) make the mount
+    // busy for a moment: retry briefly before calling it busy.
+    let mut tries = 0;
+    loop {
+        match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+            Ok(()) => break,
+            Err(nix::errno::Errno::EBUSY) if tries < 40 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(nix::errno::Errno::EBUSY) => {
+                return Err(Error::Conflict(format!(
+                    "{} is busy (open files or a process inside); close them and retry",
+                    mountpoint.display()
+                )))
+            }
+            Err(e) => return Err(e).at("unmount", mountpoint),
         }
-        Err(e) => return Err(e).at("unmount", mountpoint),
     }
     let layout = Layout {
         dir: PathBuf::from(store),
@@ -146,8 +170,7 @@ pub(crate) fn prepare(
     crate::sys::raise_nofile_limit();
     let view = Arc::new(view);
     let kernel = Arc::new(KernelCache::default());
-    let known = Arc::default();
-    let fs = CowFuse::new(view.clone(), kernel.clone(), Arc::clone(&known));
+    let fs = CowFuse::new(view.clone(), kernel.clone());
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::FSName(format!("cowfs:{}", layout.dir.display())),
@@ -171,10 +194,18 @@ pub(crate) fn prepare(
             mountpoint.display()
         ))
     })?;
+    let fuse_fd = {
+        use std::os::fd::AsFd;
+        session
+            .as_fd()
+            .try_clone_to_owned()
+            .ctx(|| "duplicate the /dev/fuse descriptor".into())?
+    };
+    tune_writeback(mountpoint);
     let live = Live {
+        fuse_fd,
         view: view.clone(),
         kernel,
-        known,
         notifier: session.notifier(),
         mountpoint: mountpoint.to_owned(),
     };

@@ -63,3 +63,20 @@ pub fn raise_nofile_limit() {
             nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
+
+/// FUSE_NOTIFY_INC_EPOCH (Linux 6.16, FUSE 7.44): every cached name of the
+/// mount becomes stale at once, which makes a rollback's invalidation O(1).
+const FUSE_NOTIFY_INC_EPOCH: i32 = 8;
+
+/// Send FUSE_NOTIFY_INC_EPOCH on the /dev/fuse descriptor of a session.
+pub fn fuse_inc_epoch(fuse: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    // struct fuse_out_header { u32 len; i32 error (the notify code); u64 unique (0) }
+    let mut msg = [0u8; 16];
+    msg[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    msg[4..8].copy_from_slice(&FUSE_NOTIFY_INC_EPOCH.to_ne_bytes());
+    let n = nix::unistd::write(fuse, &msg).map_err(io::Error::from)?;
+    if n != msg.len() {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    Ok(())
+}

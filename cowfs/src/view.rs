@@ -50,6 +50,9 @@ pub struct View {
     inner: RwLock<Inner>,
     /// Open data files, by (layer, inode).
     files: Mutex<HashMap<(u32, Ino), Arc<File>>>,
+    /// Held while the next layer directory is made ahead of time, so that
+    /// a checkpoint or rollback finds it ready.
+    spare: Mutex<()>,
 }
 
 struct Inner {
@@ -62,7 +65,14 @@ struct Inner {
     snapshots: HashMap<u32, State>,
     /// Open file counts, so that an unlinked open file lives until closed.
     open: HashMap<Ino, u32>,
+    /// Files of the top layer written since their data was last fsynced.
+    unsynced: HashSet<Ino>,
+    /// Inodes changed in each layer: what a rollback must invalidate.
+    touched: HashMap<u32, HashSet<Ino>>,
 }
+
+/// Past this many unsynced files one syncfs is cheaper than fsyncing each.
+const SYNCFS_AT: usize = 64;
 
 const NAME_MAX: usize = 255;
 
@@ -78,6 +88,7 @@ impl View {
         })?;
         let stack = layout.read_stack()?;
         let (state, snapshots) = replay(&layout, &stack, cfg.block_size, true)?;
+        let touched = touched_by_layer(&layout, &stack)?;
         let journal = Writer::open(&layout.journal(stack.top()))?;
         let view = View {
             layout,
@@ -90,9 +101,13 @@ impl View {
                 dirty: HashSet::new(),
                 snapshots,
                 open: HashMap::new(),
+                unsynced: HashSet::new(),
+                touched,
             }),
             files: Mutex::default(),
+            spare: Mutex::default(),
         };
+        view.prepare_spare();
         view.drop_orphans().map_err(|e| Error::Io {
             context: "drop orphan inodes".into(),
             source: std::io::Error::from_raw_os_error(e),
@@ -192,6 +207,8 @@ impl View {
             g.state.nodes.insert(ino, node);
         }
         g.dirty.insert(ino);
+        let top = g.stack.top();
+        g.touched.entry(top).or_default().insert(ino);
         Ok(g.state.nodes.get_mut(&ino).expect("just inserted"))
     }
 
@@ -612,6 +629,7 @@ impl View {
             return Err(libc::EINVAL);
         }
         let file = self.layer_file(top, ino).map_err(errno)?;
+        g.unsynced.insert(ino);
         let end = off + bytes.len() as u64;
         let mut fresh = Vec::new();
         let mut b = off / bs;
@@ -667,7 +685,7 @@ impl View {
             // A partial last block held in a lower layer keeps bytes past
             // `size` there: copy its head up so that they read as zero later.
             let b = size / bs;
-            if size % bs != 0 {
+            if !size.is_multiple_of(bs) {
                 if let Some(Loc::Layer(l)) = node.blocks.get(&b) {
                     if *l != top {
                         let mut head = vec![0u8; (size - b * bs) as usize];
@@ -800,8 +818,8 @@ impl View {
     pub fn fsync(&self, ino: Option<Ino>) -> Res<()> {
         let mut g = self.lock();
         if let Some(ino) = ino {
-            let top = g.stack.top();
-            if let Some(f) = self.files.lock().unwrap().get(&(top, ino)).cloned() {
+            if g.unsynced.remove(&ino) {
+                let f = self.layer_file(g.stack.top(), ino).map_err(errno)?;
                 f.sync_data().map_err(errno)?;
             }
         }
@@ -815,12 +833,40 @@ impl View {
         self.sync_locked(&mut g)
     }
 
+    /// Data first, then the journal that refers to it.
     fn sync_locked(&self, g: &mut Inner) -> Result<()> {
-        let dir = self.layout.layer(g.stack.top());
-        let f = File::open(&dir).at("open", &dir)?;
-        nix::unistd::syncfs(&f).ctx(|| "syncfs of the store".into())?;
+        let top = g.stack.top();
+        if g.unsynced.len() > SYNCFS_AT {
+            let dir = self.layout.layer(top);
+            let f = File::open(&dir).at("open", &dir)?;
+            nix::unistd::syncfs(&f).ctx(|| "syncfs of the store".into())?;
+        } else {
+            for &ino in &g.unsynced {
+                let path = self.layout.data(top, ino);
+                match self.layer_file(top, ino) {
+                    Ok(f) => f.sync_data().at("fsync", &path)?,
+                    Err(e) => tracing::warn!("fsync {}: {e}", path.display()),
+                }
+            }
+        }
+        g.unsynced.clear();
         Self::flush_dirty(g)?;
         g.journal.sync()
+    }
+
+    /// Make the next layer directory now, off the checkpoint's clock.
+    fn prepare_spare(&self) {
+        let _hold = self.spare.lock().unwrap();
+        let next = self.inner.read().unwrap().stack.next_layer;
+        if let Err(e) = self.layout.ensure_layer(next) {
+            tracing::warn!("cannot prepare layer {next}: {e}");
+        }
+    }
+
+    /// Use the spare layer directory (or make it now).
+    fn take_spare(&self, id: u32) -> Result<()> {
+        let _hold = self.spare.lock().unwrap();
+        self.layout.ensure_layer(id)
     }
 
     pub fn statfs(&self) -> Res<nix::sys::statvfs::Statvfs> {
@@ -835,21 +881,23 @@ impl View {
         let mut g = self.lock();
         let next = g.stack.with_checkpoint(name)?;
         self.sync_locked(&mut g)?;
-        self.layout.make_layer(next.top())?;
+        self.take_spare(next.top())?;
         self.layout.write_stack(&next)?;
         let sealed = g.stack.top();
         g.journal = Writer::open(&self.layout.journal(next.top()))?;
         g.stack = next;
         let snap = g.state.clone();
         g.snapshots.insert(sealed, snap);
+        drop(g);
+        self.prepare_spare();
         Ok(())
     }
 
     /// Return the view to checkpoint `name`: O(1) — swap in its state, drop
     /// the layers above it (renamed into the trash, deleted in the
-    /// background). Returns the dropped layers. The caller invalidates the
-    /// kernel's caches.
-    pub fn rollback(&self, name: &str) -> Result<Vec<u32>> {
+    /// background). Returns the inodes that changed and still exist: the
+    /// caller invalidates the kernel's caches of them (and of all names).
+    pub fn rollback(&self, name: &str) -> Result<Vec<Ino>> {
         let mut g = self.lock();
         let (next, dropped) = g.stack.rolled_back(name)?;
         let layer = g.stack.find(name)?.layer;
@@ -858,19 +906,28 @@ impl View {
             .get(&layer)
             .cloned()
             .ok_or_else(|| Error::BadStore(format!("no state for checkpoint {name:?}")))?;
-        self.layout.make_layer(next.top())?;
+        self.take_spare(next.top())?;
         self.layout.write_stack(&next)?;
         let next_ino = g.state.next_ino;
         g.state = snap;
         g.state.next_ino = g.state.next_ino.max(next_ino);
         g.dirty.clear();
+        g.unsynced.clear();
         g.journal = Writer::open(&self.layout.journal(next.top()))?;
         g.snapshots.retain(|l, _| *l <= layer);
         g.stack = next;
+        let exists =
+            |st: &State, ino: &Ino| st.nodes.contains_key(ino) || self.base.inode(*ino).is_some();
+        let mut changed = HashSet::new();
+        for l in &dropped {
+            changed.extend(g.touched.remove(l).unwrap_or_default());
+        }
+        changed.retain(|ino| exists(&g.state, ino));
         // Inodes open now but gone at the checkpoint cannot come back.
         let Inner { open, state, .. } = &mut *g;
-        open.retain(|ino, _| state.nodes.contains_key(ino) || self.base.inode(*ino).is_some());
+        open.retain(|ino, _| exists(state, ino));
         drop(g);
+        self.prepare_spare();
         self.files
             .lock()
             .unwrap()
@@ -880,7 +937,7 @@ impl View {
         }
         let layout = self.layout.clone();
         std::thread::spawn(move || layout.empty_trash());
-        Ok(dropped)
+        Ok(changed.into_iter().collect())
     }
 
     pub fn delete_checkpoint(&self, name: &str) -> Result<()> {
@@ -890,6 +947,20 @@ impl View {
         g.stack = next;
         Ok(())
     }
+}
+
+/// The inodes each layer's journal changes.
+fn touched_by_layer(layout: &Layout, stack: &Stack) -> Result<HashMap<u32, HashSet<Ino>>> {
+    let mut out = HashMap::new();
+    for &layer in &stack.layers {
+        let set: HashSet<Ino> = journal::read(&layout.journal(layer))?
+            .records
+            .iter()
+            .map(Record::ino)
+            .collect();
+        out.insert(layer, set);
+    }
+    Ok(out)
 }
 
 /// Rebuild the state of every layer of `stack`: the top state and a state

@@ -10,6 +10,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::image::{Fd, FdKind, FileId, ImageWriter};
 use crate::proc;
 use crate::puppet::Puppet;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -127,10 +128,14 @@ fn unsupported_fd(fd: i32, target: &str) -> String {
     format!("fd {fd} ({target}) is {what} that snapshots do not support (supported: files, devices, pipes, FIFOs, sockets, epoll, eventfd, signalfd, timerfd, memfd): close it in the program before the snapshot")
 }
 
-/// Reopens every fd of the image inside the puppet, at its number: files by
-/// path, objects from the `Installer` (whose fds from `base` up every
-/// puppet inherited; closed at the end). `pids` maps the image's pids and
-/// tids to the new ones (for O_ASYNC owners).
+/// Reopens every fd of the image inside the puppet, at its number, in one
+/// batch: the fd each open will return is known in advance (the lowest free
+/// one; nothing else runs in the puppet), so its dup3 and close can follow
+/// in the same batch. The results are checked against the prediction.
+///
+/// Objects come from the `Installer`: every puppet inherited them at fds
+/// from `base` up, which are closed at the end. `pids` maps the image's
+/// pids to the new ones (for O_ASYNC owners).
 pub fn restore(
     p: &mut Puppet,
     process: &crate::image::Process,
@@ -141,29 +146,31 @@ pub fn restore(
     pids: &std::collections::HashMap<i32, i32>,
 ) -> Result<()> {
     let fds = &process.fds;
-    // The puppet's own fds: keep 0-2 only where the image wants inherited streams.
-    let keep_std: Vec<i32> = match stdio {
+    let mut open: std::collections::BTreeSet<i32> = match stdio {
         Stdio::Inherit => fds
             .iter()
-            .filter(|f| matches!(f.kind, FdKind::Stdio { .. }))
+            .filter(|f| matches!(f.kind, FdKind::Stdio { .. }) && f.fd <= 2)
             .map(|f| f.fd)
             .collect(),
-        _ => vec![],
+        _ => Default::default(),
     };
-    for fd in 0..3 {
-        if !keep_std.contains(&fd) {
-            p.close(fd).ok();
-        }
+    let mut b = p.batch();
+    for fd in (0..3).filter(|fd| !open.contains(fd)) {
+        b.call("close", libc::SYS_close, &[fd as u64]);
     }
-    p.sys(
+    b.call(
         "close_range",
         libc::SYS_close_range,
         &[3, installer.base as u64 - 1, 0],
-    )?;
+    );
+    // Deleted files are recreated here and reopened by the puppet through
+    // /proc/<us>/fd: they must stay open until the batch has run.
+    let mut keep_alive = Vec::new();
+    let mut predicted = Vec::new();
     for f in fds {
-        let opened = match &f.kind {
+        let (path, flags, mode) = match &f.kind {
             FdKind::File { path, flags, .. } | FdKind::CharDev { path, flags } => {
-                Some(p.open(path, *flags | libc::O_NOCTTY, 0)?)
+                (path.clone(), *flags | libc::O_NOCTTY, 0)
             }
             FdKind::DeletedFile {
                 path,
@@ -173,46 +180,67 @@ pub fn restore(
                 ..
             } => {
                 let data = &pages[*offset as usize..(*offset + *len) as usize];
-                Some(reopen_deleted(p, path, *flags, data)?)
+                let file = recreate_deleted(path, data)?;
+                let via = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
+                keep_alive.push(file);
+                (via, *flags & !libc::O_CREAT, 0)
             }
             FdKind::Object { id } => {
                 let from = installer.fd(*id)?;
-                p.sys("dup3", libc::SYS_dup3, &[from as u64, f.fd as u64, 0])?;
-                None
+                b.call("dup3", libc::SYS_dup3, &[from as u64, f.fd as u64, 0]);
+                open.insert(f.fd);
+                (String::new(), 0, 0)
             }
             FdKind::Stdio { flags, .. } => match stdio {
-                Stdio::Inherit => None,
-                Stdio::Null => Some(p.open("/dev/null", *flags & libc::O_ACCMODE, 0)?),
-                Stdio::Path(path) => {
-                    let fl = if f.fd == 0 {
-                        libc::O_RDONLY
-                    } else {
-                        libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND
-                    };
-                    Some(p.open(path, fl, 0o600)?)
-                }
+                Stdio::Inherit => (String::new(), 0, 0),
+                Stdio::Null => ("/dev/null".into(), *flags & libc::O_ACCMODE, 0),
+                Stdio::Path(path) if f.fd == 0 => (path.clone(), libc::O_RDONLY, 0),
+                Stdio::Path(path) => (
+                    path.clone(),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+                    0o600,
+                ),
             },
         };
-        if let Some(nfd) = opened {
+        if !path.is_empty() {
+            let nfd = (0..).find(|n| !open.contains(n)).expect("a free fd");
+            let addr = b.path(&path)?;
+            predicted.push((b.calls_len(), nfd as u64));
+            b.call(
+                format!("open {path} for fd {}", f.fd),
+                libc::SYS_openat,
+                &[libc::AT_FDCWD as u64, addr, flags as u64, mode],
+            );
             if nfd != f.fd {
-                p.sys("dup3", libc::SYS_dup3, &[nfd as u64, f.fd as u64, 0])?;
-                p.close(nfd)?;
+                b.call("dup3", libc::SYS_dup3, &[nfd as u64, f.fd as u64, 0]);
+                b.call("close", libc::SYS_close, &[nfd as u64]);
             }
+            open.insert(f.fd);
         }
         let cloexec = if f.cloexec { libc::FD_CLOEXEC } else { 0 };
-        p.sys(
+        b.call(
             "fcntl(F_SETFD)",
             libc::SYS_fcntl,
             &[f.fd as u64, libc::F_SETFD as u64, cloexec as u64],
-        )?;
+        );
         if let FdKind::File { pos, .. } | FdKind::DeletedFile { pos, .. } = f.kind {
-            p.sys(
+            b.call(
                 "lseek",
                 libc::SYS_lseek,
                 &[f.fd as u64, pos, libc::SEEK_SET as u64],
-            )?;
+            );
         }
     }
+    let results = p.run(b)?;
+    for (i, want) in predicted {
+        if results[i] != want {
+            return Err(Error::Restore(format!(
+                "open returned fd {} where {want} was expected",
+                results[i]
+            )));
+        }
+    }
+    drop(keep_alive);
     p.sys(
         "close the resumer's objects",
         libc::SYS_close_range,
@@ -273,31 +301,25 @@ fn objects_after_install(
 }
 
 /// Recreates a deleted file as an unnamed file (O_TMPFILE) in its old
-/// directory, or in /tmp if that is gone, and opens it in the puppet.
-fn reopen_deleted(p: &mut Puppet, path: &str, flags: i32, data: &[u8]) -> Result<i32> {
+/// directory, or in /tmp if that is gone.
+fn recreate_deleted(path: &str, data: &[u8]) -> Result<std::fs::File> {
     use std::io::Write;
     let dir = Path::new(path)
         .parent()
         .filter(|d| d.is_dir())
         .unwrap_or(Path::new("/tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_TMPFILE)
-        .mode(0o600)
-        .open(dir)
-        .or_else(|_| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_TMPFILE)
-                .mode(0o600)
-                .open("/tmp")
-        })
+    let tmpfile = |d: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(d)
+    };
+    let mut f = tmpfile(dir)
+        .or_else(|_| tmpfile(Path::new("/tmp")))
         .ctx(|| format!("recreate deleted file {path}"))?;
     f.write_all(data)
         .ctx(|| format!("write deleted file {path}"))?;
-    use std::os::fd::AsRawFd;
-    let via = format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd());
-    p.open(&via, flags & !libc::O_CREAT, 0)
+    Ok(f)
 }

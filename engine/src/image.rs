@@ -704,13 +704,37 @@ impl Image {
     }
 
     pub fn verify_pages(&self) -> Result<()> {
+        self.verify_index()?;
         let bad = |what: String| Error::bad_image(&self.dir, what);
         let info = &self.manifest.pages;
         let map = self.pages()?;
-        if map.len() as u64 != info.len {
+        let chunks = map
+            .chunks(info.chunk_size as usize)
+            .zip(&info.chunk_checksums);
+        for (i, (chunk, sum)) in chunks.enumerate() {
+            if xxh3_64(chunk) != *sum {
+                return Err(bad(format!(
+                    "{PAGES_FILE} chunk {i} (bytes {}..) checksum mismatch: the file is corrupt",
+                    i as u64 * info.chunk_size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The cheap checks, for a lazy resume that verifies each chunk's
+    /// checksum when it first reads it: pages.img's length, the checksum
+    /// list's coverage, and that every page run points inside pages.img.
+    pub fn verify_index(&self) -> Result<()> {
+        let bad = |what: String| Error::bad_image(&self.dir, what);
+        let info = &self.manifest.pages;
+        let path = self.dir.join(PAGES_FILE);
+        let len = fs::metadata(&path)
+            .map_err(|e| bad(format!("cannot read {PAGES_FILE}: {e}")))?
+            .len();
+        if len != info.len {
             return Err(bad(format!(
-                "{PAGES_FILE} has {} bytes, the manifest says {}: truncated or altered",
-                map.len(),
+                "{PAGES_FILE} has {len} bytes, the manifest says {}: truncated or altered",
                 info.len
             )));
         }
@@ -719,18 +743,6 @@ impl Image {
             return Err(bad(
                 "the manifest's chunk checksums do not cover pages.img".into()
             ));
-        }
-        for (i, (chunk, sum)) in map
-            .chunks(info.chunk_size as usize)
-            .zip(&info.chunk_checksums)
-            .enumerate()
-        {
-            if xxh3_64(chunk) != *sum {
-                return Err(bad(format!(
-                    "{PAGES_FILE} chunk {i} (bytes {}..) checksum mismatch: the file is corrupt",
-                    i as u64 * info.chunk_size
-                )));
-            }
         }
         for p in &self.manifest.processes {
             for v in &p.vmas {

@@ -14,6 +14,8 @@
 //! - `dump`: snapshot flow: check, freeze, collect, copy, release, publish
 //! - `restore`: resume flow: build the process inside a puppet
 //! - `puppet`: the process a resume starts from, and its scratch pages
+//! - `pager`: lazy resume: serves memory on demand from the image
+//! - `uffd`: userfaultfd ioctls
 //! - `memory`: which pages are saved, and copying them
 //! - `files`: file descriptors, saved and reopened (by path, or as objects)
 //! - `fds`: open file descriptions kept as objects (pipes, sockets, epoll,
@@ -41,6 +43,7 @@ pub mod image;
 pub mod inject;
 pub mod mem;
 pub mod memory;
+pub mod pager;
 pub mod pidns;
 pub mod proc;
 pub mod ptrace;
@@ -49,9 +52,10 @@ pub mod restore;
 pub mod sys;
 pub mod timers;
 pub mod tree;
+pub mod uffd;
 
 pub use dump::{dump, DumpOptions, DumpReport};
 pub use error::{Error, ErrorKind, Result};
 pub use files::Stdio;
 pub use image::Image;
-pub use restore::{resume, ResumeOptions, ResumeReport};
+pub use restore::{pager_thread, resume, PagerLauncher, ResumeOptions, ResumeReport};

@@ -14,13 +14,14 @@ use crate::inject::Remote;
 use crate::mem;
 use crate::proc::{self, PAGE_SIZE};
 use crate::ptrace;
-use crate::puppet::{Puppet, CODE_LEN, SCRATCH_LEN};
+use crate::puppet::{Batch, Puppet, CODE_LEN, SCRATCH_LEN};
 use crate::sys;
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct ResumeOptions {
     /// Give the process (and its threads) their original ids; fails if taken.
     pub same_pid: bool,
@@ -28,6 +29,41 @@ pub struct ResumeOptions {
     /// original pids (so a clone never collides with its original).
     pub new_pid_ns: bool,
     pub stdio: Stdio,
+    /// Lazy resume: the process runs before its memory is in; this starts
+    /// the pager (`pager::serve`) on the userfaultfd, for the given pid. It
+    /// must return once the pager runs (in a thread or another process):
+    /// the rest of the resume already faults on lazy memory.
+    pub lazy: Option<PagerLauncher>,
+}
+
+/// Starts a pager: (userfaultfd, "go" pipe, image directory, pid). The pipe
+/// reads end-of-file once the process runs (see `pager::serve`).
+pub type PagerLauncher =
+    std::sync::Arc<dyn Fn(OwnedFd, OwnedFd, &Path, i32) -> Result<()> + Send + Sync>;
+
+impl std::fmt::Debug for ResumeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumeOptions")
+            .field("same_pid", &self.same_pid)
+            .field("new_pid_ns", &self.new_pid_ns)
+            .field("stdio", &self.stdio)
+            .field("lazy", &self.lazy.is_some())
+            .finish()
+    }
+}
+
+/// A pager launcher that serves from a thread of this process (for library
+/// users whose process outlives the resumed one's loading).
+pub fn pager_thread() -> PagerLauncher {
+    std::sync::Arc::new(|fd: OwnedFd, go: OwnedFd, dir: &Path, pid: i32| {
+        let image = Image::open(dir)?;
+        std::thread::spawn(move || {
+            if let Err(e) = crate::pager::serve(fd, Some(go), &image, pid) {
+                tracing::error!("pager for pid {pid}: {e}");
+            }
+        });
+        Ok(())
+    })
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -45,7 +81,12 @@ pub struct ResumeReport {
 /// process runs on its own.
 pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     let t0 = Instant::now();
-    let img = Image::open_verified(dir)?;
+    let img = Image::open(dir)?;
+    if opts.lazy.is_some() {
+        img.verify_index()?;
+    } else {
+        img.verify_pages()?;
+    }
     let procs = &img.manifest.processes;
     if procs.is_empty() {
         return Err(Error::bad_image(dir, "holds no process"));
@@ -54,6 +95,7 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
         precheck(dir, process, opts)?;
     }
     let pages = img.pages()?;
+    tracing::debug!("resume: image checked in {:?}", t0.elapsed());
     // Objects first: every puppet forked from here on inherits them.
     let mut installer = crate::fds::Installer::create(&img.manifest, &pages)?;
     installer.prepare_shm(&img.manifest)?;
@@ -63,6 +105,7 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     } else {
         Puppet::spawn(opts.same_pid.then_some(procs[0].pid))?
     };
+    tracing::debug!("resume: puppet ready at {:?}", t0.elapsed());
     let root_pid = root.pid;
     let mut made = vec![root_pid];
     let result = (|| {
@@ -74,8 +117,10 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
             .map(|(a, b)| (a.pid, b.pid))
             .collect();
         let mut all_tids = Vec::new();
+        let mut pager_go = Vec::new();
         for (p, process) in puppets.iter_mut().zip(procs) {
             let ctx = Context {
+                dir,
                 pages: &pages,
                 opts,
                 same_pid,
@@ -83,11 +128,15 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
                 objects: &img.manifest.objects,
                 pids: &pids,
             };
-            all_tids.push(build(p, process, ctx)?);
+            let (tids, go) = build(p, process, ctx)?;
+            all_tids.push(tids);
+            pager_go.push(go);
         }
         for (process, tids) in procs.iter().zip(&all_tids).rev() {
             start(process, tids)?;
         }
+        // Closing the "go" pipes tells the pagers the processes run.
+        drop(pager_go);
         Ok((puppets.iter().map(|p| p.pid).collect(), all_tids))
     })();
     match result {
@@ -111,6 +160,7 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
 
 /// What building one process of an image needs besides its puppet.
 struct Context<'a> {
+    dir: &'a Path,
     pages: &'a [u8],
     opts: &'a ResumeOptions,
     same_pid: bool,
@@ -147,57 +197,66 @@ fn precheck(dir: &Path, process: &Process, opts: &ResumeOptions) -> Result<()> {
     Ok(())
 }
 
-fn build(p: &mut Puppet, process: &Process, ctx: Context) -> Result<Vec<i32>> {
+/// Builds one process in its puppet, up to (not including) letting it run;
+/// returns its thread ids and, for a lazy resume, the pager's "go" pipe.
+fn build(p: &mut Puppet, process: &Process, ctx: Context) -> Result<(Vec<i32>, Option<OwnedFd>)> {
+    let (dir, pages, opts) = (ctx.dir, ctx.pages, ctx.opts);
+    let t = Instant::now();
+    let lap = |what: &str| tracing::debug!("resume: {what} done at {:?}", t.elapsed());
     prepare(p, &process.vmas)?;
+    lap("prepare");
     place_specials(p, &process.vmas)?;
-    map_memory(p, &process.vmas, ctx.pages, ctx.installer)?;
+    lap("place specials");
+    map_memory(p, &process.vmas, pages, opts.lazy.is_some(), ctx.installer)?;
+    // Closed once the process runs: the pager's go signal.
+    let go = match &opts.lazy {
+        Some(launch) => Some(arm_pager(p, dir, process, launch)?),
+        None => None,
+    };
+    lap("map memory");
     files::restore(
         p,
         process,
         ctx.objects,
         ctx.installer,
-        ctx.pages,
-        &ctx.opts.stdio,
+        pages,
+        &opts.stdio,
         ctx.pids,
     )?;
     process_attributes(p, process)?;
+    lap("files and attributes");
     set_mm(p, process)?;
     let mut remotes = create_threads(p, &process.threads, ctx.same_pid)?;
+    lap("mm and threads");
     let tids: Vec<i32> = std::iter::once(p.pid)
         .chain(remotes.iter().map(|r| r.tid))
         .collect();
     for (i, t) in process.threads.iter().enumerate() {
-        let r = if i == 0 {
-            &mut p.main
-        } else {
-            &mut remotes[i - 1]
-        };
-        thread_attributes(r, p.area + CODE_LEN, &p.mem, t, tids[i])?;
+        patch_tid(&p.mem, t, tids[i])?;
     }
-    for (i, t) in process.threads.iter().enumerate() {
-        let r = if i == 0 {
-            &mut p.main
-        } else {
-            &mut remotes[i - 1]
-        };
-        set_creds(r, p.area + CODE_LEN, &p.mem, process, i == 0)?;
-        queue_signals(r, p.area + CODE_LEN, &p.mem, p.pid, &t.pending, false)?;
+    // Other threads first: the main thread may make the mm non-dumpable.
+    for (i, t) in process.threads.iter().enumerate().skip(1) {
+        let b = thread_batch(p, process, t, tids[i])?;
+        p.run_in(&mut remotes[i - 1], b)?;
     }
-    let scratch = p.scratch();
-    queue_signals(
-        &mut p.main,
-        scratch,
-        &p.mem,
-        p.pid,
-        &process.shared_pending,
-        true,
-    )?;
+    let mut b = thread_batch(p, process, &process.threads[0], p.pid)?;
+    for info in &process.shared_pending {
+        let signo = i32::from_ne_bytes(info[..4].try_into().expect("siginfo"));
+        let addr = b.data(info)?;
+        b.call(
+            "rt_sigqueueinfo",
+            libc::SYS_rt_sigqueueinfo,
+            &[p.pid as u64, signo as u64, addr],
+        );
+    }
+    p.run(b)?;
     let tid_map: HashMap<i32, i32> = process
         .threads
         .iter()
         .map(|t| t.tid)
         .zip(tids.iter().copied())
         .collect();
+    let scratch = p.scratch();
     crate::timers::restore(
         &mut p.main,
         &p.mem,
@@ -211,7 +270,8 @@ fn build(p: &mut Puppet, process: &Process, ctx: Context) -> Result<Vec<i32>> {
         libc::SYS_munmap,
         &[p.area, CODE_LEN + SCRATCH_LEN],
     )?;
-    Ok(tids)
+    lap("built");
+    Ok((tids, go))
 }
 
 /// Gives every thread its registers back and lets the process run.
@@ -231,33 +291,31 @@ fn start(process: &Process, tids: &[i32]) -> Result<()> {
 /// Unregisters the puppet's rseq, blocks its signals, moves injection to a
 /// private code page and removes every mapping the puppet came with.
 fn prepare(p: &mut Puppet, image_vmas: &[Vma]) -> Result<()> {
-    let rseq = ptrace::rseq_config(p.pid)?;
-    if rseq.rseq_abi_pointer != 0 {
-        p.sys(
-            "unregister the puppet's rseq",
-            libc::SYS_rseq,
-            &[
-                rseq.rseq_abi_pointer,
-                rseq.rseq_abi_size as u64,
-                sys::RSEQ_FLAG_UNREGISTER as u64,
-                rseq.signature as u64,
-            ],
-        )?;
-    }
     ptrace::set_sigmask(p.pid, !0)?;
     let own = proc::maps(p.pid)?;
     let mut busy: Vec<(u64, u64)> = own.iter().map(|m| (m.start, m.end)).collect();
     busy.extend(image_vmas.iter().map(|v| (v.start, v.end)));
     let area = find_gap(&busy, CODE_LEN + SCRATCH_LEN);
     p.map_area(area)?;
+    let mut b = p.batch();
+    let rseq = ptrace::rseq_config(p.pid)?;
+    if rseq.rseq_abi_pointer != 0 {
+        let args = [
+            rseq.rseq_abi_pointer,
+            rseq.rseq_abi_size as u64,
+            sys::RSEQ_FLAG_UNREGISTER as u64,
+            rseq.signature as u64,
+        ];
+        b.call("unregister the puppet's rseq", libc::SYS_rseq, &args);
+    }
     for m in own.iter().filter(|m| !m.path.starts_with("[v")) {
-        p.sys(
+        b.call(
             "munmap the puppet's own memory",
             libc::SYS_munmap,
             &[m.start, m.len()],
-        )?;
+        );
     }
-    Ok(())
+    p.run(b).map(drop)
 }
 
 /// The lowest free range of `len` bytes (plus a guard page each side) above
@@ -297,7 +355,8 @@ fn place_specials(p: &mut Puppet, image_vmas: &[Vma]) -> Result<()> {
     let mut busy: Vec<(u64, u64)> = own.iter().map(|m| (m.start, m.end)).collect();
     busy.extend(image_vmas.iter().map(|v| (v.start, v.end)));
     busy.push((p.area, p.area + CODE_LEN + SCRATCH_LEN));
-    let mut moves = Vec::new();
+    let (mut first, mut second) = (p.batch(), p.batch());
+    let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
     for m in &own {
         let want = image_vmas
             .iter()
@@ -314,166 +373,215 @@ fn place_specials(p: &mut Puppet, image_vmas: &[Vma]) -> Result<()> {
             Some(v) => {
                 let tmp = find_gap(&busy, m.len());
                 busy.push((tmp, tmp + m.len()));
-                mremap(p, m.start, m.len(), tmp)?;
-                moves.push((tmp, m.len(), v.start));
+                first.call("mremap vdso/vvar aside", libc::SYS_mremap, &[m.start, m.len(), m.len(), flags, tmp]);
+                second.call("mremap vdso/vvar in place", libc::SYS_mremap, &[tmp, m.len(), m.len(), flags, v.start]);
             }
-            None => {
-                p.sys("munmap a vdso the image lacks", libc::SYS_munmap, &[m.start, m.len()])?;
-            }
+            None => first.call("munmap a vdso the image lacks", libc::SYS_munmap, &[m.start, m.len()]),
         }
     }
-    for (tmp, len, dest) in moves {
-        mremap(p, tmp, len, dest)?;
-    }
-    Ok(())
+    p.run(first)?;
+    p.run(second).map(drop)
 }
 
-fn mremap(p: &mut Puppet, from: u64, len: u64, to: u64) -> Result<()> {
-    let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
-    let got = p.sys(
-        "mremap vdso/vvar",
-        libc::SYS_mremap,
-        &[from, len, len, flags, to],
-    )?;
-    if got != to {
-        return Err(Error::Restore(format!(
-            "mremap moved to {got:#x}, not {to:#x}"
-        )));
-    }
-    Ok(())
-}
-
-/// Maps every VMA of the image and fills in its stored pages.
+/// Maps every VMA of the image and fills in its stored pages: one batch
+/// opens the files, one maps everything, then memory is copied in, then
+/// one batch sets the final protections.
 fn map_memory(
     p: &mut Puppet,
     vmas: &[Vma],
     pages: &[u8],
+    lazy: bool,
     installer: &mut crate::fds::Installer,
 ) -> Result<()> {
-    for v in vmas
+    let vmas: Vec<&Vma> = vmas
         .iter()
         .filter(|v| special_name(&v.kind).is_none() && v.kind != VmaKind::Vsyscall)
-    {
-        let fill = !v.pages.is_empty();
-        let prot = v.prot() | if fill { libc::PROT_WRITE } else { 0 };
-        map_vma(p, v, prot, installer)?;
-        if fill {
-            fill_vma(p.pid, v, pages)?;
-            if prot != v.prot() {
-                p.sys(
-                    "mprotect",
-                    libc::SYS_mprotect,
-                    &[v.start, v.len(), v.prot() as u64],
-                )?;
+        .collect();
+    let mut sources = Vec::new();
+    for v in &vmas {
+        sources.push(source_of(v, installer)?);
+    }
+    let mut opens = p.batch();
+    for s in &sources {
+        match s {
+            Source::Open { path, flags } => {
+                let a = opens.path(path)?;
+                opens.call(
+                    format!("open {path}"),
+                    libc::SYS_openat,
+                    &[libc::AT_FDCWD as u64, a, *flags as u64],
+                );
             }
+            Source::Memfd { label, .. } => {
+                let a = opens.path(label)?;
+                opens.call(
+                    "memfd_create",
+                    libc::SYS_memfd_create,
+                    &[a, libc::MFD_CLOEXEC as u64],
+                );
+            }
+            Source::Anon | Source::Shared { .. } => {}
         }
     }
-    Ok(())
-}
-
-fn map_vma(
-    p: &mut Puppet,
-    v: &Vma,
-    prot: i32,
-    installer: &mut crate::fds::Installer,
-) -> Result<()> {
-    let share = if v.shared {
-        libc::MAP_SHARED
-    } else {
-        libc::MAP_PRIVATE
-    };
-    let (flags, fd, offset) = match &v.kind {
-        VmaKind::Anon { .. } => {
-            let grows = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows, -1, 0)
-        }
-        VmaKind::File { path, offset, .. } => {
-            let mode = if v.shared && v.write {
-                libc::O_RDWR
-            } else {
-                libc::O_RDONLY
-            };
-            (share, p.open(path, mode | libc::O_CLOEXEC, 0)?, *offset)
-        }
-        VmaKind::Shmem { object, offset, .. } if installer.has_shm(*object) => {
+    let fds = p.run(opens)?;
+    let mut fd_iter = fds.iter();
+    let mut maps = p.batch();
+    let mut protects = p.batch();
+    let fill_now = |v: &Vma| !v.pages.is_empty() && !(lazy && crate::pager::is_lazy(v));
+    for (v, s) in vmas.iter().zip(&sources) {
+        let fill = fill_now(v);
+        let prot = v.prot() | if fill { libc::PROT_WRITE } else { 0 };
+        let share = if v.shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+        let (flags, fd, offset) = match (s, &v.kind) {
+            (Source::Anon, _) if v.shared => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, u64::MAX, 0),
+            (Source::Anon, _) => {
+                let grows = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows, u64::MAX, 0)
+            }
+            (Source::Open { .. }, VmaKind::File { offset, .. }) => {
+                (share, *fd_iter.next().expect("fd"), *offset)
+            }
+            (Source::Open { .. }, VmaKind::Shmem { offset, .. }) => {
+                (libc::MAP_SHARED, *fd_iter.next().expect("fd"), *offset)
+            }
             // Shared with other processes of the tree: the resumer's object,
             // which this puppet inherited (and must not close).
-            let fd = installer.shm(*object, "", offset + v.len())?;
-            return p
-                .sys(
-                    &format!("mmap shared {:#x}-{:#x}", v.start, v.end),
-                    libc::SYS_mmap,
-                    &[
-                        v.start,
-                        v.len(),
-                        prot as u64,
-                        (libc::MAP_SHARED | libc::MAP_FIXED) as u64,
-                        fd as u64,
-                        *offset,
-                    ],
-                )
-                .map(drop);
+            (Source::Shared { fd }, VmaKind::Shmem { offset, .. }) => {
+                (libc::MAP_SHARED, *fd as u64, *offset)
+            }
+            (Source::Memfd { size, offset, .. }, _) => {
+                let fd = *fd_iter.next().expect("fd");
+                maps.call("ftruncate memfd", libc::SYS_ftruncate, &[fd, *size]);
+                (libc::MAP_SHARED, fd, *offset)
+            }
+            _ => unreachable!("sources follow kinds"),
+        };
+        let what = format!("mmap {:#x}-{:#x} ({:?})", v.start, v.end, v.kind);
+        maps.call(
+            what,
+            libc::SYS_mmap,
+            &[
+                v.start,
+                v.len(),
+                prot as u64,
+                (flags | libc::MAP_FIXED) as u64,
+                fd,
+                offset,
+            ],
+        );
+        if fd != u64::MAX && !matches!(s, Source::Shared { .. }) {
+            maps.call("close", libc::SYS_close, &[fd]);
         }
-        VmaKind::Shmem { name, offset, .. } => shmem_object(p, v, name, *offset)?,
-        _ => unreachable!("special VMAs are placed, not mapped"),
-    };
-    let r = p.sys(
-        &format!("mmap {:#x}-{:#x} ({:?})", v.start, v.end, v.kind),
-        libc::SYS_mmap,
-        &[
-            v.start,
-            v.len(),
-            prot as u64,
-            (flags | libc::MAP_FIXED) as u64,
-            fd as u64,
-            offset,
-        ],
-    );
-    if fd >= 0 {
-        p.close(fd)?;
+        if prot != v.prot() {
+            protects.call(
+                "mprotect",
+                libc::SYS_mprotect,
+                &[v.start, v.len(), v.prot() as u64],
+            );
+        }
     }
-    r.map(drop)
+    p.run(maps)?;
+    for v in vmas.iter().filter(|v| fill_now(v)) {
+        fill_vma(p.pid, v, pages)?;
+    }
+    p.run(protects).map(drop)
 }
 
-/// The object behind a shared mapping: an existing tmpfs file is reopened;
-/// memfds and deleted files become a new memfd; anything else is shared
-/// anonymous memory. Returns (mmap flags, fd, offset).
+/// Creates a userfaultfd inside the puppet (it must belong to the puppet's
+/// address space), takes it, registers the lazy VMAs and starts the pager.
+/// The puppet's own copy of the descriptor goes with its other fds.
+fn arm_pager(
+    p: &mut Puppet,
+    dir: &Path,
+    process: &Process,
+    launch: &PagerLauncher,
+) -> Result<OwnedFd> {
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+    let fd = p.sys("userfaultfd", libc::SYS_userfaultfd, &[flags])?;
+    let uffd = crate::uffd::Uffd::from_fd(crate::uffd::take_fd(p.pid, fd as i32)?);
+    uffd.api(crate::pager::FEATURES)?;
+    for v in process.vmas.iter().filter(|v| crate::pager::is_lazy(v)) {
+        uffd.register(v.start, v.len(), crate::uffd::MODE_MISSING)?;
+    }
+    let (go_read, go_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", e))?;
+    launch(uffd.fd, go_read, dir, p.pid)?;
+    Ok(go_write)
+}
+
+/// Where a VMA's contents come from at resume.
+enum Source {
+    Anon,
+    /// A file opened by path (mapped files, existing tmpfs files).
+    Open {
+        path: String,
+        flags: i32,
+    },
+    /// A new memfd (memfds, deleted files): its label, size and offset.
+    Memfd {
+        label: String,
+        size: u64,
+        offset: u64,
+    },
+    /// Memory several processes of the tree share: the resumer's memfd.
+    Shared {
+        fd: i32,
+    },
+}
+
 /// True for a shared mapping of a tmpfs file that still exists (reopened
 /// by path, not recreated).
 pub fn reopens_tmpfs(name: &str) -> bool {
     name.starts_with('/') && !name.ends_with(" (deleted)") && Path::new(name).exists()
 }
 
-fn shmem_object(p: &mut Puppet, v: &Vma, name: &str, offset: u64) -> Result<(i32, i32, u64)> {
-    let deleted = name.ends_with(" (deleted)");
-    if reopens_tmpfs(name) {
-        return Ok((
-            libc::MAP_SHARED,
-            p.open(name, libc::O_RDWR | libc::O_CLOEXEC, 0)?,
-            offset,
-        ));
+fn source_of(v: &Vma, installer: &mut crate::fds::Installer) -> Result<Source> {
+    if let VmaKind::Shmem { object, offset, .. } = &v.kind {
+        if installer.has_shm(*object) {
+            let fd = installer.shm(*object, "", offset + v.len())?;
+            return Ok(Source::Shared { fd });
+        }
     }
-    if name.starts_with("/memfd:")
-        || (deleted && !name.starts_with("/dev/zero") && !name.starts_with("/SYSV"))
-    {
-        let label = name
-            .trim_start_matches("/memfd:")
-            .trim_end_matches(" (deleted)");
-        let label: String = label.chars().take(200).collect();
-        let addr = p.put_path(0, &label)?;
-        let fd = p.sys(
-            "memfd_create",
-            libc::SYS_memfd_create,
-            &[addr, libc::MFD_CLOEXEC as u64],
-        )? as i32;
-        p.sys(
-            "ftruncate memfd",
-            libc::SYS_ftruncate,
-            &[fd as u64, offset + v.len()],
-        )?;
-        return Ok((libc::MAP_SHARED, fd, offset));
-    }
-    Ok((libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0))
+    Ok(match &v.kind {
+        VmaKind::File { path, .. } => {
+            let mode = if v.shared && v.write {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
+            Source::Open {
+                path: path.clone(),
+                flags: mode | libc::O_CLOEXEC,
+            }
+        }
+        VmaKind::Shmem { name, offset, .. } => {
+            if reopens_tmpfs(name) {
+                return Ok(Source::Open {
+                    path: name.clone(),
+                    flags: libc::O_RDWR | libc::O_CLOEXEC,
+                });
+            }
+            let anon = name.starts_with("/dev/zero")
+                || name.starts_with("/SYSV")
+                || !name.starts_with('/');
+            if anon {
+                return Ok(Source::Anon);
+            }
+            let label = name
+                .trim_start_matches("/memfd:")
+                .trim_end_matches(" (deleted)");
+            Source::Memfd {
+                label: label.chars().take(200).collect(),
+                size: offset + v.len(),
+                offset: *offset,
+            }
+        }
+        _ => Source::Anon,
+    })
 }
 
 /// Writes the stored pages of a VMA, one process_vm_writev per stretch that
@@ -496,15 +604,6 @@ fn fill_vma(pid: i32, v: &Vma, pages: &[u8]) -> Result<()> {
 }
 
 fn process_attributes(p: &mut Puppet, process: &Process) -> Result<()> {
-    let cwd = if Path::new(&process.cwd).is_dir() {
-        process.cwd.as_str()
-    } else {
-        "/"
-    };
-    let addr = p.put_path(0, cwd)?;
-    p.sys(&format!("chdir {cwd}"), libc::SYS_chdir, &[addr])?;
-    p.sys("umask", libc::SYS_umask, &[process.umask as u64])?;
-    p.sys("personality", libc::SYS_personality, &[process.personality])?;
     for &(res, cur, max) in &process.rlimits {
         let new = libc::rlimit64 {
             rlim_cur: cur,
@@ -513,12 +612,21 @@ fn process_attributes(p: &mut Puppet, process: &Process) -> Result<()> {
         // SAFETY: new is a valid rlimit64; no old value is read.
         let r = unsafe { libc::prlimit64(p.pid, res as _, &new, std::ptr::null_mut()) };
         if r != 0 {
-            tracing::warn!(
-                "rlimit {res} ({cur}/{max}) not restored: {}",
-                std::io::Error::last_os_error()
-            );
+            let e = std::io::Error::last_os_error();
+            tracing::warn!("rlimit {res} ({cur}/{max}) not restored: {e}");
         }
     }
+    let cwd = if Path::new(&process.cwd).is_dir() {
+        process.cwd.as_str()
+    } else {
+        "/"
+    };
+    let mut b = p.batch();
+    let addr = b.path(cwd)?;
+    b.call(format!("chdir {cwd}"), libc::SYS_chdir, &[addr]);
+    b.call("umask", libc::SYS_umask, &[process.umask as u64]);
+    b.call("personality", libc::SYS_personality, &[process.personality]);
+    // The puppet came with umlctl's handlers: reset those the image lacks.
     let st = proc::status(p.pid)?;
     let custom = proc::status_hex(&st, "SigCgt") | proc::status_hex(&st, "SigIgn");
     for sig in 1..=64i32 {
@@ -533,14 +641,14 @@ fn process_attributes(p: &mut Puppet, process: &Process) -> Result<()> {
         if act.is_none() && custom & (1u64 << (sig - 1)) == 0 {
             continue;
         }
-        let addr = p.put(0, sys::as_bytes(&act.unwrap_or_default()))?;
-        p.sys(
-            &format!("rt_sigaction {sig}"),
+        let addr = b.data(sys::as_bytes(&act.unwrap_or_default()))?;
+        b.call(
+            format!("rt_sigaction {sig}"),
             libc::SYS_rt_sigaction,
             &[sig as u64, addr, 0, 8],
-        )?;
+        );
     }
-    Ok(())
+    p.run(b).map(drop)
 }
 
 /// Sets brk, arg/env, auxv and the exe link in one PR_SET_MM_MAP call (the
@@ -629,115 +737,110 @@ fn create_threads(p: &mut Puppet, threads: &[Thread], same_pid: bool) -> Result<
     Ok(out)
 }
 
-/// Per-thread kernel state: name, rseq, clear_child_tid, robust list,
-/// alternate signal stack; and glibc's cached tid when the tid changed.
-fn thread_attributes(
-    r: &mut Remote,
-    scratch: u64,
-    mem: &crate::mem::ProcMem,
-    t: &Thread,
-    new_tid: i32,
-) -> Result<()> {
+/// One thread's own kernel state, run as that thread: name, rseq,
+/// clear_child_tid, robust list, alternate signal stack; then its
+/// credentials (the kernel keeps them per thread): bounding set, groups,
+/// gids, uids, capabilities, last no_new_privs; then its pending signals.
+fn thread_batch(p: &Puppet, process: &Process, t: &Thread, tid: i32) -> Result<Batch> {
+    let main = tid == p.pid;
+    let mut b = p.batch();
     let mut name = t.comm.as_bytes().to_vec();
     name.truncate(15);
     name.push(0);
-    mem.write(scratch, &name)?;
-    r.check(
+    let addr = b.data(&name)?;
+    b.call(
         "prctl(PR_SET_NAME)",
         libc::SYS_prctl,
-        &[libc::PR_SET_NAME as u64, scratch],
-    )?;
+        &[libc::PR_SET_NAME as u64, addr],
+    );
     if let Some(q) = t.rseq {
-        r.check(
+        b.call(
             "rseq register",
             libc::SYS_rseq,
             &[q.addr, q.len as u64, 0, q.sig as u64],
-        )?;
+        );
     }
-    r.check(
+    b.call(
         "set_tid_address",
         libc::SYS_set_tid_address,
         &[t.clear_child_tid],
-    )?;
+    );
     let len = if t.robust_list_len == 0 {
         24
     } else {
         t.robust_list_len
     };
-    r.check(
+    b.call(
         "set_robust_list",
         libc::SYS_set_robust_list,
         &[t.robust_list, len],
-    )?;
+    );
     let (sp, flags, size) = t.altstack;
     let stack: [u64; 3] = if flags & libc::SS_DISABLE != 0 {
         [0, libc::SS_DISABLE as u64, 0]
     } else {
         [sp, (flags & !libc::SS_ONSTACK) as u64, size]
     };
-    let bytes: Vec<u8> = stack.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    mem.write(scratch + 64, &bytes)?;
-    r.check("sigaltstack", libc::SYS_sigaltstack, &[scratch + 64, 0])?;
-    if t.clear_child_tid != 0 && new_tid != t.tid {
-        let mut b = [0u8; 4];
-        if mem.read(t.clear_child_tid, &mut b).is_ok() && i32::from_ne_bytes(b) == t.tid {
-            mem.write(t.clear_child_tid, &new_tid.to_ne_bytes())?;
-        }
+    let addr = b.data(
+        &stack
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect::<Vec<u8>>(),
+    )?;
+    b.call("sigaltstack", libc::SYS_sigaltstack, &[addr, 0]);
+    creds(&mut b, process, main)?;
+    for info in &t.pending {
+        let signo = i32::from_ne_bytes(info[..4].try_into().expect("siginfo"));
+        let addr = b.data(info)?;
+        let args = [p.pid as u64, tid as u64, signo as u64, addr];
+        b.call("rt_tgsigqueueinfo", libc::SYS_rt_tgsigqueueinfo, &args);
     }
-    Ok(())
+    Ok(b)
 }
 
-/// Drops the calling thread to the image's credentials (per thread, as the
-/// kernel keeps them): groups, gids, uids, then capabilities.
-fn set_creds(
-    r: &mut Remote,
-    scratch: u64,
-    mem: &crate::mem::ProcMem,
-    process: &Process,
-    main: bool,
-) -> Result<()> {
+/// Drops the calling thread to the image's credentials.
+fn creds(b: &mut Batch, process: &Process, main: bool) -> Result<()> {
     let c = &process.creds;
-    for cap in 0..64u64 {
-        if c.cap_bounding & (1 << cap) == 0 && cap <= last_cap() {
-            r.check(
+    for cap in 0..=last_cap() {
+        if c.cap_bounding & (1 << cap) == 0 {
+            b.call(
                 "prctl(PR_CAPBSET_DROP)",
                 libc::SYS_prctl,
                 &[libc::PR_CAPBSET_DROP as u64, cap],
-            )?;
+            );
         }
     }
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-    mem.write(scratch, &groups)?;
-    r.check(
+    let addr = b.data(&groups)?;
+    b.call(
         "setgroups",
         libc::SYS_setgroups,
-        &[c.groups.len() as u64, scratch],
-    )?;
-    r.check(
+        &[c.groups.len() as u64, addr],
+    );
+    b.call(
         "setresgid",
         libc::SYS_setresgid,
         &[c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64],
-    )?;
+    );
     let keep = c.cap_permitted != 0;
     if keep {
-        r.check(
+        b.call(
             "prctl(PR_SET_KEEPCAPS)",
             libc::SYS_prctl,
             &[libc::PR_SET_KEEPCAPS as u64, 1],
-        )?;
+        );
     }
-    r.check(
+    b.call(
         "setresuid",
         libc::SYS_setresuid,
         &[c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64],
-    )?;
+    );
     if keep {
         let hdr = sys::CapUserHeader {
             version: sys::LINUX_CAPABILITY_VERSION_3,
             pid: 0,
         };
-        let lo = |v: u64| v as u32;
-        let hi = |v: u64| (v >> 32) as u32;
+        let (lo, hi) = (|v: u64| v as u32, |v: u64| (v >> 32) as u32);
         let data = [
             sys::CapUserData {
                 effective: lo(c.cap_effective),
@@ -750,41 +853,48 @@ fn set_creds(
                 inheritable: hi(c.cap_inheritable),
             },
         ];
-        mem.write(scratch, sys::as_bytes(&hdr))?;
-        mem.write(scratch + 16, sys::as_bytes(&data))?;
-        r.check("capset", libc::SYS_capset, &[scratch, scratch + 16])?;
-        for cap in 0..64u64 {
-            if c.cap_ambient & (1 << cap) != 0 {
-                r.check(
-                    "prctl(PR_CAP_AMBIENT_RAISE)",
-                    libc::SYS_prctl,
-                    &[
-                        libc::PR_CAP_AMBIENT as u64,
-                        libc::PR_CAP_AMBIENT_RAISE as u64,
-                        cap,
-                    ],
-                )?;
-            }
+        let h = b.data(sys::as_bytes(&hdr))?;
+        let d = b.data(sys::as_bytes(&data))?;
+        b.call("capset", libc::SYS_capset, &[h, d]);
+        for cap in (0..64u64).filter(|cap| c.cap_ambient & (1 << cap) != 0) {
+            let args = [
+                libc::PR_CAP_AMBIENT as u64,
+                libc::PR_CAP_AMBIENT_RAISE as u64,
+                cap,
+            ];
+            b.call("prctl(PR_CAP_AMBIENT_RAISE)", libc::SYS_prctl, &args);
         }
-        r.check(
+        b.call(
             "prctl(PR_SET_KEEPCAPS)",
             libc::SYS_prctl,
             &[libc::PR_SET_KEEPCAPS as u64, 0],
-        )?;
+        );
     }
     if main {
-        r.check(
+        b.call(
             "prctl(PR_SET_DUMPABLE)",
             libc::SYS_prctl,
             &[libc::PR_SET_DUMPABLE as u64, c.dumpable as u64],
-        )?;
+        );
     }
     if c.no_new_privs {
-        r.check(
+        b.call(
             "prctl(PR_SET_NO_NEW_PRIVS)",
             libc::SYS_prctl,
             &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
-        )?;
+        );
+    }
+    Ok(())
+}
+
+/// glibc caches each thread's tid at its clear_child_tid address; a thread
+/// with a new tid gets it written there (only where the old one is found).
+fn patch_tid(mem: &crate::mem::ProcMem, t: &Thread, new_tid: i32) -> Result<()> {
+    if t.clear_child_tid != 0 && new_tid != t.tid {
+        let mut b = [0u8; 4];
+        if mem.read(t.clear_child_tid, &mut b).is_ok() && i32::from_ne_bytes(b) == t.tid {
+            mem.write(t.clear_child_tid, &new_tid.to_ne_bytes())?;
+        }
     }
     Ok(())
 }
@@ -794,33 +904,4 @@ fn last_cap() -> u64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(40)
-}
-
-/// Queues pending signals again, as the thread itself (so any si_code is allowed).
-fn queue_signals(
-    r: &mut Remote,
-    scratch: u64,
-    mem: &crate::mem::ProcMem,
-    pid: i32,
-    infos: &[Vec<u8>],
-    shared: bool,
-) -> Result<()> {
-    for info in infos {
-        let signo = i32::from_ne_bytes(info[..4].try_into().expect("siginfo"));
-        mem.write(scratch, info)?;
-        if shared {
-            r.check(
-                "rt_sigqueueinfo",
-                libc::SYS_rt_sigqueueinfo,
-                &[pid as u64, signo as u64, scratch],
-            )?;
-        } else {
-            r.check(
-                "rt_tgsigqueueinfo",
-                libc::SYS_rt_tgsigqueueinfo,
-                &[pid as u64, r.tid as u64, signo as u64, scratch],
-            )?;
-        }
-    }
-    Ok(())
 }

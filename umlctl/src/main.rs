@@ -60,6 +60,9 @@ enum Command {
     /// Internal: the guarded worker that performs a snapshot (see cmd::process).
     #[command(hide = true, name = "__snapshot-worker")]
     SnapshotWorker(cmd::process::SnapshotArgs),
+    /// Internal: the pager of a lazy resume (see cmd::process).
+    #[command(hide = true, name = "__pager")]
+    Pager(cmd::process::PagerArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -86,6 +89,7 @@ fn run(cli: Cli) -> CliResult {
         Command::Snapshot(a) => cmd::process::snapshot(out, a),
         Command::SnapshotWorker(a) => cmd::process::snapshot_worker(out, a),
         Command::Resume(a) => cmd::process::resume(out, a),
+        Command::Pager(a) => cmd::process::pager(out, a),
         Command::Image(c) => cmd::image::run(out, c),
         Command::Fs(c) => cmd::fs::run(out, c),
         Command::Vm(c) => cmd::vm::run(out, c),

@@ -156,7 +156,7 @@ pub fn run(out: Output, cmd: FsCmd) -> CliResult {
         }
         FsCmd::Umount { mountpoint } => {
             cowfs::unmount(&mountpoint).map_err(cli)?;
-            out.emit(&json!({"unmounted": mountpoint}), || String::new());
+            out.emit(&json!({"unmounted": mountpoint}), String::new);
             Ok(())
         }
         FsCmd::Checkpoint { store, name } => {
@@ -178,7 +178,7 @@ pub fn run(out: Output, cmd: FsCmd) -> CliResult {
         }
         FsCmd::Rollback { store, name } => {
             open(&store)?.rollback(&name).map_err(cli)?;
-            out.emit(&json!({"rolled_back_to": name}), || String::new());
+            out.emit(&json!({"rolled_back_to": name}), String::new);
             Ok(())
         }
         FsCmd::Diff { store, a, b } => {
@@ -201,7 +201,7 @@ pub fn run(out: Output, cmd: FsCmd) -> CliResult {
         }
         FsCmd::Delete { store, name } => {
             open(&store)?.delete(&name).map_err(cli)?;
-            out.emit(&json!({"deleted": name}), || String::new());
+            out.emit(&json!({"deleted": name}), String::new);
             Ok(())
         }
         FsCmd::Fsck { store, check } => {

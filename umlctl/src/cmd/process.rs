@@ -51,6 +51,18 @@ pub struct ResumeArgs {
     /// every process has its original pid; needs root).
     #[arg(long, default_value = "host", value_name = "host|new")]
     pub pid_ns: String,
+    /// Run the process before its memory is loaded: a pager process serves
+    /// pages on demand from the image and loads the rest in the background.
+    /// The image must stay in place until the pager exits (when every page
+    /// is in). Pages are checked against their checksums as they are read.
+    #[arg(long)]
+    pub lazy: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PagerArgs {
+    pub dir: PathBuf,
+    pub pid: i32,
 }
 
 /// Maps engine errors to exit codes.
@@ -231,6 +243,7 @@ pub fn resume(out: Output, a: ResumeArgs) -> CliResult {
         same_pid: a.same_pid,
         new_pid_ns,
         stdio: parse_stdio(&a.stdio),
+        lazy: a.lazy.then(pager_process),
     };
     let r = engine::resume(&a.dir, &opts).map_err(engine_error)?;
     let j = ResumeJson {
@@ -240,5 +253,68 @@ pub fn resume(out: Output, a: ResumeArgs) -> CliResult {
         elapsed_ms: r.elapsed.as_secs_f64() * 1e3,
     };
     out.emit(&j, || j.pid.to_string());
+    Ok(())
+}
+
+/// Starts the pager as `umlctl __pager DIR PID` with the userfaultfd as its
+/// fd 3, in a session of its own, so that it outlives this command and
+/// holds none of its streams (a caller reading our stdout to its end must
+/// not wait for the pager).
+fn pager_process() -> engine::PagerLauncher {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    std::sync::Arc::new(
+        |fd: OwnedFd, go: OwnedFd, dir: &std::path::Path, pid: i32| {
+            let exe = std::env::current_exe().map_err(|e| engine::Error::io("find umlctl", e))?;
+            let log = std::env::var_os("UMLCTL_PAGER_LOG").and_then(|p| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .ok()
+            });
+            let mut cmd = Command::new(exe);
+            cmd.arg("__pager").arg(dir).arg(pid.to_string());
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null());
+            cmd.stderr(log.map_or(std::process::Stdio::null(), std::process::Stdio::from));
+            let (raw, raw_go) = (fd.as_raw_fd(), go.as_raw_fd());
+            // SAFETY: dup2 and setsid are async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    // Out of the way first: either may already be 3 or 4.
+                    let (a, g) = (
+                        libc::fcntl(raw, libc::F_DUPFD, 100),
+                        libc::fcntl(raw_go, libc::F_DUPFD, 100),
+                    );
+                    if a < 0 || g < 0 || libc::dup2(a, 3) < 0 || libc::dup2(g, 4) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(a);
+                    libc::close(g);
+                    libc::setsid();
+                    Ok(())
+                });
+            }
+            cmd.spawn()
+                .map_err(|e| engine::Error::io("start the pager", e))?;
+            Ok(())
+        },
+    )
+}
+
+/// The pager process: serves the lazily resumed process until it is loaded.
+pub fn pager(_out: Output, a: PagerArgs) -> CliResult {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fds 3 and 4 were set up by pager_process() for us alone.
+    let (fd, go) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(3),
+            std::os::fd::OwnedFd::from_raw_fd(4),
+        )
+    };
+    let image = engine::Image::open(&a.dir).map_err(engine_error)?;
+    let report = engine::pager::serve(fd, Some(go), &image, a.pid).map_err(engine_error)?;
+    tracing::info!("pager for pid {}: {report:?}", a.pid);
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod fs;
 pub mod table1;
+pub mod vm;
 
 use crate::exit::CliResult;
 use crate::output::Output;
@@ -14,11 +15,14 @@ pub enum BenchCmd {
     Table1(table1::Table1Args),
     /// cowfs against the native filesystem, overlayfs and fuse-overlayfs.
     Fs(fs::FsBenchArgs),
+    /// UML VMs: boot, exec, checkpoint, rollback, memory and disk per VM.
+    Vm(vm::VmBenchArgs),
 }
 
 pub fn run(out: Output, cmd: BenchCmd) -> CliResult {
     match cmd {
         BenchCmd::Table1(a) => table1::run(out, a),
         BenchCmd::Fs(a) => fs::run(out, a),
+        BenchCmd::Vm(a) => vm::run(out, a),
     }
 }

@@ -1,10 +1,11 @@
 //! `vm checkpoint` and `vm rollback`: the paper's asynchronous path. A
-//! checkpoint freezes a running VM just long enough to copy its disk layer
-//! (after a guest `sync`, so the copy holds everything written so far); a
-//! rollback stops the VM, puts the layer back, and starts it again.
+//! checkpoint of a running VM syncs the guest, freezes it (mconsole `stop`)
+//! just long enough to flush and record its disk layer, and thaws it (`go`):
+//! the VM keeps running. A rollback stops the VM, puts the layer back as the
+//! checkpoint left it, and starts the VM again if it was running.
 
 use super::lifecycle::{boot, stop_locked};
-use super::state::{check_name, now_unix, private_dir, write_private, Status, Store, Vm};
+use super::state::{check_name, Status, Store, Vm};
 use super::{control, disk, mconsole};
 use crate::exit::{fail, CliError, CliResult, Code};
 use crate::output::Output;
@@ -26,21 +27,6 @@ struct Taken<'a> {
     /// How long the VM was frozen.
     pause_ms: f64,
     total_ms: f64,
-    bytes: u64,
-}
-
-/// The checkpoints of a VM, sorted.
-pub fn names(vm: &Vm) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(vm.dir.join("checkpoints"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter(|e| e.path().join("meta.json").is_file())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 pub fn checkpoint(out: Output, a: CheckpointArgs) -> CliResult {
@@ -48,8 +34,7 @@ pub fn checkpoint(out: Output, a: CheckpointArgs) -> CliResult {
     let store = Store::open()?;
     let vm = store.load(&a.name)?;
     let _lock = vm.lock()?;
-    let dir = vm.checkpoint_dir(&a.checkpoint);
-    if dir.exists() {
+    if disk::checkpoints(&vm).contains(&a.checkpoint) {
         return fail(
             Code::Conflict,
             format!(
@@ -60,41 +45,29 @@ pub fn checkpoint(out: Output, a: CheckpointArgs) -> CliResult {
     }
     let began = Instant::now();
     let running = matches!(vm.status(), Status::Running { .. });
-    private_dir(&dir)?;
     let pause = match running {
-        true => copy_while_frozen(&vm, &dir),
-        false => copy_layer(&vm, &dir).map(|_| Duration::ZERO),
-    }
-    .inspect_err(|_| {
-        let _ = std::fs::remove_dir_all(&dir);
-    })?;
-    let meta =
-        serde_json::json!({"vm": a.name, "created_unix": now_unix(), "vm_was_running": running});
-    write_private(&dir.join("meta.json"), meta.to_string().as_bytes())?;
+        true => checkpoint_frozen(&vm, &a.checkpoint)?,
+        false => disk::checkpoint(&vm, &a.checkpoint).map(|_| Duration::ZERO)?,
+    };
     let taken = Taken {
         vm: &a.name,
         checkpoint: &a.checkpoint,
         running,
         pause_ms: pause.as_secs_f64() * 1e3,
         total_ms: began.elapsed().as_secs_f64() * 1e3,
-        bytes: disk::allocated_bytes(&dir.join("disk.cow")),
     };
     out.emit(&taken, || {
         format!(
-            "checkpoint {} of VM {}: {} KiB, VM paused {:.1} ms, {:.1} ms in all",
-            taken.checkpoint,
-            taken.vm,
-            taken.bytes / 1024,
-            taken.pause_ms,
-            taken.total_ms
+            "checkpoint {} of VM {}: VM paused {:.1} ms, {:.1} ms in all",
+            taken.checkpoint, taken.vm, taken.pause_ms, taken.total_ms
         )
     });
     Ok(())
 }
 
-/// Guest sync, freeze (mconsole stop), copy, thaw (mconsole go). Returns
-/// how long the VM was frozen. The VM is thawed whatever happens.
-fn copy_while_frozen(vm: &Vm, dir: &std::path::Path) -> CliResult<Duration> {
+/// Guest sync, freeze, flush and record the layer, thaw. Returns how long
+/// the VM was frozen. The VM is thawed whatever happens.
+fn checkpoint_frozen(vm: &Vm, name: &str) -> CliResult<Duration> {
     let sync = control::exec(vm, &["sync".to_string()], Some(Duration::from_secs(60)))?;
     if sync.status != 0 {
         return fail(Code::Internal, format!("sync in VM {} failed", vm.name()));
@@ -105,38 +78,28 @@ fn copy_while_frozen(vm: &Vm, dir: &std::path::Path) -> CliResult<Duration> {
     };
     mconsole::call(&mc, "stop").map_err(mc_err)?;
     let frozen = Instant::now();
-    let copied = copy_layer(vm, dir);
+    let taken = disk::flush(vm).and_then(|_| disk::checkpoint(vm, name));
     let pause = frozen.elapsed();
     mconsole::call(&mc, "go").map_err(mc_err)?;
-    copied.map(|_| pause)
-}
-
-fn copy_layer(vm: &Vm, dir: &std::path::Path) -> CliResult {
-    // A VM that never booted has no layer yet: the checkpoint is "empty".
-    if vm.disk().exists() {
-        disk::sparse_copy(&vm.disk(), &dir.join("disk.cow"))?;
-    }
-    Ok(())
+    taken.map(|_| pause)
 }
 
 pub fn rollback(out: Output, a: CheckpointArgs) -> CliResult {
     let store = Store::open()?;
     let vm = store.load(&a.name)?;
     let _lock = vm.lock()?;
-    let dir = vm.checkpoint_dir(&a.checkpoint);
-    if !dir.join("meta.json").is_file() {
-        let have = names(&vm);
+    let have = disk::checkpoints(&vm);
+    if !have.contains(&a.checkpoint) {
+        let have = if have.is_empty() {
+            "none".to_string()
+        } else {
+            have.join(", ")
+        };
         return fail(
             Code::NotFound,
             format!(
-                "VM {} has no checkpoint {} (it has: {})",
-                a.name,
-                a.checkpoint,
-                if have.is_empty() {
-                    "none".to_string()
-                } else {
-                    have.join(", ")
-                }
+                "VM {} has no checkpoint {} (it has: {have})",
+                a.name, a.checkpoint
             ),
         );
     }
@@ -145,12 +108,7 @@ pub fn rollback(out: Output, a: CheckpointArgs) -> CliResult {
     if was_running {
         stop_locked(&vm, Duration::from_secs(20))?;
     }
-    let saved = dir.join("disk.cow");
-    if saved.exists() {
-        disk::sparse_copy(&saved, &vm.disk())?;
-    } else {
-        let _ = std::fs::remove_file(vm.disk());
-    }
+    disk::rollback(&vm, &a.checkpoint)?;
     if was_running {
         boot(&store, &vm)?;
     }

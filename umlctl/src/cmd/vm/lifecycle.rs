@@ -1,9 +1,10 @@
 //! Creating, starting, stopping and removing VMs.
 
 use super::control::{self, Request};
+use super::disk::{self, DiskKind};
 use super::host::Uml;
 use super::state::{self, now_unix, parse_size, private_dir, Status, Store, Vm, VmConfig};
-use super::{disk, mconsole, net, supervisor};
+use super::{mconsole, net, supervisor};
 use crate::exit::{fail, CliError, CliResult, Code};
 use crate::output::Output;
 use serde::Serialize;
@@ -34,6 +35,9 @@ pub struct CreateArgs {
     /// The VM's address on that network (default: the lowest free one).
     #[arg(long, requires = "net")]
     pub ip: Option<String>,
+    /// How the VM's disk layer is kept.
+    #[arg(long, value_enum, default_value = "cowfs")]
+    pub disk: DiskKind,
 }
 
 #[derive(Serialize)]
@@ -44,6 +48,7 @@ struct VmInfo {
     image: PathBuf,
     mem_mib: u64,
     ip: Option<String>,
+    disk: DiskKind,
     /// Bytes allocated to the VM's own disk layer and checkpoints.
     disk_bytes: u64,
     checkpoints: Vec<String>,
@@ -90,23 +95,30 @@ pub fn create(out: Output, a: CreateArgs) -> CliResult {
         Err(e) => return Err(e.into()),
     }
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-    let ip = match a.net {
-        true => Some(net::allocate(&store, a.ip.as_deref()).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&dir);
-        })?),
-        false => None,
-    };
-    let vm = Vm {
-        dir,
-        config: VmConfig {
+    let made = (|| {
+        let ip = match a.net {
+            true => Some(net::allocate(&store, a.ip.as_deref())?),
+            false => None,
+        };
+        let base_dir = disk::create(&dir, a.disk, &image)?;
+        let config = VmConfig {
             name: a.name.clone(),
             image,
+            disk: a.disk,
+            base_dir,
             mem_mib,
             ip,
             created_unix: now_unix(),
-        },
-    };
-    vm.save()?;
+        };
+        let vm = Vm {
+            dir: dir.clone(),
+            config,
+        };
+        vm.save().map(|_| vm)
+    })();
+    let vm = made.inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&dir);
+    })?;
     out.emit(&info(&vm), || format!("created VM {}", a.name));
     Ok(())
 }
@@ -156,12 +168,13 @@ pub fn boot(store: &Store, vm: &Vm) -> CliResult {
         Status::Dead { .. } => clean_up(vm),
         Status::Stopped => {}
     }
-    if !vm.config.image.is_file() {
+    let base = disk::base_image(vm);
+    if !base.is_file() {
         return fail(
             Code::NotFound,
             format!(
                 "the base image {} of VM {} is missing: restore it, or remove the VM",
-                vm.config.image.display(),
+                base.display(),
                 vm.name()
             ),
         );
@@ -177,6 +190,11 @@ pub fn boot(store: &Store, vm: &Vm) -> CliResult {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(["vm", "__supervise", vm.name()])
         .env("UMLCTL_VM_DIR", &store.root)
+        .env("NO_COLOR", "1")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
@@ -188,14 +206,13 @@ pub fn boot(store: &Store, vm: &Vm) -> CliResult {
             Ok(())
         });
     }
-    let child = cmd.spawn()?;
-    let sup_pid = child.id();
-    // Reap it in the background should it exit while we still run.
-    std::thread::spawn(move || {
-        let mut child = child;
-        let _ = child.wait();
-    });
-    let stream = control::connect_when_up(vm, || state::pid_alive(sup_pid))?;
+    let mut child = cmd.spawn()?;
+    let Some(stream) = control::connect_when_up(vm, || matches!(child.try_wait(), Ok(None))) else {
+        return Err(supervisor_failure(
+            vm,
+            child.wait().ok().and_then(|s| s.code()),
+        ));
+    };
     let reply = control::call_on(
         &stream,
         &Request::WaitReady {
@@ -215,6 +232,29 @@ pub fn boot(store: &Store, vm: &Vm) -> CliResult {
         );
     }
     Ok(())
+}
+
+/// The error a supervisor died of before it served: its own (the last
+/// `umlctl: error:` line of its log) with its exit code.
+fn supervisor_failure(vm: &Vm, exit_code: Option<i32>) -> CliError {
+    let log_path = vm.dir.join("supervisor.log");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let why = log
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("umlctl: error: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("see {}", log_path.display()));
+    let code = match exit_code {
+        Some(2) => Code::Usage,
+        Some(3) => Code::BadImage,
+        Some(6) => Code::Conflict,
+        Some(7) => Code::NotFound,
+        Some(8) => Code::Environment,
+        _ => Code::Internal,
+    };
+    clean_up(vm);
+    CliError::new(code, format!("VM {} did not start: {why}", vm.name()))
 }
 
 #[derive(clap::Args, Debug)]
@@ -350,6 +390,7 @@ fn clean_up(vm: &Vm) {
     if let Some(ip) = &vm.config.ip {
         net::detach(&net::tap_name(ip));
     }
+    disk::detach_stale(vm);
     let _ = std::fs::remove_dir_all(vm.run_dir());
 }
 
@@ -383,6 +424,15 @@ pub fn rm(out: Output, a: RmArgs) -> CliResult {
             Status::Stopped => {}
         }
         std::fs::remove_dir_all(&vm.dir)?;
+    }
+    if let Some(base) = &vm.config.base_dir {
+        let others = store.all()?;
+        disk::release_base(
+            base,
+            others
+                .iter()
+                .any(|o| o.config.base_dir.as_ref() == Some(base)),
+        );
     }
     out.emit(&serde_json::json!({"removed": a.name}), || {
         format!("removed VM {}", a.name)
@@ -422,18 +472,14 @@ pub fn list(out: Output) -> CliResult {
 }
 
 fn info(vm: &Vm) -> VmInfo {
-    let checkpoints = super::checkpoint::names(vm);
-    let ck_bytes: u64 = checkpoints
-        .iter()
-        .map(|c| disk::allocated_bytes(&vm.checkpoint_dir(c).join("disk.cow")))
-        .sum();
     VmInfo {
         name: vm.name().to_string(),
         status: vm.status(),
         image: vm.config.image.clone(),
         mem_mib: vm.config.mem_mib,
         ip: vm.config.ip.clone(),
-        disk_bytes: disk::allocated_bytes(&vm.disk()) + ck_bytes,
-        checkpoints,
+        disk: vm.config.disk,
+        disk_bytes: disk::usage(vm),
+        checkpoints: disk::checkpoints(vm),
     }
 }

@@ -24,6 +24,10 @@ mod net;
 mod state;
 mod supervisor;
 
+// For `bench vm`.
+pub use disk::tree_bytes;
+pub use state::parse_size;
+
 use crate::exit::CliResult;
 use crate::output::Output;
 

@@ -3,17 +3,21 @@
 //! holding one directory per VM:
 //!
 //! ```text
-//! NAME/vm.json          the VM's settings (image, memory, network)
-//! NAME/disk.cow         its disk: a UML COW file over the read-only image
-//! NAME/checkpoints/CK/  disk checkpoints (a copy of disk.cow)
+//! NAME/vm.json          the VM's settings (image, memory, network, disk kind)
+//! NAME/disk/            its disk layer: a cowfs store over images/KEY/
+//!                       (or, with --disk uml-cow: NAME/disk.cow, UML's COW
+//!                       file, and NAME/checkpoints/CK/disk.cow)
 //! NAME/console.log      console output of the current or last boot
 //! NAME/dead.json        why the VM died, when it did without `vm stop`
 //! NAME/lock             serialises start, stop and rm
 //! NAME/run/             only while running: supervisor.pid, uml.pid,
-//!                       control.sock, uml/mconsole (UML's own umid dir)
+//!                       control.sock, uml/mconsole (UML's own umid dir),
+//!                       disk/ (the cowfs mount UML's disk is read from)
+//! images/KEY/disk.img   a base image, shared by the cowfs stores of its VMs
 //! ```
 //! Every file is created 0600 and every directory 0700.
 
+use super::disk::DiskKind;
 use crate::exit::{fail, CliError, CliResult, Code};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -33,6 +37,9 @@ pub struct VmConfig {
     pub name: String,
     /// Absolute path of the read-only base image.
     pub image: PathBuf,
+    pub disk: DiskKind,
+    /// For cowfs disks: the store's base directory (under images/).
+    pub base_dir: Option<PathBuf>,
     pub mem_mib: u64,
     /// The VM's address on the host-only network, if it has a NIC.
     pub ip: Option<String>,
@@ -130,9 +137,6 @@ impl Vm {
     pub fn name(&self) -> &str {
         &self.config.name
     }
-    pub fn disk(&self) -> PathBuf {
-        self.dir.join("disk.cow")
-    }
     pub fn run_dir(&self) -> PathBuf {
         self.dir.join("run")
     }
@@ -148,9 +152,6 @@ impl Vm {
     }
     pub fn dead_file(&self) -> PathBuf {
         self.dir.join("dead.json")
-    }
-    pub fn checkpoint_dir(&self, ck: &str) -> PathBuf {
-        self.dir.join("checkpoints").join(ck)
     }
 
     pub fn save(&self) -> CliResult {

@@ -12,8 +12,8 @@
 
 use super::control::{shell_join, Reply, Request};
 use super::host::{path_str, Uml};
-use super::net;
 use super::state::{now_unix, write_private, Store, Vm};
+use super::{disk, net};
 use crate::exit::{CliError, CliResult, Code};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -69,70 +69,83 @@ pub fn run(name: &str) -> CliResult {
         &vm.run_dir().join("supervisor.pid"),
         std::process::id().to_string().as_bytes(),
     )?;
+    // Held until UML is gone: dropping it unmounts the disk.
+    let mount = disk::attach(&vm)?;
+    let tap = vm.config.ip.as_deref().map(net::attach).transpose()?;
     let (line_tx, line_rx) = mpsc::channel();
-    let (mut child, shared, console_out, exec_out, tap) = launch(&vm, &uml, line_rx)?;
+    let launched = launch(&vm, &uml, tap.as_deref(), line_rx).inspect_err(|_| {
+        if let Some(tap) = &tap {
+            net::detach(tap);
+        }
+    })?;
+    let Launched {
+        mut child,
+        shared,
+        console_out,
+        agent_out,
+    } = launched;
     tracing::info!(vm = name, pid = shared.uml_pid, "UML started");
     let listener = UnixListener::bind(vm.control_socket())?;
     std::fs::set_permissions(vm.control_socket(), std::fs::Permissions::from_mode(0o600))?;
     let shared = Arc::new(shared);
     spawn_console_reader(shared.clone(), console_out, File::create(vm.console_log())?);
-    spawn_exec_reader(shared.clone(), exec_out, line_tx);
+    spawn_exec_reader(shared.clone(), agent_out, line_tx);
     let s = shared.clone();
     std::thread::spawn(move || serve(s, listener));
 
     let status = child.wait()?;
-    let asked = vm.run_dir().join("stopping").exists();
-    let reason = if asked {
-        None
-    } else {
-        let boot_failure = match &*shared.phase.lock().unwrap() {
-            Phase::Over(r) => Some(r.clone()),
-            _ => None,
-        };
-        Some(boot_failure.unwrap_or_else(|| format!("UML exited unexpectedly ({status})")))
-    };
-    set_phase(
-        &shared,
-        Phase::Over(
-            reason
-                .clone()
-                .unwrap_or_else(|| "the VM was stopped".into()),
-        ),
-    );
+    let reason = why_it_ended(&vm, &shared, status);
+    let ending = reason
+        .clone()
+        .unwrap_or_else(|| "the VM was stopped".into());
+    set_phase(&shared, Phase::Over(ending));
+    // UML's stubs may still hold the disk open; the mount goes after them.
+    kill_leftovers(&vm);
+    drop(mount);
     finish(&vm, reason, tap);
     Ok(())
 }
 
-/// Starts UML with its console and agent line on pipes.
-#[allow(clippy::type_complexity)]
+/// None when the VM was stopped on purpose; else why it died.
+fn why_it_ended(vm: &Vm, shared: &Shared, status: std::process::ExitStatus) -> Option<String> {
+    if vm.run_dir().join("stopping").exists() {
+        return None;
+    }
+    match &*shared.phase.lock().unwrap() {
+        Phase::Over(boot_failure) => Some(boot_failure.clone()),
+        _ => Some(format!("UML exited unexpectedly ({status})")),
+    }
+}
+
+/// A started UML and the host ends of its console and agent line.
+struct Launched {
+    child: std::process::Child,
+    shared: Shared,
+    console_out: OwnedFd,
+    agent_out: OwnedFd,
+}
+
+/// Starts UML with its console (con0) and the agent's line (con1) on pipes.
 fn launch(
     vm: &Vm,
     uml: &Uml,
+    tap: Option<&str>,
     from_agent: Receiver<String>,
-) -> CliResult<(
-    std::process::Child,
-    Shared,
-    OwnedFd,
-    OwnedFd,
-    Option<String>,
-)> {
+) -> CliResult<Launched> {
     let (con_in_r, con_in_w) = pipe()?;
     let (con_out_r, con_out_w) = pipe()?;
-    let (exec_in_r, exec_in_w) = pipe()?;
-    let (exec_out_r, exec_out_w) = pipe()?;
+    let (agent_in_r, agent_in_w) = pipe()?;
+    let (agent_out_r, agent_out_w) = pipe()?;
 
     let (program, mut args) = uml.command_prefix();
     args.extend(kernel_args(vm, uml));
-    let (tap, netns) = match &vm.config.ip {
-        Some(ip) => {
-            let tap = net::attach(ip)?;
-            args.push(format!(
-                "vec0:transport=tap,ifname={tap},mac={}",
-                net::mac_for(ip)
-            ));
-            (Some(tap), Some(net::namespace_file()?))
+    let netns = match (tap, &vm.config.ip) {
+        (Some(tap), Some(ip)) => {
+            let mac = net::mac_for(ip);
+            args.push(format!("vec0:transport=tap,ifname={tap},mac={mac}"));
+            Some(net::namespace_file()?)
         }
-        None => (None, None),
+        _ => None,
     };
     tracing::debug!(?program, ?args, "starting UML");
     let mut cmd = Command::new(&program);
@@ -140,38 +153,20 @@ fn launch(
         .stdin(Stdio::from(con_in_r))
         .stdout(Stdio::from(con_out_w.try_clone()?))
         .stderr(Stdio::from(con_out_w));
-    let (agent_in, agent_out) = (exec_in_r.as_raw_fd(), exec_out_w.as_raw_fd());
     let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
-    // SAFETY: between fork and exec this closure only makes async-signal-safe
-    // system calls (fcntl, dup2, setpgid, setns) on descriptors we own.
-    unsafe {
-        cmd.pre_exec(move || {
-            // The agent line becomes fds 3 and 4 (con1=fd:3,fd:4). Copy the
-            // pipe ends above 10 first so dup2 never meets its own target.
-            let a = libc::fcntl(agent_in, libc::F_DUPFD_CLOEXEC, 10);
-            let b = libc::fcntl(agent_out, libc::F_DUPFD_CLOEXEC, 10);
-            if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Its own process group, so that `vm kill` reaches the stubs too.
-            if libc::setpgid(0, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(fd) = netns_fd {
-                if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    wire_child(
+        &mut cmd,
+        agent_in_r.as_raw_fd(),
+        agent_out_w.as_raw_fd(),
+        netns_fd,
+    );
     let child = cmd.spawn().map_err(|e| {
         CliError::new(
             Code::Environment,
             format!("cannot start UML kernel {}: {e}", program.display()),
         )
     })?;
-    drop((exec_in_r, exec_out_w, netns));
+    drop((agent_in_r, agent_out_w, netns));
     write_private(
         &vm.run_dir().join("uml.pid"),
         child.id().to_string().as_bytes(),
@@ -180,7 +175,7 @@ fn launch(
         phase: Mutex::new(Phase::Booting),
         phase_changed: Condvar::new(),
         exec: Mutex::new(ExecLine {
-            to_guest: File::from(exec_in_w),
+            to_guest: File::from(agent_in_w),
             from_guest: from_agent,
             next_id: 1,
         }),
@@ -189,18 +184,45 @@ fn launch(
         uml_pid: child.id(),
         mem_mib: vm.config.mem_mib,
     };
-    Ok((child, shared, con_out_r, exec_out_r, tap))
+    Ok(Launched {
+        child,
+        shared,
+        console_out: con_out_r,
+        agent_out: agent_out_r,
+    })
+}
+
+/// In the child, before exec: the agent's pipe ends become fds 3 and 4
+/// (con1=fd:3,fd:4), UML gets its own process group (so that `vm kill`
+/// reaches its stubs too), and joins the VM network's namespace.
+fn wire_child(cmd: &mut Command, agent_in: i32, agent_out: i32, netns: Option<i32>) {
+    // SAFETY: between fork and exec this closure only makes async-signal-safe
+    // system calls (fcntl, dup2, setpgid, setns) on descriptors we own.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Copy the pipe ends above 10 first so dup2 never meets its own target.
+            let a = libc::fcntl(agent_in, libc::F_DUPFD_CLOEXEC, 10);
+            let b = libc::fcntl(agent_out, libc::F_DUPFD_CLOEXEC, 10);
+            if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setpgid(0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = netns {
+                if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The UML kernel command line for this VM.
 pub fn kernel_args(vm: &Vm, uml: &Uml) -> Vec<String> {
-    let disk = format!(
-        "ubd0={},{}",
-        path_str(&vm.disk()),
-        path_str(&vm.config.image)
-    );
     let mut args = vec![
-        disk,
+        disk::kernel_arg(vm),
         "root=/dev/ubda".into(),
         "rw".into(),
         "init=/init".into(),

@@ -1,0 +1,182 @@
+//! Crash safety: the cowfs daemon is killed with SIGKILL in the middle of a
+//! write-heavy workload; after `fsck` and a remount every write that fsync
+//! returned for is there, the checkpoint is intact, and a second fsck finds
+//! the store clean.
+
+#[path = "common/mod.rs"]
+mod common;
+#[path = "cowfs_support.rs"]
+mod support;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::{ok, pattern, s, umlctl};
+
+const BIG: u64 = 16 << 20;
+const REGION: u64 = 8192;
+
+/// What the workload knows is durable: files and big-file regions.
+#[derive(Default)]
+struct Durable {
+    files: Vec<(PathBuf, u64)>,
+    /// region index -> seed of its last fsynced content
+    regions: std::collections::BTreeMap<u64, u64>,
+}
+
+/// Write small files and overwrite regions of a big base file, fsyncing
+/// each, until the file system fails (the daemon is dead).
+fn workload(mnt: &Path, round: u64, durable: Arc<Mutex<Durable>>) {
+    let big = OpenOptions::new()
+        .write(true)
+        .open(mnt.join("big"))
+        .unwrap();
+    for i in 0u64.. {
+        let seed = round * 1_000_000 + i;
+        let path = mnt.join(format!("d{}/r{round}-f{i}", i % 7));
+        let r = (|| -> std::io::Result<()> {
+            fs::create_dir_all(path.parent().unwrap())?;
+            let mut f = File::create(&path)?;
+            f.write_all(&pattern(1000 + (i as usize % 9000), seed))?;
+            f.sync_all()?;
+            File::open(path.parent().unwrap())?.sync_all()
+        })();
+        if r.is_err() {
+            return;
+        }
+        durable.lock().unwrap().files.push((path, seed));
+        let region = (seed * 7919) % (BIG / REGION);
+        if big
+            .write_all_at(&pattern(REGION as usize, seed), region * REGION)
+            .is_err()
+            || big.sync_data().is_err()
+        {
+            return;
+        }
+        durable.lock().unwrap().regions.insert(region, seed);
+    }
+}
+
+fn mount_json(store: &Path, mnt: &Path) -> i32 {
+    let out = ok(&["--json", "fs", "mount", s(store), s(mnt)]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v["pid"].as_i64().unwrap() as i32
+}
+
+fn fsck(store: &Path, check_only: bool) -> serde_json::Value {
+    let mut args = vec!["--json", "fs", "fsck", s(store)];
+    if check_only {
+        args.push("--check");
+    }
+    serde_json::from_str(ok(&args).trim()).unwrap()
+}
+
+#[test]
+fn sigkill_during_writes_loses_nothing_fsynced() {
+    if support::skip() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (base, store, mnt) = (
+        t.path().join("base"),
+        t.path().join("store"),
+        t.path().join("mnt"),
+    );
+    fs::create_dir(&base).unwrap();
+    fs::write(base.join("big"), pattern(BIG as usize, 99)).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    ok(&[
+        "fs",
+        "create",
+        s(&store),
+        "--base",
+        s(&base),
+        "--block-size",
+        "16K",
+    ]);
+
+    // The checkpoint every round must find intact.
+    let pid = mount_json(&store, &mnt);
+    fs::write(mnt.join("kept"), "before the checkpoint").unwrap();
+    ok(&["fs", "checkpoint", s(&store), "safe"]);
+    ok(&["fs", "umount", s(&mnt)]);
+    let _ = pid;
+
+    let durable = Arc::new(Mutex::new(Durable::default()));
+    let seed = Instant::now().elapsed().subsec_nanos() as u64 ^ std::process::id() as u64;
+    for round in 0..3u64 {
+        let pid = mount_json(&store, &mnt);
+        let d = durable.clone();
+        let m = mnt.clone();
+        let writer = std::thread::spawn(move || workload(&m, round + 1, d));
+        let delay = 150 + (seed.wrapping_mul(round + 7) % 400);
+        std::thread::sleep(Duration::from_millis(delay));
+        // SAFETY: kill(2) with a pid we started; no memory is involved.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        writer.join().unwrap();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&mnt)
+            .status();
+        // The lock goes with the process; wait until it is gone.
+        std::thread::sleep(Duration::from_millis(100));
+
+        let report = fsck(&store, false);
+        assert!(
+            report["errors"].as_array().unwrap().is_empty(),
+            "round {round}: fsck found damage beyond unfinished writes: {report}"
+        );
+        let clean = fsck(&store, true);
+        assert!(
+            clean["errors"].as_array().unwrap().is_empty()
+                && clean["unfinished"].as_array().unwrap().is_empty(),
+            "round {round}: not clean after repair: {clean}"
+        );
+
+        mount_json(&store, &mnt);
+        let d = durable.lock().unwrap();
+        assert!(
+            !d.files.is_empty(),
+            "round {round}: the workload wrote nothing"
+        );
+        for (path, seed) in &d.files {
+            let got = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(
+                got == pattern(got.len().max(1), *seed) && got.len() >= 1000,
+                "{} lost its fsynced content",
+                path.display()
+            );
+        }
+        let big = File::open(mnt.join("big")).unwrap();
+        for (region, seed) in &d.regions {
+            let mut buf = vec![0u8; REGION as usize];
+            big.read_exact_at(&mut buf, region * REGION).unwrap();
+            assert!(
+                buf == pattern(REGION as usize, *seed),
+                "region {region} lost its fsynced content"
+            );
+        }
+        drop((d, big));
+        ok(&["fs", "umount", s(&mnt)]);
+        let list = ok(&["fs", "list", s(&store)]);
+        assert!(list.contains("safe"), "the checkpoint is gone: {list}");
+    }
+
+    ok(&["fs", "rollback", s(&store), "safe"]);
+    mount_json(&store, &mnt);
+    assert_eq!(
+        fs::read_to_string(mnt.join("kept")).unwrap(),
+        "before the checkpoint"
+    );
+    assert!(
+        !mnt.join("d0").exists(),
+        "rollback after crashes left later files"
+    );
+    assert!(fs::read(mnt.join("big")).unwrap() == pattern(BIG as usize, 99));
+    ok(&["fs", "umount", s(&mnt)]);
+    let out = umlctl(&["fs", "fsck", "--check", s(&store)]);
+    assert!(out.status.success());
+}

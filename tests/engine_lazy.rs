@@ -1,0 +1,313 @@
+//! Lazy resume through the real binary: the process runs before its memory
+//! is in, and what it does meanwhile (MADV_DONTNEED, mremap, fork, early
+//! exit) must see exactly what an eager resume would.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> bool {
+    !common::skip_unless(
+        common::is_root(),
+        "lazy resume tests need root (ptrace, userfaultfd of another process)",
+    )
+}
+
+fn umlctl(args: &[&str]) -> Output {
+    Command::new(common::umlctl())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run umlctl")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "umlctl failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn spawn(prog: &Path, args: &[&str], out: &Path) -> std::process::Child {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)
+        .unwrap();
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f);
+    // SAFETY: close_range is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0);
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+fn wait_for(path: &Path, pred: impl Fn(&str) -> bool, what: &str) -> String {
+    let t0 = Instant::now();
+    loop {
+        let text = fs::read_to_string(path).unwrap_or_default();
+        if pred(&text) {
+            return text;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn pagers_for(pid: i32) -> usize {
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            let cmd = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.get(1) == Some(&&b"__pager"[..])
+                && args.get(3) == Some(&pid.to_string().as_bytes())
+        })
+        .count()
+}
+
+const CHECKER: &str = r#"
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static unsigned long pat(size_t i) { return i * 0x9E3779B97F4A7C15ul ^ 0x1234; }
+static int check(unsigned long *a, size_t from, size_t to, size_t base) {
+    int bad = 0;
+    for (size_t i = from; i < to; i++) bad += a[i] != pat(base + i);
+    return bad;
+}
+int main(int argc, char **argv) {
+    size_t n = (size_t)atoi(argv[1]) << 20, w = n / 8, q = n / 4, qw = q / 8;
+    unsigned long *a = mmap(0, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (size_t i = 0; i < w; i++) a[i] = pat(i);
+    printf("ready\n");
+    fflush(stdout);
+    while (access(argv[2], F_OK) != 0) usleep(1000);
+    if (argc > 3) { printf("exiting early\n"); return 0; }
+    /* MADV_DONTNEED'd memory reads as zeros, never the snapshot's bytes. */
+    madvise((char *)a + q, q, MADV_DONTNEED);
+    int zero = 0;
+    for (size_t i = qw; i < 2 * qw; i++) zero += a[i] != 0;
+    /* mremap'd memory keeps its contents at its new address. */
+    void *dst = mmap(0, q, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned long *m = mremap((char *)a + 2 * q, q, q, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
+    int remap = check(m, 0, qw, 2 * qw);
+    /* A child forked now sees the whole image too. */
+    pid_t c = fork();
+    if (c == 0) _exit(check(a, 0, qw, 0) + check(a, 3 * qw, w, 0) + check(m, 0, qw, 2 * qw) ? 1 : 0);
+    int st = 0;
+    waitpid(c, &st, 0);
+    int parent = check(a, 0, qw, 0) + check(a, 3 * qw, w, 0);
+    printf("zero %d remap %d child %d parent %d\n", zero, remap, WEXITSTATUS(st), parent);
+    return 0;
+}
+"#;
+
+fn checker(tmp: &Path) -> PathBuf {
+    let src = tmp.join("checker.c");
+    fs::write(&src, CHECKER).unwrap();
+    let bin = tmp.join("checker");
+    assert!(Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .unwrap()
+        .success());
+    bin
+}
+
+/// Snapshots the checker while it waits, resumes it (`mode` flags), lets it
+/// go and returns its report line.
+fn run_checker(extra: &[&str], early: bool) -> (String, i32) {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = checker(tmp.path());
+    let out = tmp.path().join("out.txt");
+    let go = tmp.path().join("go");
+    let mut args = vec!["256", go.to_str().unwrap()];
+    if early {
+        args.push("early");
+    }
+    let mut child = spawn(&bin, &args, &out);
+    wait_for(&out, |t| t.contains("ready"), "checker ready");
+    let dir = tmp.path().join("img");
+    ok(&umlctl(&[
+        "snapshot",
+        &child.id().to_string(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--kill",
+    ]));
+    let _ = child.wait();
+    fs::write(&go, "").unwrap();
+    let mut a = vec!["resume", dir.to_str().unwrap()];
+    a.extend_from_slice(extra);
+    let pid: i32 = ok(&umlctl(&a)).trim().parse().unwrap();
+    let text = wait_for(
+        &out,
+        |t| t.contains("zero ") || t.contains("exiting"),
+        "the checker's report",
+    );
+    let t0 = Instant::now();
+    while pagers_for(pid) > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the pager of {pid} did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (text.lines().last().unwrap().to_string(), pid)
+}
+
+#[test]
+fn dontneed_mremap_and_fork_after_lazy_resume() {
+    if !root() {
+        return;
+    }
+    let (line, _) = run_checker(&["--lazy"], false);
+    assert_eq!(line, "zero 0 remap 0 child 0 parent 0");
+}
+
+#[test]
+fn eager_resume_gives_the_same_report() {
+    if !root() {
+        return;
+    }
+    let (line, _) = run_checker(&[], false);
+    assert_eq!(line, "zero 0 remap 0 child 0 parent 0");
+}
+
+#[test]
+fn pager_exits_when_the_process_exits_early() {
+    if !root() {
+        return;
+    }
+    let (line, _) = run_checker(&["--lazy"], true);
+    assert_eq!(line, "exiting early");
+}
+
+fn verified(text: &str) -> usize {
+    assert!(!text.contains("BAD"), "memory check failed:\n{text}");
+    text.lines()
+        .filter(|l| l.starts_with("verify") && l.ends_with(" ok"))
+        .count()
+}
+
+#[test]
+fn ten_concurrent_lazy_clones_compute_correctly() {
+    if !root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.txt");
+    let mut child = spawn(
+        &common::tool("workload"),
+        &["--mib", "64", "--threads", "2"],
+        &out,
+    );
+    wait_for(&out, |t| t.contains("ready"), "workload ready");
+    let dir = tmp.path().join("img");
+    ok(&umlctl(&[
+        "snapshot",
+        &child.id().to_string(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--kill",
+    ]));
+    let _ = child.wait();
+    let d = dir.to_str().unwrap().to_string();
+    let handles: Vec<_> = (0..10)
+        .map(|_| {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                ok(&umlctl(&["resume", "--lazy", &d]))
+                    .trim()
+                    .parse::<i32>()
+                    .unwrap()
+            })
+        })
+        .collect();
+    let pids: Vec<i32> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let len = fs::read_to_string(&out).unwrap().len();
+    for &p in &pids {
+        // SAFETY: signalling our clones.
+        unsafe { libc::kill(p, libc::SIGUSR1) };
+    }
+    wait_for(
+        &out,
+        |t| verified(&t[len..]) == 20,
+        "20 verifications (10 clones x 2 threads)",
+    );
+    for &p in &pids {
+        // SAFETY: as above.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn lazy_resume_refuses_a_corrupt_image_up_front_or_kills_rather_than_lie() {
+    if !root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.txt");
+    let mut child = spawn(&common::tool("workload"), &["--mib", "32"], &out);
+    wait_for(&out, |t| t.contains("ready"), "workload ready");
+    let dir = tmp.path().join("img");
+    ok(&umlctl(&[
+        "snapshot",
+        &child.id().to_string(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--kill",
+    ]));
+    let _ = child.wait();
+    // Truncation and manifest damage are refused before anything runs.
+    let pages = dir.join("pages.img");
+    let data = fs::read(&pages).unwrap();
+    fs::write(&pages, &data[..data.len() - 4096]).unwrap();
+    let o = umlctl(&["resume", "--lazy", dir.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A flipped byte in the memory is found when its chunk is first read:
+    // the process is killed, never run on wrong memory.
+    let mut bad = data.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 1;
+    fs::write(&pages, &bad).unwrap();
+    let o = umlctl(&["resume", "--lazy", dir.to_str().unwrap()]);
+    let pid: i32 = ok(&o).trim().parse().unwrap();
+    let t0 = Instant::now();
+    while fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the process fed a corrupt image still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
