@@ -16,7 +16,7 @@ use super::state::{now_unix, write_private, Store, Vm};
 use super::{disk, net};
 use crate::exit::{CliError, CliResult, Code};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -25,6 +25,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// console.log is restarted when it grows past this.
+const CONSOLE_LOG_MAX: u64 = 8 << 20;
 
 /// The first line the guest agent prints (tools/uml/agent).
 const AGENT_READY: &str = "UMLCTL-READY";
@@ -263,11 +266,19 @@ fn spawn_console_reader(shared: Arc<Shared>, from_uml: OwnedFd, mut log: File) {
         let mut from_uml = File::from(from_uml);
         let mut buf = [0u8; 8192];
         let mut recent: Vec<u8> = vec![];
+        let mut logged = 0u64;
         loop {
             let n = match from_uml.read(&mut buf) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            // A chatty guest must not fill the host's disk: start over.
+            if logged > CONSOLE_LOG_MAX {
+                let _ = log.set_len(0).and_then(|_| log.rewind());
+                let _ = log.write_all(b"[umlctl: console.log restarted at its size limit]\n");
+                logged = 0;
+            }
+            logged += n as u64;
             let _ = log.write_all(&buf[..n]);
             shared
                 .console_clients
