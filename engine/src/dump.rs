@@ -30,6 +30,10 @@ pub struct DumpOptions<'a> {
     pub cancel: Option<&'a AtomicBool>,
     /// Called with (bytes copied, bytes to copy) as memory is saved.
     pub progress: Option<&'a dyn Fn(u64, u64)>,
+    /// Snapshot the process and all its descendants (`--tree`).
+    pub tree: bool,
+    /// Save established TCP connections as reset instead of refusing them.
+    pub tcp_established_close: bool,
 }
 
 /// What a snapshot did.
@@ -37,6 +41,9 @@ pub struct DumpOptions<'a> {
 pub struct DumpReport {
     pub dir: PathBuf,
     pub pid: i32,
+    /// Processes saved (more than one with `tree`).
+    pub processes: usize,
+    /// Threads of all of them.
     pub threads: usize,
     /// Bytes of memory stored.
     pub memory_bytes: u64,
@@ -53,16 +60,31 @@ pub fn dump(pid: i32, out: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let t0 = Instant::now();
     check_target(pid)?;
     let mut writer = ImageWriter::create(out)?;
-    let frozen = Frozen::freeze(
+    let mut frozen = crate::tree::freeze(
         pid,
+        opts.tree,
         Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACECLONE,
     )?;
     let t_frozen = Instant::now();
     let cancelled = || opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed));
-    let mut frozen = frozen;
-    tracing::debug!("froze {} threads in {:?}", frozen.tids.len(), t_frozen - t0);
-    let process = collect(&mut frozen, &mut writer, opts, &cancelled)?;
-    let memory_bytes = process.vmas.iter().map(|v| v.stored_bytes()).sum();
+    tracing::debug!("froze {} processes in {:?}", frozen.len(), t_frozen - t0);
+    // Every fd first: an unsupported one is refused before any memory is copied.
+    let pids: Vec<i32> = frozen.iter().map(|f| f.pid).collect();
+    let mut objects = crate::fds::Objects::new(&pids, opts.tcp_established_close)?;
+    let mut fds = Vec::new();
+    for &p in &pids {
+        fds.push(files::collect(p, &mut writer, &mut objects)?);
+    }
+    objects.finish()?;
+    let mut processes = Vec::new();
+    for (f, fds) in frozen.iter_mut().zip(fds) {
+        processes.push(collect(f, fds, &mut writer, opts, &cancelled)?);
+    }
+    let memory_bytes = processes
+        .iter()
+        .flat_map(|p| &p.vmas)
+        .map(|v| v.stored_bytes())
+        .sum();
     let manifest = Manifest {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         created_unix_ms: std::time::SystemTime::now()
@@ -73,11 +95,14 @@ pub fn dump(pid: i32, out: &Path, opts: &DumpOptions) -> Result<DumpReport> {
             .unwrap_or_default()
             .trim()
             .into(),
-        xstate_size: process.threads.first().map_or(0, |t| t.xstate.len()),
+        xstate_size: processes[0].threads.first().map_or(0, |t| t.xstate.len()),
         pages: writer.pages_info(),
-        processes: vec![process],
+        processes,
+        objects: objects.list,
+        pipes: objects.pipes,
     };
-    let threads = frozen.tids.len();
+    let threads = frozen.iter().map(|f| f.tids.len()).sum();
+    let nprocs = frozen.len();
     if cancelled() {
         return Err(Error::Interrupted);
     }
@@ -85,10 +110,14 @@ pub fn dump(pid: i32, out: &Path, opts: &DumpOptions) -> Result<DumpReport> {
         // Publish while frozen, then kill: no instruction runs after the instant saved.
         let dir = writer.finish(&manifest)?;
         let d = t_frozen.elapsed();
-        frozen.kill()?;
+        for f in frozen {
+            f.kill()?;
+        }
         (d, dir)
     } else {
-        frozen.release()?;
+        for f in frozen.into_iter().rev() {
+            f.release()?;
+        }
         let d = t_frozen.elapsed();
         if cancelled() {
             return Err(Error::Interrupted);
@@ -98,6 +127,7 @@ pub fn dump(pid: i32, out: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     Ok(DumpReport {
         dir,
         pid,
+        processes: nprocs,
         threads,
         memory_bytes,
         image_bytes: manifest.pages.len,
@@ -150,13 +180,14 @@ pub fn check_target(pid: i32) -> Result<()> {
 
 fn collect(
     frozen: &mut Frozen,
+    fds: Vec<crate::image::Fd>,
     writer: &mut ImageWriter,
     opts: &DumpOptions,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Process> {
     let pid = frozen.pid;
     let maps = proc::maps(pid)?;
-    let fds = files::collect(pid, writer)?;
+    let (ppid, pgid, sid) = crate::tree::ids(pid)?;
     let st = proc::status(pid)?;
     let fields = proc::stat_fields(pid)?;
     let mem = ProcMem::open(pid)?;
@@ -177,6 +208,9 @@ fn collect(
     tracing::debug!("memory saved in {:?}", t.elapsed());
     Ok(Process {
         pid,
+        ppid,
+        pgid,
+        sid,
         comm: proc::read_proc(pid, "comm")?.trim_end().to_string(),
         exe: proc::readlink(&format!("/proc/{pid}/exe"))?
             .to_string_lossy()
@@ -201,6 +235,8 @@ fn collect(
         threads,
         vmas,
         fds,
+        posix_timers: injected.timers,
+        itimers: injected.itimers,
     })
 }
 
@@ -211,6 +247,8 @@ struct Injected {
     altstacks: Vec<(u64, i32, u64)>,
     brk: u64,
     dumpable: bool,
+    timers: Vec<crate::image::PosixTimer>,
+    itimers: Vec<(i32, u64, u64)>,
 }
 
 fn inject_queries(
@@ -275,6 +313,7 @@ fn inject_queries(
             libc::SYS_prctl,
             &[libc::PR_GET_DUMPABLE as u64],
         )? == 1;
+        let (timers, itimers) = crate::timers::query(&mut main, mem, scratch + 128, frozen.pid)?;
         let mut tid_addresses = Vec::new();
         let mut altstacks = Vec::new();
         for i in 0..frozen.tids.len() {
@@ -308,6 +347,8 @@ fn inject_queries(
             altstacks,
             brk,
             dumpable,
+            timers,
+            itimers,
         })
     })();
     main.check("munmap scratch page", libc::SYS_munmap, &[scratch, 4096])?;

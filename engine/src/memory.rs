@@ -60,6 +60,7 @@ fn classify(pid: i32, m: &MapsEntry) -> Result<(VmaKind, Source)> {
                 VmaKind::Shmem {
                     name: m.path.clone(),
                     offset: m.offset,
+                    object: m.inode,
                 },
                 Source::Object,
             ));
@@ -79,6 +80,7 @@ fn classify(pid: i32, m: &MapsEntry) -> Result<(VmaKind, Source)> {
                 VmaKind::Shmem {
                     name: m.path.clone(),
                     offset: m.offset,
+                    object: m.inode,
                 },
                 Source::Object,
             ));

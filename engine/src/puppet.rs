@@ -37,11 +37,17 @@ pub struct Puppet {
 impl Puppet {
     /// Forks, seizes and stops a puppet (with pid `pid` when given).
     pub fn spawn(pid: Option<i32>) -> Result<Puppet> {
-        let pid = double_fork(pid)?;
+        Puppet::attach(double_fork(pid)?)
+    }
+
+    /// Seizes and stops a process waiting in pause() to become a puppet.
+    /// Its forks are traced too (a tree's puppets are forked from it).
+    pub fn attach(pid: i32) -> Result<Puppet> {
         ptrace::seize(
             pid,
             Options::PTRACE_O_TRACESYSGOOD
                 | Options::PTRACE_O_TRACECLONE
+                | Options::PTRACE_O_TRACEFORK
                 | Options::PTRACE_O_EXITKILL,
         )?;
         ptrace::interrupt(pid)?;
