@@ -397,7 +397,6 @@ fn wait_ready(shared: &Shared, timeout: Duration) -> Reply {
 }
 
 fn exec(shared: &Shared, argv: &[String], timeout: Option<Duration>) -> Reply {
-    use base64::Engine;
     if argv.is_empty() {
         return Reply::err("no command given");
     }
@@ -409,7 +408,7 @@ fn exec(shared: &Shared, argv: &[String], timeout: Option<Duration>) -> Reply {
     while line.from_guest.try_recv().is_ok() {}
     let id = line.next_id;
     line.next_id += 1;
-    let cmd = base64::engine::general_purpose::STANDARD.encode(shell_join(argv));
+    let cmd = printf_b_escape(&shell_join(argv));
     if let Err(e) = writeln!(line.to_guest, "X {id} {cmd}") {
         return Reply::err(format!("writing to the guest agent: {e}"));
     }
@@ -441,6 +440,21 @@ fn exec(shared: &Shared, argv: &[String], timeout: Option<Duration>) -> Reply {
             }
         }
     }
+}
+
+/// Escapes a command for the agent's `printf %b`: printable ASCII passes
+/// as it is (the agent decodes with a shell builtin, no fork); backslashes,
+/// control bytes (newline ends a request) and non-ASCII bytes become \0ooo.
+fn printf_b_escape(cmd: &str) -> String {
+    let mut out = String::with_capacity(cmd.len());
+    for &b in cmd.as_bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'\\' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("\\0{b:03o}"));
+        }
+    }
+    out
 }
 
 /// Parses `R <id> <status> b<stdout> b<stderr>` for request `id`.
@@ -520,6 +534,22 @@ mod tests {
         assert_eq!(r.stderr_b64.as_deref(), Some(""));
         assert!(parse_result("R 6 0 b b", 7).is_none());
         assert!(parse_result("R 7 0", 7).is_none());
+    }
+
+    #[test]
+    fn escapes_what_printf_b_would_interpret() {
+        assert_eq!(printf_b_escape("'echo' 'a b'"), "'echo' 'a b'");
+        assert_eq!(
+            printf_b_escape("a\\n\nb\té"),
+            "a\\0134n\\0012b\\0011\\0303\\0251"
+        );
+        // The guest's decoder, where this host has it.
+        if let Ok(out) = Command::new("/bin/busybox")
+            .args(["printf", "%b", &printf_b_escape("x\\y\n'z' é%s")])
+            .output()
+        {
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "x\\y\n'z' é%s");
+        }
     }
 
     #[test]
