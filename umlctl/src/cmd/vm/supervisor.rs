@@ -390,7 +390,7 @@ fn wait_ready(shared: &Shared, timeout: Duration) -> Reply {
         },
         Phase::Over(why) => Reply::err(why.clone()),
         Phase::Booting => Reply::err(format!(
-            "the guest did not come up within {} s",
+            "the guest's exec agent did not answer within {} s (is the image from `umlctl vm image build`?)",
             timeout.as_secs()
         )),
     }
