@@ -134,7 +134,7 @@ fn checkpoint_write_rollback_is_exact() {
     if support::skip() {
         return;
     }
-    let (t, base, store, mnt) = support::dirs();
+    let (_t, base, store, mnt) = support::dirs();
     make_base(&base);
     let base_before = snapshot(&base);
     ok(&[
@@ -205,7 +205,7 @@ fn rollback_with_files_open() {
     if support::skip() {
         return;
     }
-    let (t, base, store, mnt) = support::dirs();
+    let (_t, base, store, mnt) = support::dirs();
     fs::write(base.join("f"), pattern(100_000, 7)).unwrap();
     ok(&["fs", "create", s(&store), "--base", s(&base)]);
     let m = Mounted::new(&store, &mnt);
