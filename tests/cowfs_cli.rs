@@ -134,12 +134,7 @@ fn checkpoint_write_rollback_is_exact() {
     if support::skip() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let (base, store, mnt) = (
-        t.path().join("base"),
-        t.path().join("store"),
-        t.path().join("mnt"),
-    );
+    let (_t, base, store, mnt) = support::dirs();
     make_base(&base);
     let base_before = snapshot(&base);
     ok(&[
@@ -210,13 +205,7 @@ fn rollback_with_files_open() {
     if support::skip() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let (base, store, mnt) = (
-        t.path().join("base"),
-        t.path().join("store"),
-        t.path().join("mnt"),
-    );
-    fs::create_dir(&base).unwrap();
+    let (_t, base, store, mnt) = support::dirs();
     fs::write(base.join("f"), pattern(100_000, 7)).unwrap();
     ok(&["fs", "create", s(&store), "--base", s(&base)]);
     let m = Mounted::new(&store, &mnt);
@@ -344,13 +333,7 @@ fn file_data_behaves_like_the_native_filesystem() {
     if support::skip() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let (base, store, mnt) = (
-        t.path().join("base"),
-        t.path().join("store"),
-        t.path().join("mnt"),
-    );
-    fs::create_dir(&base).unwrap();
+    let (t, base, store, mnt) = support::dirs();
     fs::write(base.join("f"), pattern(600_000, 10)).unwrap();
     let native = t.path().join("native");
     fs::copy(base.join("f"), &native).unwrap();
@@ -396,13 +379,7 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     if support::skip() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let (base, store, mnt) = (
-        t.path().join("base"),
-        t.path().join("store"),
-        t.path().join("mnt"),
-    );
-    fs::create_dir(&base).unwrap();
+    let (t, base, store, mnt) = support::dirs();
     let missing = t.path().join("nope");
     assert_eq!(code(&["fs", "create", s(&store), "--base", s(&missing)]), 7);
     assert!(!store.exists(), "a failed create left a store behind");

@@ -79,13 +79,7 @@ fn sigkill_during_writes_loses_nothing_fsynced() {
     if support::skip() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let (base, store, mnt) = (
-        t.path().join("base"),
-        t.path().join("store"),
-        t.path().join("mnt"),
-    );
-    fs::create_dir(&base).unwrap();
+    let (_t, base, store, mnt) = support::dirs();
     fs::write(base.join("big"), pattern(BIG as usize, 99)).unwrap();
     fs::create_dir(&mnt).unwrap();
     ok(&[

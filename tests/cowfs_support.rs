@@ -42,6 +42,19 @@ pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 test path")
 }
 
+/// A scratch directory with an empty `base` made, and the paths for a
+/// store and a mountpoint beside it.
+pub fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let (base, store, mnt) = (
+        t.path().join("base"),
+        t.path().join("store"),
+        t.path().join("mnt"),
+    );
+    std::fs::create_dir(&base).unwrap();
+    (t, base, store, mnt)
+}
+
 /// A mounted store, unmounted when dropped.
 pub struct Mounted {
     pub store: PathBuf,

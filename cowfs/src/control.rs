@@ -112,15 +112,23 @@ impl Live {
     }
 
     fn rollback(&self, name: &str) -> Result<()> {
+        let t = std::time::Instant::now();
         // Write back what the kernel still holds dirty, so that it lands
         // before the switch and not after.
         if let Ok(f) = std::fs::File::open(&self.mountpoint) {
             let _ = nix::unistd::syncfs(&f);
         }
+        let synced = t.elapsed();
         let changed = self.view.rollback(name)?;
+        let switched = t.elapsed();
         use std::os::fd::AsFd;
         self.kernel
             .after_rollback(&self.notifier, self.fuse_fd.as_fd(), &changed);
+        tracing::debug!(
+            "rollback {name}: writeback {synced:?}, switch {switched:?}, invalidation done {:?} ({} changed inodes)",
+            t.elapsed(),
+            changed.len()
+        );
         Ok(())
     }
 }

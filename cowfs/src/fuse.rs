@@ -98,6 +98,31 @@ impl CowFuse {
         }
     }
 
+    /// The entries of an open directory from `offset` on, "." and ".."
+    /// first, each with the offset of the entry after it.
+    fn entries_from(
+        &self,
+        fh: FileHandle,
+        dir: Ino,
+        offset: u64,
+    ) -> Option<Vec<(u64, OsString, Ino, Kind)>> {
+        let list = self.dirs.lock().unwrap().get(&fh.0).cloned()?;
+        let dots = [
+            (OsString::from("."), dir, Kind::Dir),
+            (OsString::from(".."), ROOT, Kind::Dir),
+        ];
+        Some(
+            dots.iter()
+                .chain(list.iter())
+                .enumerate()
+                .skip(offset as usize)
+                // More than one reply buffer (a page) can hold.
+                .take(512)
+                .map(|(i, (name, ino, kind))| (i as u64 + 1, name.clone(), *ino, *kind))
+                .collect(),
+        )
+    }
+
     fn new_node(req: &Request, mode: u32, rdev: u32) -> Option<NewNode> {
         Some(NewNode {
             kind: Kind::from_mode(mode)?,
@@ -433,20 +458,11 @@ impl Filesystem for CowFuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(list) = self.dirs.lock().unwrap().get(&fh.0).cloned() else {
+        let Some(entries) = self.entries_from(fh, ino.0, offset) else {
             return reply.error(Errno::EBADF);
         };
-        let dots = [
-            (OsString::from("."), ino.0, Kind::Dir),
-            (OsString::from(".."), ROOT, Kind::Dir),
-        ];
-        for (i, (name, child, kind)) in dots
-            .iter()
-            .chain(list.iter())
-            .enumerate()
-            .skip(offset as usize)
-        {
-            if reply.add(INodeNo(*child), i as u64 + 1, file_type(*kind), name) {
+        for (next, name, child, kind) in entries {
+            if reply.add(INodeNo(child), next, file_type(kind), name) {
                 break;
             }
         }
@@ -461,33 +477,18 @@ impl Filesystem for CowFuse {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(list) = self.dirs.lock().unwrap().get(&fh.0).cloned() else {
+        let Some(entries) = self.entries_from(fh, ino.0, offset) else {
             return reply.error(Errno::EBADF);
         };
-        let dots = [
-            (OsString::from("."), ino.0, Kind::Dir),
-            (OsString::from(".."), ROOT, Kind::Dir),
-        ];
-        for (i, (name, child, _)) in dots
-            .iter()
-            .chain(list.iter())
-            .enumerate()
-            .skip(offset as usize)
-        {
-            let Ok(attr) = self.view.attr(*child) else {
+        for (next, name, child, _) in entries {
+            let Ok(attr) = self.view.attr(child) else {
                 continue;
             };
-            if i >= 2 {
-                self.kernel.saw(ino.0, name, *child);
+            if name != "." && name != ".." {
+                self.kernel.saw(ino.0, &name, child);
             }
-            if reply.add(
-                INodeNo(*child),
-                i as u64 + 1,
-                name,
-                &TTL,
-                &file_attr(&attr),
-                Generation(0),
-            ) {
+            let a = file_attr(&attr);
+            if reply.add(INodeNo(child), next, &name, &TTL, &a, Generation(0)) {
                 break;
             }
         }

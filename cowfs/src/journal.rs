@@ -78,6 +78,8 @@ pub struct Writer {
     path: PathBuf,
     file: File,
     buf: Vec<u8>,
+    /// Bytes written to the file since the last fsync.
+    unsynced: bool,
 }
 
 impl Writer {
@@ -92,6 +94,7 @@ impl Writer {
             path: path.to_owned(),
             file,
             buf: Vec::new(),
+            unsynced: false,
         })
     }
 
@@ -117,7 +120,11 @@ impl Writer {
     /// Write and fsync: every record appended so far survives a crash.
     pub fn sync(&mut self) -> Result<()> {
         self.flush()?;
-        self.file.sync_data().at("fsync journal", &self.path)
+        if self.unsynced {
+            self.file.sync_data().at("fsync journal", &self.path)?;
+            self.unsynced = false;
+        }
+        Ok(())
     }
 }
 

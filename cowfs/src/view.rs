@@ -908,9 +908,11 @@ impl View {
             .ok_or_else(|| Error::BadStore(format!("no state for checkpoint {name:?}")))?;
         self.take_spare(next.top())?;
         self.layout.write_stack(&next)?;
-        let next_ino = g.state.next_ino;
-        g.state = snap;
-        g.state.next_ino = g.state.next_ino.max(next_ino);
+        let next_ino = snap.next_ino.max(g.state.next_ino);
+        let old = std::mem::replace(&mut g.state, snap);
+        g.state.next_ino = next_ino;
+        // Freeing a big state takes milliseconds: not on the caller's clock.
+        std::thread::spawn(move || drop(old));
         g.dirty.clear();
         g.unsynced.clear();
         g.journal = Writer::open(&self.layout.journal(next.top()))?;

@@ -78,8 +78,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("bad size {s:?}: use a number of bytes, or with K or M"))
 }
 
-/// The library's error classes as exit codes.
-fn cli(e: cowfs::Error) -> CliError {
+/// The library's error classes as exit codes (for every command that uses
+/// cowfs).
+pub fn cli(e: cowfs::Error) -> CliError {
     let code = match &e {
         cowfs::Error::NotFound(_) => Code::NotFound,
         cowfs::Error::Conflict(_) => Code::Conflict,

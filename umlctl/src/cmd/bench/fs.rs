@@ -185,6 +185,9 @@ impl Bench {
         let mut v = Vec::new();
         for _ in 0..self.args.runs.max(1) {
             let view = self.view(setup)?;
+            // Start each measurement with no writeback of earlier steps.
+            // SAFETY: sync has no preconditions.
+            unsafe { libc::sync() };
             v.push(f(&view)?);
         }
         Ok(median(v))

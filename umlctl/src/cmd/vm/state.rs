@@ -174,12 +174,14 @@ impl Vm {
 
     /// The supervisor's pid, if one is alive for this VM.
     pub fn supervisor_pid(&self) -> Option<u32> {
-        read_live_pid(&self.run_dir().join("supervisor.pid"))
+        let ours = format!("__supervise\0{}\0", self.name());
+        read_live_pid(&self.run_dir().join("supervisor.pid"), &ours)
     }
 
     /// The UML kernel process's pid, if it is alive.
     pub fn uml_pid(&self) -> Option<u32> {
-        read_live_pid(&self.run_dir().join("uml.pid"))
+        let ours = format!("uml_dir={}\0", self.run_dir().display());
+        read_live_pid(&self.run_dir().join("uml.pid"), &ours)
     }
 
     pub fn status(&self) -> Status {
@@ -286,9 +288,14 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
-fn read_live_pid(path: &Path) -> Option<u32> {
+/// The pid in a pid file, if that process lives and is still the one we
+/// started (its command line holds `mark`): a pid file that outlived a host
+/// reboot must not make an unrelated process look like our VM.
+fn read_live_pid(path: &Path, mark: &str) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
-    pid_alive(pid).then_some(pid)
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let ours = String::from_utf8_lossy(&cmdline).contains(mark);
+    (ours && pid_alive(pid)).then_some(pid)
 }
 
 pub fn now_unix() -> u64 {
