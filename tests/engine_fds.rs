@@ -185,6 +185,17 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
+/// How many sockets a process holds.
+fn sockets(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter(|e| {
+            fs::read_link(e.as_ref().unwrap().path())
+                .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+        })
+        .count()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -216,6 +227,7 @@ fn redis_server_keeps_its_data_across_snapshot_kill_resume() {
     );
     wait_for(&out, |t| t.contains("Ready to accept"), "redis ready");
     let pid = child.id() as i32;
+    let listening = sockets(pid);
     let script: String = (0..500).map(|i| format!("SET key{i} value{i}\n")).collect();
     let mut cli = Command::new("redis-cli")
         .args(["-p", &port.to_string()])
@@ -234,6 +246,13 @@ fn redis_server_keeps_its_data_across_snapshot_kill_resume() {
     assert_eq!(redis_cli(port, &["DBSIZE"]), "501");
     let threads = fs::read_dir(format!("/proc/{pid}/task")).unwrap().count();
     assert!(threads > 1, "redis runs worker threads");
+    // Redis closes a client's socket a moment after the client left: an
+    // established connection would (rightly) be refused.
+    let t0 = std::time::Instant::now();
+    while sockets(pid) > listening {
+        assert!(t0.elapsed().as_secs() < 10, "redis keeps client sockets");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let img = tmp.path().join("img");
     ok(&snapshot(pid, &img, &["--kill"]));
     kill_child(child);
