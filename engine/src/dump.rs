@@ -10,7 +10,7 @@
 use crate::error::{Error, IoContext, Result};
 use crate::files;
 use crate::image::{self, Creds, ImageWriter, Manifest, MmFields, Process, Rseq, Thread};
-use crate::inject::{self, Remote};
+use crate::inject::{self, Area, Remote, CODE_LEN, SCRATCH_LEN};
 use crate::mem::ProcMem;
 use crate::memory;
 use crate::proc::{self, MapsEntry};
@@ -161,7 +161,7 @@ fn collect(
     let fields = proc::stat_fields(pid)?;
     let mem = ProcMem::open(pid)?;
     let t = Instant::now();
-    let injected = inject_queries(frozen, &mem, &maps, &st)?;
+    let injected = inject_queries(frozen, &mem, &maps, &st, false)?;
     tracing::debug!("injected queries in {:?}", t.elapsed());
     let mut threads = Vec::new();
     for (i, &tid) in frozen.tids.iter().enumerate() {
@@ -211,108 +211,110 @@ struct Injected {
     altstacks: Vec<(u64, i32, u64)>,
     brk: u64,
     dumpable: bool,
+    /// A userfaultfd of the target's address space, taken into ours (lazy).
+    uffd: Option<std::os::fd::OwnedFd>,
 }
 
+/// Asks the target, in a few batches run from an injection area mapped in
+/// it for the occasion: its signal actions, brk, dumpable flag, each
+/// thread's clear_child_tid and alternate signal stack; and, for a lazy
+/// snapshot, a userfaultfd of its address space.
 fn inject_queries(
     frozen: &mut Frozen,
     mem: &ProcMem,
     maps: &[MapsEntry],
     st: &std::collections::BTreeMap<String, String>,
+    want_uffd: bool,
 ) -> Result<Injected> {
-    let main_regs = frozen.regs[0];
-    let ip = inject::find_syscall_ip(mem, &main_regs, maps)?;
+    let ip = inject::find_syscall_ip(mem, &frozen.regs[0], maps)?;
     frozen.touched[0] = true;
-    let mut main = Remote::new(frozen.tids[0], ip, main_regs);
-    let scratch = main.check(
-        "mmap scratch page",
-        libc::SYS_mmap,
-        &[
-            0,
-            4096,
-            (libc::PROT_READ | libc::PROT_WRITE) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-            u64::MAX,
-            0,
-        ],
-    )?;
-    let result = (|| {
-        let caught = proc::status_hex(st, "SigCgt");
-        let ignored = proc::status_hex(st, "SigIgn");
-        let mut sigactions = Vec::new();
-        for sig in 1..=64i32 {
-            let bit = 1u64 << (sig - 1);
-            if caught & bit != 0 {
-                main.check(
-                    "rt_sigaction",
-                    libc::SYS_rt_sigaction,
-                    &[sig as u64, 0, scratch, 8],
-                )?;
-                let mut b = [0u8; 32];
-                mem.read(scratch, &mut b)?;
-                let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8"));
-                sigactions.push((
-                    sig,
-                    sys::KernelSigaction {
-                        handler: w(0),
-                        flags: w(1),
-                        restorer: w(2),
-                        mask: w(3),
-                    },
-                ));
-            } else if ignored & bit != 0 {
-                sigactions.push((
-                    sig,
-                    sys::KernelSigaction {
-                        handler: 1,
-                        ..Default::default()
-                    },
-                ));
-            }
-        }
-        let brk = main.check("brk(0)", libc::SYS_brk, &[0])?;
-        let dumpable = main.check(
-            "prctl(PR_GET_DUMPABLE)",
-            libc::SYS_prctl,
-            &[libc::PR_GET_DUMPABLE as u64],
-        )? == 1;
-        let mut tid_addresses = Vec::new();
-        let mut altstacks = Vec::new();
-        for i in 0..frozen.tids.len() {
-            let mut r = if i == 0 {
-                None
-            } else {
-                frozen.touched[i] = true;
-                Some(Remote::new(frozen.tids[i], ip, frozen.regs[i]))
-            };
-            let remote = r.as_mut().unwrap_or(&mut main);
-            remote.check(
-                "prctl(PR_GET_TID_ADDRESS)",
-                libc::SYS_prctl,
-                &[sys::PR_GET_TID_ADDRESS as u64, scratch],
-            )?;
-            tid_addresses.push(mem.read_u64(scratch)?);
-            remote.check("sigaltstack", libc::SYS_sigaltstack, &[0, scratch + 64])?;
-            let ss_flags = mem.read_u64(scratch + 72)? as i32;
-            altstacks.push((
-                mem.read_u64(scratch + 64)?,
-                ss_flags,
-                mem.read_u64(scratch + 80)?,
-            ));
-            if let Some(r) = r {
-                frozen.intercepted[i] = r.intercepted;
-            }
-        }
-        Ok(Injected {
-            sigactions,
-            tid_addresses,
-            altstacks,
-            brk,
-            dumpable,
-        })
-    })();
-    main.check("munmap scratch page", libc::SYS_munmap, &[scratch, 4096])?;
+    let mut main = Remote::new(frozen.tids[0], ip, frozen.regs[0]);
+    let area = Area::map(&mut main, mem, None)?;
+    let result = query(frozen, mem, &mut main, area, st, want_uffd);
+    // Unmapped with a lone syscall: the batch loop cannot unmap itself.
+    let unmapped = main.check("munmap the injection area", libc::SYS_munmap, &[area.addr, CODE_LEN + SCRATCH_LEN]);
     frozen.intercepted[0] = main.intercepted;
-    result
+    let injected = result?;
+    unmapped?;
+    Ok(injected)
+}
+
+fn query(
+    frozen: &mut Frozen,
+    mem: &ProcMem,
+    main: &mut Remote,
+    area: Area,
+    st: &std::collections::BTreeMap<String, String>,
+    want_uffd: bool,
+) -> Result<Injected> {
+    let caught = proc::status_hex(st, "SigCgt");
+    let ignored = proc::status_hex(st, "SigIgn");
+    let mut b = area.batch();
+    let mut slots = Vec::new();
+    for sig in (1..=64i32).filter(|s| caught & (1u64 << (s - 1)) != 0) {
+        let slot = b.data(&[0u8; 32])?;
+        b.call("rt_sigaction", libc::SYS_rt_sigaction, &[sig as u64, 0, slot, 8]);
+        slots.push((sig, slot));
+    }
+    let brk_at = b.calls_len();
+    b.call("brk(0)", libc::SYS_brk, &[0]);
+    b.call("prctl(PR_GET_DUMPABLE)", libc::SYS_prctl, &[libc::PR_GET_DUMPABLE as u64]);
+    if want_uffd {
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        b.call("userfaultfd", libc::SYS_userfaultfd, &[flags]);
+    }
+    let (tid_slot, stack_slot) = thread_queries(&mut b)?;
+    let results = area.run(main, mem, b)?;
+    let mut sigactions = Vec::new();
+    for (sig, slot) in slots {
+        let w = |i: u64| mem.read_u64(slot + i * 8);
+        sigactions.push((sig, sys::KernelSigaction { handler: w(0)?, flags: w(1)?, restorer: w(2)?, mask: w(3)? }));
+    }
+    for sig in (1..=64i32).filter(|s| ignored & (1u64 << (s - 1)) != 0) {
+        sigactions.push((sig, sys::KernelSigaction { handler: 1, ..Default::default() }));
+    }
+    let mut tid_addresses = vec![mem.read_u64(tid_slot)?];
+    let mut altstacks = vec![read_stack(mem, stack_slot)?];
+    for i in 1..frozen.tids.len() {
+        frozen.touched[i] = true;
+        let mut r = Remote::new(frozen.tids[i], main.ip, frozen.regs[i]);
+        let mut b = area.batch();
+        let (tid_slot, stack_slot) = thread_queries(&mut b)?;
+        let run = area.run(&mut r, mem, b);
+        frozen.intercepted[i] = r.intercepted;
+        run?;
+        tid_addresses.push(mem.read_u64(tid_slot)?);
+        altstacks.push(read_stack(mem, stack_slot)?);
+    }
+    let uffd = if want_uffd {
+        let fd = results[brk_at + 2] as i32;
+        let taken = crate::uffd::take_fd(frozen.pid, fd)?;
+        main.check("close the target's userfaultfd", libc::SYS_close, &[fd as u64])?;
+        Some(taken)
+    } else {
+        None
+    };
+    Ok(Injected {
+        sigactions,
+        tid_addresses,
+        altstacks,
+        brk: results[brk_at],
+        dumpable: results[brk_at + 1] == 1,
+        uffd,
+    })
+}
+
+/// Stages the per-thread queries; returns where their answers will be.
+fn thread_queries(b: &mut inject::Batch) -> Result<(u64, u64)> {
+    let tid_slot = b.data(&[0u8; 8])?;
+    let stack_slot = b.data(&[0u8; 24])?;
+    b.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, &[sys::PR_GET_TID_ADDRESS as u64, tid_slot]);
+    b.call("sigaltstack", libc::SYS_sigaltstack, &[0, stack_slot]);
+    Ok((tid_slot, stack_slot))
+}
+
+fn read_stack(mem: &ProcMem, at: u64) -> Result<(u64, i32, u64)> {
+    Ok((mem.read_u64(at)?, mem.read_u64(at + 8)? as i32, mem.read_u64(at + 16)?))
 }
 
 fn thread_state(tid: i32, regs: &ptrace::Regs, clear_child_tid: u64) -> Result<Thread> {

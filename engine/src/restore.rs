@@ -331,7 +331,7 @@ fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8], lazy: bool) -> Result<
     let mut fd_iter = fds.iter();
     let mut maps = p.batch();
     let mut protects = p.batch();
-    let fill_now = |v: &Vma| !v.pages.is_empty() && !(lazy && crate::pager::is_lazy(v));
+    let fill_now = |v: &Vma| !(v.pages.is_empty() || lazy && crate::pager::is_lazy(v));
     for (v, s) in vmas.iter().zip(&sources) {
         let fill = fill_now(v);
         let prot = v.prot() | if fill { libc::PROT_WRITE } else { 0 };
