@@ -9,7 +9,9 @@
 
 use crate::error::{Error, IoContext, Result};
 use crate::files;
-use crate::image::{self, Creds, ImageWriter, Manifest, MmFields, Process, Rseq, Thread};
+use crate::cow::Cow;
+use crate::image::{self, Creds, ImageWriter, Manifest, MmFields, Process, Rseq, Thread, Vma};
+use crate::uffd::Uffd;
 use crate::inject::{self, Area, Remote, CODE_LEN, SCRATCH_LEN};
 use crate::mem::ProcMem;
 use crate::memory;
@@ -30,6 +32,10 @@ pub struct DumpOptions<'a> {
     pub cancel: Option<&'a AtomicBool>,
     /// Called with (bytes copied, bytes to copy) as memory is saved.
     pub progress: Option<&'a dyn Fn(u64, u64)>,
+    /// Lazy copy-on-write snapshot (see `cow`): the target is stopped only
+    /// to write-protect its memory, which is saved while it runs. Ignored
+    /// with `kill` (a process that is killed need not run on).
+    pub lazy: bool,
 }
 
 /// What a snapshot did.
@@ -46,64 +52,106 @@ pub struct DumpReport {
     pub frozen: Duration,
     /// From the call to the published image.
     pub total: Duration,
+    /// Whether the memory was saved lazily while the target ran.
+    pub lazy: bool,
+    /// Writes of the target that waited for their page to be saved first.
+    pub write_faults: u64,
 }
 
 /// Snapshots process `pid` into the new directory `out`.
 pub fn dump(pid: i32, out: &Path, opts: &DumpOptions) -> Result<DumpReport> {
+    if !opts.lazy || opts.kill {
+        return dump_once(pid, out, opts, false);
+    }
+    for attempt in 1..=3 {
+        match dump_once(pid, out, opts, true) {
+            Err(Error::LazyConflict(why)) => tracing::warn!("lazy snapshot, attempt {attempt}: {why}"),
+            r => return r,
+        }
+    }
+    tracing::warn!("pid {pid} keeps unmapping memory during lazy snapshots: taking it stop-and-copy");
+    dump_once(pid, out, opts, false)
+}
+
+fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<DumpReport> {
     let t0 = Instant::now();
     check_target(pid)?;
     let mut writer = ImageWriter::create(out)?;
-    let frozen = Frozen::freeze(
-        pid,
-        Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACECLONE,
-    )?;
+    // The target stops as the first thread is seized: count from here.
     let t_frozen = Instant::now();
+    let mut frozen = Frozen::freeze(pid, Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACECLONE)?;
     let cancelled = || opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed));
-    let mut frozen = frozen;
-    tracing::debug!("froze {} threads in {:?}", frozen.tids.len(), t_frozen - t0);
-    let process = collect(&mut frozen, &mut writer, opts, &cancelled)?;
-    let memory_bytes = process.vmas.iter().map(|v| v.stored_bytes()).sum();
-    let manifest = Manifest {
+    tracing::debug!("froze {} threads in {:?}", frozen.tids.len(), t_frozen.elapsed());
+    let (process, cow) = collect(&mut frozen, &mut writer, opts, &cancelled, lazy)?;
+    let threads = frozen.tids.len();
+    if cancelled() {
+        return Err(Error::Interrupted);
+    }
+    if opts.kill {
+        // Publish while frozen, then kill: no instruction runs after the instant saved.
+        let manifest = manifest(process, &mut writer)?;
+        let dir = writer.finish(&manifest)?;
+        let frozen_for = t_frozen.elapsed();
+        frozen.kill()?;
+        return Ok(report(dir, pid, threads, &manifest, frozen_for, t0, None));
+    }
+    frozen.release()?;
+    let frozen_for = t_frozen.elapsed();
+    let mut write_faults = None;
+    if let Some(mut cow) = cow {
+        let total = cow.bytes_left();
+        let progress = |left: u64| {
+            if let Some(p) = opts.progress {
+                p(total - left, total);
+            }
+        };
+        let copied = cow.run(&writer, &progress, &cancelled);
+        write_faults = Some(cow.write_faults);
+        cow.disarm();
+        copied?;
+    }
+    if cancelled() {
+        return Err(Error::Interrupted);
+    }
+    let manifest = manifest(process, &mut writer)?;
+    let dir = writer.finish(&manifest)?;
+    Ok(report(dir, pid, threads, &manifest, frozen_for, t0, write_faults))
+}
+
+fn manifest(process: Process, writer: &mut ImageWriter) -> Result<Manifest> {
+    Ok(Manifest {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         created_unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .into(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().into(),
         xstate_size: process.threads.first().map_or(0, |t| t.xstate.len()),
-        pages: writer.pages_info(),
+        pages: writer.pages_info()?,
         processes: vec![process],
-    };
-    let threads = frozen.tids.len();
-    if cancelled() {
-        return Err(Error::Interrupted);
-    }
-    let (frozen_for, dir) = if opts.kill {
-        // Publish while frozen, then kill: no instruction runs after the instant saved.
-        let dir = writer.finish(&manifest)?;
-        let d = t_frozen.elapsed();
-        frozen.kill()?;
-        (d, dir)
-    } else {
-        frozen.release()?;
-        let d = t_frozen.elapsed();
-        if cancelled() {
-            return Err(Error::Interrupted);
-        }
-        (d, writer.finish(&manifest)?)
-    };
-    Ok(DumpReport {
+    })
+}
+
+fn report(
+    dir: PathBuf,
+    pid: i32,
+    threads: usize,
+    m: &Manifest,
+    frozen: Duration,
+    t0: Instant,
+    write_faults: Option<u64>,
+) -> DumpReport {
+    DumpReport {
         dir,
         pid,
         threads,
-        memory_bytes,
-        image_bytes: manifest.pages.len,
-        frozen: frozen_for,
+        memory_bytes: m.processes.iter().flat_map(|p| &p.vmas).map(|v| v.stored_bytes()).sum(),
+        image_bytes: m.pages.len,
+        frozen,
         total: t0.elapsed(),
-    })
+        lazy: write_faults.is_some(),
+        write_faults: write_faults.unwrap_or(0),
+    }
 }
 
 /// Refuses targets that cannot be snapshotted, before touching them.
@@ -153,7 +201,8 @@ fn collect(
     writer: &mut ImageWriter,
     opts: &DumpOptions,
     cancelled: &dyn Fn() -> bool,
-) -> Result<Process> {
+    lazy: bool,
+) -> Result<(Process, Option<Cow>)> {
     let pid = frozen.pid;
     let maps = proc::maps(pid)?;
     let fds = files::collect(pid, writer)?;
@@ -161,7 +210,7 @@ fn collect(
     let fields = proc::stat_fields(pid)?;
     let mem = ProcMem::open(pid)?;
     let t = Instant::now();
-    let injected = inject_queries(frozen, &mem, &maps, &st, false)?;
+    let mut injected = inject_queries(frozen, &mem, &maps, &st, lazy)?;
     tracing::debug!("injected queries in {:?}", t.elapsed());
     let mut threads = Vec::new();
     for (i, &tid) in frozen.tids.iter().enumerate() {
@@ -173,9 +222,18 @@ fn collect(
         return Err(Error::Interrupted);
     }
     let t = Instant::now();
-    let vmas = memory::dump_vmas(pid, &maps, writer, opts.progress, cancelled)?;
-    tracing::debug!("memory saved in {:?}", t.elapsed());
-    Ok(Process {
+    let saved = memory::dump_vmas(pid, &maps, writer, opts.progress, cancelled, lazy)?;
+    tracing::debug!("memory planned in {:?}", t.elapsed());
+    let cow = match injected.uffd.take() {
+        Some(fd) => {
+            let deferred: Vec<&Vma> = saved.deferred.iter().map(|&i| &saved.vmas[i]).collect();
+            Some(Cow::arm(Uffd::from_fd(fd), pid, &deferred)?)
+        }
+        None => None,
+    };
+    tracing::debug!("memory saved (or protected) in {:?}", t.elapsed());
+    let vmas = saved.vmas;
+    let process = Process {
         pid,
         comm: proc::read_proc(pid, "comm")?.trim_end().to_string(),
         exe: proc::readlink(&format!("/proc/{pid}/exe"))?
@@ -201,7 +259,8 @@ fn collect(
         threads,
         vmas,
         fds,
-    })
+    };
+    Ok((process, cow))
 }
 
 /// What only the target itself can tell.

@@ -119,13 +119,17 @@ fn on_tmpfs(path: &str) -> bool {
 
 /// Saves the memory of every VMA in `maps` into the image; returns the VMAs
 /// with their page index.
+/// With `defer`, the pages of private anonymous VMAs are not copied: space
+/// is reserved for them in pages.img, and their indexes are returned in
+/// `deferred` for a lazy snapshot to fill (see `cow`).
 pub fn dump_vmas(
     pid: i32,
     maps: &[MapsEntry],
     writer: &mut ImageWriter,
     progress: Option<&dyn Fn(u64, u64)>,
     cancelled: &dyn Fn() -> bool,
-) -> Result<Vec<Vma>> {
+    defer: bool,
+) -> Result<Saved> {
     let pagemap =
         File::open(format!("/proc/{pid}/pagemap")).ctx(|| format!("open /proc/{pid}/pagemap"))?;
     let mut plan = Vec::new();
@@ -146,13 +150,22 @@ pub fn dump_vmas(
     let mut done = 0u64;
     let mut buf = vec![0u8; BATCH];
     let mut vmas = Vec::with_capacity(plan.len());
+    let mut deferred = Vec::new();
     for (m, kind, source, runs) in plan {
         if cancelled() {
             return Err(Error::Interrupted);
         }
-        let pages = match source {
-            Source::Object => copy_object(pid, m, &runs, writer, &mut buf)?,
-            _ => copy_memory(pid, &runs, writer, &mut buf)?,
+        let anonymous = m.inode == 0 && !m.shared && matches!(source, Source::Memory(_));
+        let pages = if defer && anonymous && !runs.is_empty() {
+            deferred.push(vmas.len());
+            runs.iter()
+                .map(|&(a, n)| Ok([a, n, writer.reserve(n * PAGE_SIZE)?]))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            match source {
+                Source::Object => copy_object(pid, m, &runs, writer, &mut buf)?,
+                _ => copy_memory(pid, &runs, writer, &mut buf)?,
+            }
         };
         done += pages.iter().map(|r| r[1] * PAGE_SIZE).sum::<u64>();
         if let Some(p) = progress {
@@ -170,7 +183,14 @@ pub fn dump_vmas(
             pages,
         });
     }
-    Ok(vmas)
+    Ok(Saved { vmas, deferred })
+}
+
+/// The VMAs with their page index; `deferred` lists those whose pages are
+/// reserved but not yet copied.
+pub struct Saved {
+    pub vmas: Vec<Vma>,
+    pub deferred: Vec<usize>,
 }
 
 /// Runs (address, pages) of the VMA whose pagemap entries pass `keep`.

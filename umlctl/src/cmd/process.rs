@@ -27,6 +27,12 @@ pub struct SnapshotArgs {
     /// Kill the process once the image is safely on disk.
     #[arg(long)]
     pub kill: bool,
+    /// Lazy copy-on-write snapshot: stop the process only to write-protect
+    /// its memory (milliseconds whatever its size) and save the pages while
+    /// it runs; the image is still the instant of the freeze. (With --kill
+    /// the snapshot is stop-and-copy.)
+    #[arg(long)]
+    pub lazy: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -86,6 +92,9 @@ pub fn snapshot(out: Output, a: SnapshotArgs) -> CliResult {
     if a.kill {
         cmd.arg("--kill");
     }
+    if a.lazy {
+        cmd.arg("--lazy");
+    }
     // The worker gets the same Ctrl-C and handles it; we wait for its verdict.
     ignore_signal(libc::SIGINT);
     ignore_signal(libc::SIGTERM);
@@ -139,6 +148,8 @@ struct SnapshotJson {
     frozen_ms: f64,
     total_ms: f64,
     killed: bool,
+    lazy: bool,
+    write_faults: u64,
 }
 
 /// The worker: performs the snapshot with the engine.
@@ -153,6 +164,7 @@ pub fn snapshot_worker(out: Output, a: SnapshotArgs) -> CliResult {
         kill: a.kill,
         cancel: Some(&CANCEL),
         progress: Some(&progress),
+        lazy: a.lazy,
     };
     let r = engine::dump(a.pid, &a.out, &opts).map_err(engine_error);
     bar.finish_and_clear();
@@ -166,10 +178,13 @@ pub fn snapshot_worker(out: Output, a: SnapshotArgs) -> CliResult {
         frozen_ms: r.frozen.as_secs_f64() * 1e3,
         total_ms: r.total.as_secs_f64() * 1e3,
         killed: a.kill,
+        lazy: r.lazy,
+        write_faults: r.write_faults,
     };
     out.emit(&j, || {
         format!(
-            "snapshot of pid {} ({} threads, {} MiB of memory) in {}: {:.1} ms, stopped {:.1} ms{}",
+            "{}snapshot of pid {} ({} threads, {} MiB of memory) in {}: {:.1} ms, stopped {:.1} ms{}",
+            if j.lazy { "lazy " } else { "" },
             j.pid,
             j.threads,
             j.memory_bytes >> 20,
