@@ -7,17 +7,17 @@
 //! the `Frozen` guard (the target runs on untouched) and the `ImageWriter`
 //! (no image directory remains).
 
+use crate::cow::Cow;
 use crate::error::{Error, IoContext, Result};
 use crate::files;
-use crate::cow::Cow;
 use crate::image::{self, Creds, ImageWriter, Manifest, MmFields, Process, Rseq, Thread, Vma};
-use crate::uffd::Uffd;
 use crate::inject::{self, Area, Remote, CODE_LEN, SCRATCH_LEN};
 use crate::mem::ProcMem;
 use crate::memory;
 use crate::proc::{self, MapsEntry};
 use crate::ptrace::{self, Frozen};
 use crate::sys;
+use crate::uffd::Uffd;
 use nix::sys::ptrace::Options;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,11 +65,15 @@ pub fn dump(pid: i32, out: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     }
     for attempt in 1..=3 {
         match dump_once(pid, out, opts, true) {
-            Err(Error::LazyConflict(why)) => tracing::warn!("lazy snapshot, attempt {attempt}: {why}"),
+            Err(Error::LazyConflict(why)) => {
+                tracing::warn!("lazy snapshot, attempt {attempt}: {why}")
+            }
             r => return r,
         }
     }
-    tracing::warn!("pid {pid} keeps unmapping memory during lazy snapshots: taking it stop-and-copy");
+    tracing::warn!(
+        "pid {pid} keeps unmapping memory during lazy snapshots: taking it stop-and-copy"
+    );
     dump_once(pid, out, opts, false)
 }
 
@@ -79,9 +83,16 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     let mut writer = ImageWriter::create(out)?;
     // The target stops as the first thread is seized: count from here.
     let t_frozen = Instant::now();
-    let mut frozen = Frozen::freeze(pid, Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACECLONE)?;
+    let mut frozen = Frozen::freeze(
+        pid,
+        Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACECLONE,
+    )?;
     let cancelled = || opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed));
-    tracing::debug!("froze {} threads in {:?}", frozen.tids.len(), t_frozen.elapsed());
+    tracing::debug!(
+        "froze {} threads in {:?}",
+        frozen.tids.len(),
+        t_frozen.elapsed()
+    );
     let (process, cow) = collect(&mut frozen, &mut writer, opts, &cancelled, lazy)?;
     let threads = frozen.tids.len();
     if cancelled() {
@@ -115,7 +126,15 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     }
     let manifest = manifest(process, &mut writer)?;
     let dir = writer.finish(&manifest)?;
-    Ok(report(dir, pid, threads, &manifest, frozen_for, t0, write_faults))
+    Ok(report(
+        dir,
+        pid,
+        threads,
+        &manifest,
+        frozen_for,
+        t0,
+        write_faults,
+    ))
 }
 
 fn manifest(process: Process, writer: &mut ImageWriter) -> Result<Manifest> {
@@ -125,7 +144,10 @@ fn manifest(process: Process, writer: &mut ImageWriter) -> Result<Manifest> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().into(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .into(),
         xstate_size: process.threads.first().map_or(0, |t| t.xstate.len()),
         pages: writer.pages_info()?,
         processes: vec![process],
@@ -145,7 +167,12 @@ fn report(
         dir,
         pid,
         threads,
-        memory_bytes: m.processes.iter().flat_map(|p| &p.vmas).map(|v| v.stored_bytes()).sum(),
+        memory_bytes: m
+            .processes
+            .iter()
+            .flat_map(|p| &p.vmas)
+            .map(|v| v.stored_bytes())
+            .sum(),
         image_bytes: m.pages.len,
         frozen,
         total: t0.elapsed(),
@@ -291,7 +318,11 @@ fn inject_queries(
     let area = Area::map(&mut main, mem, None)?;
     let result = query(frozen, mem, &mut main, area, st, want_uffd);
     // Unmapped with a lone syscall: the batch loop cannot unmap itself.
-    let unmapped = main.check("munmap the injection area", libc::SYS_munmap, &[area.addr, CODE_LEN + SCRATCH_LEN]);
+    let unmapped = main.check(
+        "munmap the injection area",
+        libc::SYS_munmap,
+        &[area.addr, CODE_LEN + SCRATCH_LEN],
+    );
     frozen.intercepted[0] = main.intercepted;
     let injected = result?;
     unmapped?;
@@ -312,12 +343,20 @@ fn query(
     let mut slots = Vec::new();
     for sig in (1..=64i32).filter(|s| caught & (1u64 << (s - 1)) != 0) {
         let slot = b.data(&[0u8; 32])?;
-        b.call("rt_sigaction", libc::SYS_rt_sigaction, &[sig as u64, 0, slot, 8]);
+        b.call(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            &[sig as u64, 0, slot, 8],
+        );
         slots.push((sig, slot));
     }
     let brk_at = b.calls_len();
     b.call("brk(0)", libc::SYS_brk, &[0]);
-    b.call("prctl(PR_GET_DUMPABLE)", libc::SYS_prctl, &[libc::PR_GET_DUMPABLE as u64]);
+    b.call(
+        "prctl(PR_GET_DUMPABLE)",
+        libc::SYS_prctl,
+        &[libc::PR_GET_DUMPABLE as u64],
+    );
     if want_uffd {
         let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
         b.call("userfaultfd", libc::SYS_userfaultfd, &[flags]);
@@ -327,10 +366,24 @@ fn query(
     let mut sigactions = Vec::new();
     for (sig, slot) in slots {
         let w = |i: u64| mem.read_u64(slot + i * 8);
-        sigactions.push((sig, sys::KernelSigaction { handler: w(0)?, flags: w(1)?, restorer: w(2)?, mask: w(3)? }));
+        sigactions.push((
+            sig,
+            sys::KernelSigaction {
+                handler: w(0)?,
+                flags: w(1)?,
+                restorer: w(2)?,
+                mask: w(3)?,
+            },
+        ));
     }
     for sig in (1..=64i32).filter(|s| ignored & (1u64 << (s - 1)) != 0) {
-        sigactions.push((sig, sys::KernelSigaction { handler: 1, ..Default::default() }));
+        sigactions.push((
+            sig,
+            sys::KernelSigaction {
+                handler: 1,
+                ..Default::default()
+            },
+        ));
     }
     let mut tid_addresses = vec![mem.read_u64(tid_slot)?];
     let mut altstacks = vec![read_stack(mem, stack_slot)?];
@@ -348,7 +401,11 @@ fn query(
     let uffd = if want_uffd {
         let fd = results[brk_at + 2] as i32;
         let taken = crate::uffd::take_fd(frozen.pid, fd)?;
-        main.check("close the target's userfaultfd", libc::SYS_close, &[fd as u64])?;
+        main.check(
+            "close the target's userfaultfd",
+            libc::SYS_close,
+            &[fd as u64],
+        )?;
         Some(taken)
     } else {
         None
@@ -367,13 +424,21 @@ fn query(
 fn thread_queries(b: &mut inject::Batch) -> Result<(u64, u64)> {
     let tid_slot = b.data(&[0u8; 8])?;
     let stack_slot = b.data(&[0u8; 24])?;
-    b.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, &[sys::PR_GET_TID_ADDRESS as u64, tid_slot]);
+    b.call(
+        "prctl(PR_GET_TID_ADDRESS)",
+        libc::SYS_prctl,
+        &[sys::PR_GET_TID_ADDRESS as u64, tid_slot],
+    );
     b.call("sigaltstack", libc::SYS_sigaltstack, &[0, stack_slot]);
     Ok((tid_slot, stack_slot))
 }
 
 fn read_stack(mem: &ProcMem, at: u64) -> Result<(u64, i32, u64)> {
-    Ok((mem.read_u64(at)?, mem.read_u64(at + 8)? as i32, mem.read_u64(at + 16)?))
+    Ok((
+        mem.read_u64(at)?,
+        mem.read_u64(at + 8)? as i32,
+        mem.read_u64(at + 16)?,
+    ))
 }
 
 fn thread_state(tid: i32, regs: &ptrace::Regs, clear_child_tid: u64) -> Result<Thread> {

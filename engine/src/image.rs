@@ -425,9 +425,13 @@ impl ImageWriter {
     pub fn reserve(&mut self, len: u64) -> Result<u64> {
         let off = self.len;
         self.len += len;
-        self.pages.set_len(self.len).ctx(|| "extend pages.img".into())?;
+        self.pages
+            .set_len(self.len)
+            .ctx(|| "extend pages.img".into())?;
         use std::io::Seek;
-        self.pages.seek(std::io::SeekFrom::Start(self.len)).ctx(|| "seek pages.img".into())?;
+        self.pages
+            .seek(std::io::SeekFrom::Start(self.len))
+            .ctx(|| "seek pages.img".into())?;
         self.out_of_order = true;
         Ok(off)
     }
@@ -436,7 +440,9 @@ impl ImageWriter {
     pub fn write_at(&self, off: u64, data: &[u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
         debug_assert!(off + data.len() as u64 <= self.len);
-        self.pages.write_all_at(data, off).ctx(|| "write pages.img".into())
+        self.pages
+            .write_all_at(data, off)
+            .ctx(|| "write pages.img".into())
     }
 
     /// Appends bytes padded with zeros to a whole page.

@@ -281,10 +281,20 @@ impl Area {
         if at.is_some() {
             flags |= crate::sys::MAP_FIXED_NOREPLACE;
         }
-        let args = [at.unwrap_or(0), CODE_LEN + SCRATCH_LEN, prot as u64, flags as u64, u64::MAX, 0];
+        let args = [
+            at.unwrap_or(0),
+            CODE_LEN + SCRATCH_LEN,
+            prot as u64,
+            flags as u64,
+            u64::MAX,
+            0,
+        ];
         let addr = r.check("mmap an injection area", libc::SYS_mmap, &args)?;
         if at.is_some_and(|a| a != addr) {
-            return Err(Error::Restore(format!("injection area mapped at {addr:#x}, not {:#x}", at.unwrap_or(0))));
+            return Err(Error::Restore(format!(
+                "injection area mapped at {addr:#x}, not {:#x}",
+                at.unwrap_or(0)
+            )));
         }
         mem.write(addr, &[0x0f, 0x05])?;
         mem.write(addr + LOOP_OFFSET, &BATCH_LOOP)?;
@@ -296,7 +306,11 @@ impl Area {
     }
 
     pub fn batch(&self) -> Batch {
-        Batch { base: self.scratch(), data: vec![], calls: vec![] }
+        Batch {
+            base: self.scratch(),
+            data: vec![],
+            calls: vec![],
+        }
     }
 
     /// Runs a batch in thread `r`; returns each call's result.
@@ -304,7 +318,12 @@ impl Area {
         mem.write(self.scratch(), &b.data)?;
         let mut results = Vec::with_capacity(b.calls.len());
         for chunk in b.calls.chunks(TABLE_ENTRIES) {
-            results.extend(r.batch(mem, self.addr + LOOP_OFFSET, self.scratch() + DATA_LEN, chunk)?);
+            results.extend(r.batch(
+                mem,
+                self.addr + LOOP_OFFSET,
+                self.scratch() + DATA_LEN,
+                chunk,
+            )?);
         }
         Ok(results)
     }
@@ -323,7 +342,9 @@ impl Batch {
     pub fn data(&mut self, bytes: &[u8]) -> Result<u64> {
         let at = self.data.len().next_multiple_of(8);
         if (at + bytes.len()) as u64 > DATA_LEN {
-            return Err(Error::Restore("injection scratch area full (too much data in one step)".into()));
+            return Err(Error::Restore(
+                "injection scratch area full (too much data in one step)".into(),
+            ));
         }
         self.data.resize(at, 0);
         self.data.extend_from_slice(bytes);

@@ -18,8 +18,8 @@ use crate::ptrace;
 use crate::sys;
 use nix::sys::ptrace::Options;
 
-pub use crate::inject::{Batch, CODE_LEN, SCRATCH_LEN};
 use crate::inject::Area;
+pub use crate::inject::{Batch, CODE_LEN, SCRATCH_LEN};
 
 pub struct Puppet {
     pub pid: i32,
