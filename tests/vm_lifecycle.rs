@@ -39,9 +39,34 @@ fn boots_runs_commands_and_stops_without_leftovers() {
         (60_000..=98_304).contains(&kb),
         "MemTotal {kb} kB for --mem 96M"
     );
-    // Arguments with spaces and quotes arrive intact.
-    let out = lab.ok(&["vm", "exec", "a", "--", "printf", "[%s]", "a b", "it's"]);
-    assert_eq!(out, "[a b][it's]");
+    // Arguments with spaces, quotes, backslashes, newlines and UTF-8 arrive intact.
+    let args = [
+        "a b",
+        "it's",
+        r"back\slash \0101",
+        "two\nlines",
+        "é $HOME `x`",
+    ];
+    let mut cmd = vec!["vm", "exec", "a", "--", "printf", "[%s]"];
+    cmd.extend(args);
+    assert_eq!(lab.ok(&cmd), args.map(|a| format!("[{a}]")).concat());
+
+    // Binary output of any size comes back byte for byte.
+    let first = lab.run(&[
+        "vm",
+        "exec",
+        "a",
+        "--",
+        "sh",
+        "-c",
+        "head -c 300000 /dev/urandom | tee /tmp/r",
+    ]);
+    let again = lab.run(&["vm", "exec", "a", "--", "cat", "/tmp/r"]);
+    assert_eq!(first.stdout.len(), 300_000);
+    assert!(
+        first.stdout == again.stdout,
+        "binary output differs between two reads"
+    );
 
     let info = lab.vm_info("a");
     assert_eq!(info["state"], "running");

@@ -916,7 +916,8 @@ impl View {
         g.journal = Writer::open(&self.layout.journal(next.top()))?;
         g.snapshots.retain(|l, _| *l <= layer);
         g.stack = next;
-        let exists = |st: &State, ino: &Ino| st.nodes.contains_key(ino) || self.base.inode(*ino).is_some();
+        let exists =
+            |st: &State, ino: &Ino| st.nodes.contains_key(ino) || self.base.inode(*ino).is_some();
         let mut changed = HashSet::new();
         for l in &dropped {
             changed.extend(g.touched.remove(l).unwrap_or_default());

@@ -1,11 +1,13 @@
-//! Snapshot ("dump") of a live process, stop-and-copy.
+//! Snapshot ("dump") of live processes: stop-and-copy, or lazy
+//! copy-on-write (`cow`).
 //!
 //! Flow (DESIGN.md, "how a snapshot flows"): check the target, freeze every
-//! thread, collect what /proc and ptrace tell, inject the few syscalls only
-//! the target can answer, copy its memory while it is frozen, release (or
-//! kill) it, publish the image. Any error or cancellation on the way drops
-//! the `Frozen` guard (the target runs on untouched) and the `ImageWriter`
-//! (no image directory remains).
+//! thread (of the whole tree with `tree`), collect what /proc and ptrace
+//! tell, inject the few syscalls only the target can answer, copy its
+//! memory while it is frozen (or write-protect it, release, and copy it
+//! while it runs), release (or kill) it, publish the image. Any error or
+//! cancellation on the way drops the `Frozen` guards (the targets run on
+//! untouched) and the `ImageWriter` (no image directory remains).
 
 use crate::cow::Cow;
 use crate::error::{Error, IoContext, Result};
@@ -32,6 +34,10 @@ pub struct DumpOptions<'a> {
     pub cancel: Option<&'a AtomicBool>,
     /// Called with (bytes copied, bytes to copy) as memory is saved.
     pub progress: Option<&'a dyn Fn(u64, u64)>,
+    /// Snapshot the process and all its descendants (`--tree`).
+    pub tree: bool,
+    /// Save established TCP connections as reset instead of refusing them.
+    pub tcp_established_close: bool,
     /// Lazy copy-on-write snapshot (see `cow`): the target is stopped only
     /// to write-protect its memory, which is saved while it runs. Ignored
     /// with `kill` (a process that is killed need not run on).
@@ -43,6 +49,9 @@ pub struct DumpOptions<'a> {
 pub struct DumpReport {
     pub dir: PathBuf,
     pub pid: i32,
+    /// Processes saved (more than one with `tree`).
+    pub processes: usize,
+    /// Threads of all of them.
     pub threads: usize,
     /// Bytes of memory stored.
     pub memory_bytes: u64,
@@ -81,55 +90,69 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     let t0 = Instant::now();
     check_target(pid)?;
     let mut writer = ImageWriter::create(out)?;
-    // The target stops as the first thread is seized: count from here.
+    // The target stops as its first thread is seized: count from here.
     let t_frozen = Instant::now();
-    let mut frozen = Frozen::freeze(
-        pid,
-        Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACECLONE,
-    )?;
+    let opts_ptrace = Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACECLONE;
+    let mut frozen = crate::tree::freeze(pid, opts.tree, opts_ptrace)?;
     let cancelled = || opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     tracing::debug!(
-        "froze {} threads in {:?}",
-        frozen.tids.len(),
+        "froze {} processes in {:?}",
+        frozen.len(),
         t_frozen.elapsed()
     );
-    let (process, cow) = collect(&mut frozen, &mut writer, opts, &cancelled, lazy)?;
-    let threads = frozen.tids.len();
+    // Every fd first: an unsupported one is refused before any memory is copied.
+    let pids: Vec<i32> = frozen.iter().map(|f| f.pid).collect();
+    let mut objects = crate::fds::Objects::new(&pids, opts.tcp_established_close)?;
+    let mut fds = Vec::new();
+    for &p in &pids {
+        fds.push(files::collect(p, &mut writer, &mut objects)?);
+    }
+    objects.finish()?;
+    let mut processes = Vec::new();
+    let mut cows = Vec::new();
+    for (f, fds) in frozen.iter_mut().zip(fds) {
+        let (process, cow) = collect(f, fds, &mut writer, opts, &cancelled, lazy)?;
+        processes.push(process);
+        cows.extend(cow);
+    }
+    let threads = frozen.iter().map(|f| f.tids.len()).sum();
+    let nprocs = frozen.len();
     if cancelled() {
         return Err(Error::Interrupted);
     }
+    let parts = (processes, objects.list, objects.pipes);
     if opts.kill {
         // Publish while frozen, then kill: no instruction runs after the instant saved.
-        let manifest = manifest(process, &mut writer)?;
+        let manifest = manifest(parts, &mut writer)?;
         let dir = writer.finish(&manifest)?;
         let frozen_for = t_frozen.elapsed();
-        frozen.kill()?;
-        return Ok(report(dir, pid, threads, &manifest, frozen_for, t0, None));
+        for f in frozen {
+            f.kill()?;
+        }
+        return Ok(report(
+            dir,
+            pid,
+            (nprocs, threads),
+            &manifest,
+            frozen_for,
+            t0,
+            None,
+        ));
     }
-    frozen.release()?;
+    for f in frozen.into_iter().rev() {
+        f.release()?;
+    }
     let frozen_for = t_frozen.elapsed();
-    let mut write_faults = None;
-    if let Some(mut cow) = cow {
-        let total = cow.bytes_left();
-        let progress = |left: u64| {
-            if let Some(p) = opts.progress {
-                p(total - left, total);
-            }
-        };
-        let copied = cow.run(&writer, &progress, &cancelled);
-        write_faults = Some(cow.write_faults);
-        cow.disarm();
-        copied?;
-    }
+    let write_faults = copy_lazily(cows, &writer, opts, &cancelled)?;
     if cancelled() {
         return Err(Error::Interrupted);
     }
-    let manifest = manifest(process, &mut writer)?;
+    let manifest = manifest(parts, &mut writer)?;
     let dir = writer.finish(&manifest)?;
     Ok(report(
         dir,
         pid,
-        threads,
+        (nprocs, threads),
         &manifest,
         frozen_for,
         t0,
@@ -137,7 +160,40 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     ))
 }
 
-fn manifest(process: Process, writer: &mut ImageWriter) -> Result<Manifest> {
+/// Saves the write-protected memory of the (running) targets; returns the
+/// number of writes that waited, or None when nothing was lazy.
+fn copy_lazily(
+    cows: Vec<Cow>,
+    writer: &ImageWriter,
+    opts: &DumpOptions,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Option<u64>> {
+    if cows.is_empty() {
+        return Ok(None);
+    }
+    let total: u64 = cows.iter().map(|c| c.bytes_left()).sum();
+    let mut done_before = 0;
+    let mut faults = 0;
+    for mut cow in cows {
+        let mine = cow.bytes_left();
+        let progress = |left: u64| {
+            if let Some(p) = opts.progress {
+                p(done_before + mine - left, total);
+            }
+        };
+        let copied = cow.run(writer, &progress, cancelled);
+        faults += cow.write_faults;
+        cow.disarm();
+        copied?;
+        done_before += mine;
+    }
+    Ok(Some(faults))
+}
+
+type Parts = (Vec<Process>, Vec<image::FileObject>, Vec<image::PipeBuffer>);
+
+fn manifest(parts: Parts, writer: &mut ImageWriter) -> Result<Manifest> {
+    let (processes, objects, pipes) = parts;
     Ok(Manifest {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         created_unix_ms: std::time::SystemTime::now()
@@ -148,16 +204,18 @@ fn manifest(process: Process, writer: &mut ImageWriter) -> Result<Manifest> {
             .unwrap_or_default()
             .trim()
             .into(),
-        xstate_size: process.threads.first().map_or(0, |t| t.xstate.len()),
+        xstate_size: processes[0].threads.first().map_or(0, |t| t.xstate.len()),
         pages: writer.pages_info()?,
-        processes: vec![process],
+        processes,
+        objects,
+        pipes,
     })
 }
 
 fn report(
     dir: PathBuf,
     pid: i32,
-    threads: usize,
+    (processes, threads): (usize, usize),
     m: &Manifest,
     frozen: Duration,
     t0: Instant,
@@ -166,6 +224,7 @@ fn report(
     DumpReport {
         dir,
         pid,
+        processes,
         threads,
         memory_bytes: m
             .processes
@@ -225,6 +284,7 @@ pub fn check_target(pid: i32) -> Result<()> {
 
 fn collect(
     frozen: &mut Frozen,
+    fds: Vec<crate::image::Fd>,
     writer: &mut ImageWriter,
     opts: &DumpOptions,
     cancelled: &dyn Fn() -> bool,
@@ -232,7 +292,7 @@ fn collect(
 ) -> Result<(Process, Option<Cow>)> {
     let pid = frozen.pid;
     let maps = proc::maps(pid)?;
-    let fds = files::collect(pid, writer)?;
+    let (ppid, pgid, sid) = crate::tree::ids(pid)?;
     let st = proc::status(pid)?;
     let fields = proc::stat_fields(pid)?;
     let mem = ProcMem::open(pid)?;
@@ -250,7 +310,6 @@ fn collect(
     }
     let t = Instant::now();
     let saved = memory::dump_vmas(pid, &maps, writer, opts.progress, cancelled, lazy)?;
-    tracing::debug!("memory planned in {:?}", t.elapsed());
     let cow = match injected.uffd.take() {
         Some(fd) => {
             let deferred: Vec<&Vma> = saved.deferred.iter().map(|&i| &saved.vmas[i]).collect();
@@ -262,6 +321,9 @@ fn collect(
     let vmas = saved.vmas;
     let process = Process {
         pid,
+        ppid,
+        pgid,
+        sid,
         comm: proc::read_proc(pid, "comm")?.trim_end().to_string(),
         exe: proc::readlink(&format!("/proc/{pid}/exe"))?
             .to_string_lossy()
@@ -286,6 +348,8 @@ fn collect(
         threads,
         vmas,
         fds,
+        posix_timers: injected.timers,
+        itimers: injected.itimers,
     };
     Ok((process, cow))
 }
@@ -299,6 +363,8 @@ struct Injected {
     dumpable: bool,
     /// A userfaultfd of the target's address space, taken into ours (lazy).
     uffd: Option<std::os::fd::OwnedFd>,
+    timers: Vec<crate::image::PosixTimer>,
+    itimers: Vec<(i32, u64, u64)>,
 }
 
 /// Asks the target, in a few batches run from an injection area mapped in
@@ -363,6 +429,9 @@ fn query(
     }
     let (tid_slot, stack_slot) = thread_queries(&mut b)?;
     let results = area.run(main, mem, b)?;
+    // Timers are asked one call at a time, with scratch space clear of the batch's.
+    let (timers, itimers) =
+        crate::timers::query(main, mem, area.scratch() + 256 * 1024, frozen.pid)?;
     let mut sigactions = Vec::new();
     for (sig, slot) in slots {
         let w = |i: u64| mem.read_u64(slot + i * 8);
@@ -417,6 +486,8 @@ fn query(
         brk: results[brk_at],
         dumpable: results[brk_at + 1] == 1,
         uffd,
+        timers,
+        itimers,
     })
 }
 

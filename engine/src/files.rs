@@ -37,7 +37,11 @@ const KEEP_FLAGS: i32 = libc::O_ACCMODE
     | libc::O_SYNC
     | libc::O_DSYNC;
 
-pub fn collect(pid: i32, writer: &mut ImageWriter) -> Result<Vec<Fd>> {
+pub fn collect(
+    pid: i32,
+    writer: &mut ImageWriter,
+    objects: &mut crate::fds::Objects,
+) -> Result<Vec<Fd>> {
     let mut out = Vec::new();
     for fd in proc::fds(pid)? {
         let link = format!("/proc/{pid}/fd/{fd}");
@@ -53,11 +57,22 @@ pub fn collect(pid: i32, writer: &mut ImageWriter) -> Result<Vec<Fd>> {
         let pos: u64 = info.get("pos").and_then(|p| p.parse().ok()).unwrap_or(0);
         let meta = std::fs::metadata(&link).ctx(|| format!("stat fd {fd} of pid {pid}"))?;
         let ft = meta.file_type();
-        let kind = if fd <= 2 && (ft.is_fifo() || ft.is_socket() || is_tty(&target, &ft)) {
+        let outer_pipe = target.starts_with("pipe:") && !objects.inner_pipe(&target);
+        let t = crate::fds::Target {
+            pid,
+            fd,
+            link: &target,
+            info: &info,
+            flags,
+            ft,
+        };
+        let kind = if fd <= 2 && (outer_pipe || ft.is_socket() || is_tty(&target, &ft)) {
             FdKind::Stdio {
                 was: target.clone(),
                 flags: flags & KEEP_FLAGS,
             }
+        } else if let Some(id) = objects.object(&t, writer)? {
+            FdKind::Object { id }
         } else if ft.is_file() && target.ends_with(" (deleted)") {
             let content =
                 std::fs::read(&link).ctx(|| format!("read deleted file behind fd {fd}"))?;
@@ -107,19 +122,30 @@ fn is_tty(target: &str, ft: &std::fs::FileType) -> bool {
 
 fn unsupported_fd(fd: i32, target: &str) -> String {
     let what = match target.split(':').next().unwrap_or("") {
-        "pipe" => "a pipe",
-        "socket" => "a socket",
-        "anon_inode" => "a kernel object (epoll, eventfd, signalfd, timerfd...)",
-        _ => "of a kind this version cannot save",
+        "anon_inode" => "a kernel object",
+        _ => "of a kind",
     };
-    format!("fd {fd} ({target}) is {what}; snapshots of such fds are not supported yet: close it in the program, or, for std streams only, they are handled by resume --stdio")
+    format!("fd {fd} ({target}) is {what} that snapshots do not support (supported: files, devices, pipes, FIFOs, sockets, epoll, eventfd, signalfd, timerfd, memfd): close it in the program before the snapshot")
 }
 
 /// Reopens every fd of the image inside the puppet, at its number, in one
 /// batch: the fd each open will return is known in advance (the lowest free
 /// one; nothing else runs in the puppet), so its dup3 and close can follow
 /// in the same batch. The results are checked against the prediction.
-pub fn restore(p: &mut Puppet, fds: &[Fd], pages: &[u8], stdio: &Stdio) -> Result<()> {
+///
+/// Objects come from the `Installer`: every puppet inherited them at fds
+/// from `base` up, which are closed at the end. `pids` maps the image's
+/// pids to the new ones (for O_ASYNC owners).
+pub fn restore(
+    p: &mut Puppet,
+    process: &crate::image::Process,
+    objects: &[crate::image::FileObject],
+    installer: &crate::fds::Installer,
+    pages: &[u8],
+    stdio: &Stdio,
+    pids: &std::collections::HashMap<i32, i32>,
+) -> Result<()> {
+    let fds = &process.fds;
     let mut open: std::collections::BTreeSet<i32> = match stdio {
         Stdio::Inherit => fds
             .iter()
@@ -135,7 +161,7 @@ pub fn restore(p: &mut Puppet, fds: &[Fd], pages: &[u8], stdio: &Stdio) -> Resul
     b.call(
         "close_range",
         libc::SYS_close_range,
-        &[3, u32::MAX as u64, 0],
+        &[3, installer.base as u64 - 1, 0],
     );
     // Deleted files are recreated here and reopened by the puppet through
     // /proc/<us>/fd: they must stay open until the batch has run.
@@ -158,6 +184,12 @@ pub fn restore(p: &mut Puppet, fds: &[Fd], pages: &[u8], stdio: &Stdio) -> Resul
                 let via = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
                 keep_alive.push(file);
                 (via, *flags & !libc::O_CREAT, 0)
+            }
+            FdKind::Object { id } => {
+                let from = installer.fd(*id)?;
+                b.call("dup3", libc::SYS_dup3, &[from as u64, f.fd as u64, 0]);
+                open.insert(f.fd);
+                (String::new(), 0, 0)
             }
             FdKind::Stdio { flags, .. } => match stdio {
                 Stdio::Inherit => (String::new(), 0, 0),
@@ -209,6 +241,62 @@ pub fn restore(p: &mut Puppet, fds: &[Fd], pages: &[u8], stdio: &Stdio) -> Resul
         }
     }
     drop(keep_alive);
+    p.sys(
+        "close the resumer's objects",
+        libc::SYS_close_range,
+        &[installer.base as u64, u32::MAX as u64, 0],
+    )?;
+    objects_after_install(p, process, objects, pids)
+}
+
+/// What needs every fd at its number: epoll registrations (keyed by fd
+/// number) and O_ASYNC owners (pids of the new processes).
+fn objects_after_install(
+    p: &mut Puppet,
+    process: &crate::image::Process,
+    objects: &[crate::image::FileObject],
+    pids: &std::collections::HashMap<i32, i32>,
+) -> Result<()> {
+    use crate::image::ObjectKind;
+    for f in &process.fds {
+        let FdKind::Object { id } = f.kind else {
+            continue;
+        };
+        let Some(o) = objects.iter().find(|o| o.id == id) else {
+            continue;
+        };
+        if let ObjectKind::Epoll { owner, items } = &o.kind {
+            if *owner == process.pid {
+                crate::fds::epoll::register(p, f.fd, items)?;
+            }
+        }
+        if let Some((kind, pid, sig)) = o.owner {
+            let own = crate::sys::FOwnerEx {
+                type_: kind,
+                pid: pids.get(&pid).copied().unwrap_or(pid),
+            };
+            let addr = p.put(0, crate::sys::as_bytes(&own))?;
+            p.sys(
+                "fcntl(F_SETOWN_EX)",
+                libc::SYS_fcntl,
+                &[f.fd as u64, crate::sys::F_SETOWN_EX as u64, addr],
+            )?;
+            p.sys(
+                "fcntl(F_SETSIG)",
+                libc::SYS_fcntl,
+                &[f.fd as u64, crate::sys::F_SETSIG as u64, sig as u64],
+            )?;
+            p.sys(
+                "fcntl(F_SETFL O_ASYNC)",
+                libc::SYS_fcntl,
+                &[
+                    f.fd as u64,
+                    libc::F_SETFL as u64,
+                    (o.flags & (libc::O_ASYNC | libc::O_NONBLOCK | libc::O_APPEND)) as u64,
+                ],
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -45,7 +45,16 @@ pub struct Manifest {
     /// Size of the XSAVE area on the snapshotting host.
     pub xstate_size: usize,
     pub pages: PagesInfo,
+    /// Root first; a tree (`--tree`) lists every descendant after it.
     pub processes: Vec<Process>,
+    /// Open file descriptions that are not reopened by path (pipes,
+    /// sockets, event objects...); fds refer to them by id, so that a
+    /// description shared between fds or processes is shared again.
+    #[serde(default)]
+    pub objects: Vec<FileObject>,
+    /// The contents and sizes of the pipes and FIFOs the objects refer to.
+    #[serde(default)]
+    pub pipes: Vec<PipeBuffer>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -58,6 +67,14 @@ pub struct PagesInfo {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Process {
     pub pid: i32,
+    /// Parent, process group and session, as pids of the host at snapshot
+    /// time (0 for an image written before trees existed).
+    #[serde(default)]
+    pub ppid: i32,
+    #[serde(default)]
+    pub pgid: i32,
+    #[serde(default)]
+    pub sid: i32,
     pub comm: String,
     pub exe: String,
     pub cwd: String,
@@ -75,6 +92,31 @@ pub struct Process {
     pub threads: Vec<Thread>,
     pub vmas: Vec<Vma>,
     pub fds: Vec<Fd>,
+    /// POSIX timers (timer_create), by id.
+    #[serde(default)]
+    pub posix_timers: Vec<PosixTimer>,
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF (alarm() is ITIMER_REAL):
+    /// (which, interval ns, value ns), only those armed.
+    #[serde(default)]
+    pub itimers: Vec<(i32, u64, u64)>,
+}
+
+/// A POSIX timer: how it was created and how far it is from firing.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clock: i32,
+    /// SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID (SIGEV_THREAD is glibc's
+    /// SIGEV_THREAD_ID to its helper thread).
+    pub notify: i32,
+    pub signo: i32,
+    /// sigev_value as the handler sees it (si_value).
+    pub value: u64,
+    /// The thread signalled, for SIGEV_THREAD_ID.
+    pub tid: i32,
+    /// Nanoseconds until the next expiry (0 = disarmed) and the period.
+    pub value_ns: u64,
+    pub interval_ns: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -184,6 +226,10 @@ pub enum VmaKind {
     Shmem {
         name: String,
         offset: u64,
+        /// The shared object's inode: VMAs (of one or several processes)
+        /// with the same one map the same memory again at resume.
+        #[serde(default)]
+        object: u64,
     },
     /// Kernel-provided mappings that are placed, not dumped.
     Vdso,
@@ -244,6 +290,118 @@ pub enum FdKind {
     /// A std stream (fd 0-2) that was a pipe, socket or terminal: what it
     /// becomes is the resumer's choice (--stdio).
     Stdio { was: String, flags: i32 },
+    /// An open file description of `Manifest::objects`.
+    Object { id: u32 },
+}
+
+/// One open file description, shared by every fd that refers to its id.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FileObject {
+    pub id: u32,
+    /// File status flags (O_NONBLOCK, O_APPEND, access mode...).
+    pub flags: i32,
+    /// O_ASYNC owner (F_SETOWN_EX: type, pid) and F_SETSIG signal, if set.
+    #[serde(default)]
+    pub owner: Option<(i32, i32, i32)>,
+    pub kind: ObjectKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ObjectKind {
+    /// One end of a pipe or FIFO (`path` set for a FIFO); the buffered
+    /// bytes are in the `PipeBuffer` with the same inode.
+    Pipe {
+        ino: u64,
+        write: bool,
+        path: Option<String>,
+    },
+    EventFd {
+        count: u64,
+        semaphore: bool,
+    },
+    /// An epoll instance and its registrations; `fd` numbers are those of
+    /// the process `owner`, which made them.
+    Epoll {
+        owner: i32,
+        items: Vec<EpollItem>,
+    },
+    SignalFd {
+        mask: u64,
+    },
+    TimerFd {
+        clock: i32,
+        /// Nanoseconds until the next expiry (0 = disarmed), period, and
+        /// expirations not read yet.
+        value_ns: u64,
+        interval_ns: u64,
+        ticks: u64,
+    },
+    /// A memfd: its contents are `len` bytes at `offset` in pages.img.
+    Memfd {
+        name: String,
+        len: u64,
+        offset: u64,
+        seals: i32,
+        pos: u64,
+    },
+    Socket(Socket),
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct EpollItem {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
+}
+
+/// The buffered bytes of a pipe (or FIFO) and its capacity.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PipeBuffer {
+    pub ino: u64,
+    pub size: u32,
+    #[serde(with = "hex_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// A socket: family, type and addresses, options, and for unix sockets
+/// the peer and the queued messages.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Socket {
+    pub family: i32,
+    pub stype: i32,
+    pub protocol: i32,
+    /// The kernel's inode number, which peers refer to.
+    pub ino: u64,
+    /// Raw sockaddr bytes (empty when unbound / unconnected).
+    #[serde(with = "hex_bytes")]
+    pub local: Vec<u8>,
+    #[serde(with = "hex_bytes")]
+    pub remote: Vec<u8>,
+    pub state: SocketState,
+    /// Listen backlog (listening sockets).
+    pub backlog: i32,
+    /// Peer's inode (unix sockets; 0 = none).
+    pub peer: u64,
+    /// Options as (level, name, value) for the int-valued ones that are set.
+    pub options: Vec<(i32, i32, i32)>,
+    /// Messages queued for reading (stream sockets: one blob).
+    #[serde(with = "hex_list")]
+    pub queue: Vec<Vec<u8>>,
+    /// SHUT_RD / SHUT_WR already done (bit 0 / bit 1).
+    pub shutdown: i32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SocketState {
+    #[default]
+    Unconnected,
+    Listening,
+    Connected,
+    /// An established TCP connection saved with --tcp-established close:
+    /// it comes back reset.
+    Reset,
 }
 
 /// Hex (de)serialization of byte blobs, which JSON would otherwise write as

@@ -21,7 +21,7 @@ pub struct Remote {
     base: Regs,
     /// A signal that arrived during an injection, to be delivered later.
     pub intercepted: i32,
-    /// The tid reported by a PTRACE_EVENT_CLONE during the last call.
+    /// The tid reported by a PTRACE_EVENT_CLONE (or _FORK) during the last call.
     pub last_clone: Option<i32>,
 }
 
@@ -152,7 +152,7 @@ impl Remote {
                     ptrace::syscall(self.tid, 0)?;
                 }
                 Stop::Event(ev) => {
-                    if ev == libc::PTRACE_EVENT_CLONE {
+                    if ev == libc::PTRACE_EVENT_CLONE || ev == libc::PTRACE_EVENT_FORK {
                         self.last_clone = Some(event_msg(self.tid)? as i32);
                     }
                     ptrace::syscall(self.tid, 0)?;

@@ -18,7 +18,13 @@
 //! - `pager`: lazy resume: serves memory on demand from the image
 //! - `uffd`: userfaultfd ioctls
 //! - `memory`: which pages are saved, and copying them
-//! - `files`: file descriptors, saved and reopened
+//! - `files`: file descriptors, saved and reopened (by path, or as objects)
+//! - `fds`: open file descriptions kept as objects (pipes, sockets, epoll,
+//!   eventfd, signalfd, timerfd, memfd), one module per kind
+//! - `tree`: process trees: freezing descendants, rebuilding parents,
+//!   sessions and groups
+//! - `pidns`: resuming into a new PID namespace with the original pids
+//! - `timers`: POSIX timers and itimers
 //! - `inject`: remote syscall injection into a stopped thread
 //! - `ptrace`: ptrace requests, freezing and releasing thread groups
 //! - `proc`: /proc parsing
@@ -33,17 +39,21 @@
 pub mod cow;
 pub mod dump;
 pub mod error;
+pub mod fds;
 pub mod files;
 pub mod image;
 pub mod inject;
 pub mod mem;
 pub mod memory;
 pub mod pager;
+pub mod pidns;
 pub mod proc;
 pub mod ptrace;
 pub mod puppet;
 pub mod restore;
 pub mod sys;
+pub mod timers;
+pub mod tree;
 pub mod uffd;
 
 pub use dump::{dump, DumpOptions, DumpReport};

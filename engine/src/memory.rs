@@ -64,6 +64,7 @@ fn classify(pid: i32, m: &MapsEntry) -> Result<(VmaKind, Source)> {
                 VmaKind::Shmem {
                     name: m.path.clone(),
                     offset: m.offset,
+                    object: m.inode,
                 },
                 Source::Object,
             ));
@@ -83,6 +84,7 @@ fn classify(pid: i32, m: &MapsEntry) -> Result<(VmaKind, Source)> {
                 VmaKind::Shmem {
                     name: m.path.clone(),
                     offset: m.offset,
+                    object: m.inode,
                 },
                 Source::Object,
             ));

@@ -33,11 +33,17 @@ pub struct Puppet {
 impl Puppet {
     /// Forks, seizes and stops a puppet (with pid `pid` when given).
     pub fn spawn(pid: Option<i32>) -> Result<Puppet> {
-        let pid = double_fork(pid)?;
+        Puppet::attach(double_fork(pid)?)
+    }
+
+    /// Seizes and stops a process waiting in pause() to become a puppet.
+    /// Its forks are traced too (a tree's puppets are forked from it).
+    pub fn attach(pid: i32) -> Result<Puppet> {
         ptrace::seize(
             pid,
             Options::PTRACE_O_TRACESYSGOOD
                 | Options::PTRACE_O_TRACECLONE
+                | Options::PTRACE_O_TRACEFORK
                 | Options::PTRACE_O_EXITKILL,
         )?;
         ptrace::interrupt(pid)?;
@@ -56,6 +62,18 @@ impl Puppet {
             area: 0,
             injection: Area { addr: 0 },
         })
+    }
+
+    /// A puppet made some other way (a child cloned from a puppet), with
+    /// no injection area yet.
+    pub fn adopt(pid: i32, mem: ProcMem, main: Remote) -> Puppet {
+        Puppet {
+            pid,
+            mem,
+            main,
+            area: 0,
+            injection: Area { addr: 0 },
+        }
     }
 
     pub fn scratch(&self) -> u64 {

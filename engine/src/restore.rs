@@ -16,6 +16,7 @@ use crate::proc::{self, PAGE_SIZE};
 use crate::ptrace;
 use crate::puppet::{Batch, Puppet, CODE_LEN, SCRATCH_LEN};
 use crate::sys;
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,6 +25,9 @@ use std::time::{Duration, Instant};
 pub struct ResumeOptions {
     /// Give the process (and its threads) their original ids; fails if taken.
     pub same_pid: bool,
+    /// Resume into a new PID namespace, where the processes have their
+    /// original pids (so a clone never collides with its original).
+    pub new_pid_ns: bool,
     pub stdio: Stdio,
     /// Lazy resume: the process runs before its memory is in; this starts
     /// the pager (`pager::serve`) on the userfaultfd, for the given pid. It
@@ -41,6 +45,7 @@ impl std::fmt::Debug for ResumeOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResumeOptions")
             .field("same_pid", &self.same_pid)
+            .field("new_pid_ns", &self.new_pid_ns)
             .field("stdio", &self.stdio)
             .field("lazy", &self.lazy.is_some())
             .finish()
@@ -63,12 +68,17 @@ pub fn pager_thread() -> PagerLauncher {
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ResumeReport {
+    /// The root process (as this host's PID namespace numbers it).
     pub pid: i32,
+    /// The root's threads.
     pub tids: Vec<i32>,
+    /// Every process resumed, root first, in image order.
+    pub pids: Vec<i32>,
     pub elapsed: Duration,
 }
 
-/// Resumes the image in `dir`; returns once the process runs on its own.
+/// Resumes the image in `dir` (one process or a tree); returns once every
+/// process runs on its own.
 pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     let t0 = Instant::now();
     let img = Image::open(dir)?;
@@ -77,34 +87,86 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     } else {
         img.verify_pages()?;
     }
-    let process = match img.manifest.processes.as_slice() {
-        [p] => p,
-        _ => {
-            return Err(Error::bad_image(
-                dir,
-                "holds no process or several (trees are not supported yet)",
-            ))
-        }
-    };
-    precheck(dir, process, opts)?;
+    let procs = &img.manifest.processes;
+    if procs.is_empty() {
+        return Err(Error::bad_image(dir, "holds no process"));
+    }
+    for process in procs {
+        precheck(dir, process, opts)?;
+    }
     let pages = img.pages()?;
     tracing::debug!("resume: image checked in {:?}", t0.elapsed());
-    let mut p = Puppet::spawn(opts.same_pid.then_some(process.pid))?;
+    // Objects first: every puppet forked from here on inherits them.
+    let mut installer = crate::fds::Installer::create(&img.manifest, &pages)?;
+    installer.prepare_shm(&img.manifest)?;
+    let same_pid = opts.same_pid || opts.new_pid_ns;
+    let root = if opts.new_pid_ns {
+        crate::pidns::spawn(procs[0].pid)?
+    } else {
+        Puppet::spawn(opts.same_pid.then_some(procs[0].pid))?
+    };
     tracing::debug!("resume: puppet ready at {:?}", t0.elapsed());
-    match build(&mut p, dir, process, &pages, opts) {
-        Ok(tids) => Ok(ResumeReport {
-            pid: p.pid,
-            tids,
+    let root_pid = root.pid;
+    let mut made = vec![root_pid];
+    let result = (|| {
+        let mut puppets = crate::tree::spawn_children(root, procs, same_pid, &mut made)?;
+        crate::tree::set_groups(&mut puppets, procs)?;
+        let pids: HashMap<i32, i32> = procs
+            .iter()
+            .zip(&puppets)
+            .map(|(a, b)| (a.pid, b.pid))
+            .collect();
+        let mut all_tids = Vec::new();
+        let mut pager_go = Vec::new();
+        for (p, process) in puppets.iter_mut().zip(procs) {
+            let ctx = Context {
+                dir,
+                pages: &pages,
+                opts,
+                same_pid,
+                installer: &mut installer,
+                objects: &img.manifest.objects,
+                pids: &pids,
+            };
+            let (tids, go) = build(p, process, ctx)?;
+            all_tids.push(tids);
+            pager_go.push(go);
+        }
+        for (process, tids) in procs.iter().zip(&all_tids).rev() {
+            start(process, tids)?;
+        }
+        // Closing the "go" pipes tells the pagers the processes run.
+        drop(pager_go);
+        Ok((puppets.iter().map(|p| p.pid).collect(), all_tids))
+    })();
+    match result {
+        Ok((pids, all_tids)) => Ok(ResumeReport {
+            pid: root_pid,
+            tids: all_tids.into_iter().next().unwrap_or_default(),
+            pids,
             elapsed: t0.elapsed(),
         }),
         Err(e) => {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            for &pid in made.iter().rev() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             Err(e)
         }
     }
+}
+
+/// What building one process of an image needs besides its puppet.
+struct Context<'a> {
+    dir: &'a Path,
+    pages: &'a [u8],
+    opts: &'a ResumeOptions,
+    same_pid: bool,
+    installer: &'a mut crate::fds::Installer,
+    objects: &'a [crate::image::FileObject],
+    pids: &'a HashMap<i32, i32>,
 }
 
 /// Checks that the image can be resumed here, before any process is made.
@@ -125,7 +187,7 @@ fn precheck(dir: &Path, process: &Process, opts: &ResumeOptions) -> Result<()> {
             ));
         }
     }
-    if opts.same_pid {
+    if opts.same_pid && !opts.new_pid_ns {
         for t in &process.threads {
             if Path::new(&format!("/proc/{}", t.tid)).exists() {
                 return Err(Error::PidInUse(t.tid));
@@ -135,31 +197,36 @@ fn precheck(dir: &Path, process: &Process, opts: &ResumeOptions) -> Result<()> {
     Ok(())
 }
 
-fn build(
-    p: &mut Puppet,
-    dir: &Path,
-    process: &Process,
-    pages: &[u8],
-    opts: &ResumeOptions,
-) -> Result<Vec<i32>> {
+/// Builds one process in its puppet, up to (not including) letting it run;
+/// returns its thread ids and, for a lazy resume, the pager's "go" pipe.
+fn build(p: &mut Puppet, process: &Process, ctx: Context) -> Result<(Vec<i32>, Option<OwnedFd>)> {
+    let (dir, pages, opts) = (ctx.dir, ctx.pages, ctx.opts);
     let t = Instant::now();
     let lap = |what: &str| tracing::debug!("resume: {what} done at {:?}", t.elapsed());
     prepare(p, &process.vmas)?;
     lap("prepare");
     place_specials(p, &process.vmas)?;
     lap("place specials");
-    map_memory(p, &process.vmas, pages, opts.lazy.is_some())?;
-    // Dropped (closed) when this function returns: the pager's go signal.
-    let _go = match &opts.lazy {
+    map_memory(p, &process.vmas, pages, opts.lazy.is_some(), ctx.installer)?;
+    // Closed once the process runs: the pager's go signal.
+    let go = match &opts.lazy {
         Some(launch) => Some(arm_pager(p, dir, process, launch)?),
         None => None,
     };
     lap("map memory");
-    files::restore(p, &process.fds, pages, &opts.stdio)?;
+    files::restore(
+        p,
+        process,
+        ctx.objects,
+        ctx.installer,
+        pages,
+        &opts.stdio,
+        ctx.pids,
+    )?;
     process_attributes(p, process)?;
     lap("files and attributes");
     set_mm(p, process)?;
-    let mut remotes = create_threads(p, &process.threads, opts.same_pid)?;
+    let mut remotes = create_threads(p, &process.threads, ctx.same_pid)?;
     lap("mm and threads");
     let tids: Vec<i32> = std::iter::once(p.pid)
         .chain(remotes.iter().map(|r| r.tid))
@@ -183,11 +250,32 @@ fn build(
         );
     }
     p.run(b)?;
+    let tid_map: HashMap<i32, i32> = process
+        .threads
+        .iter()
+        .map(|t| t.tid)
+        .zip(tids.iter().copied())
+        .collect();
+    let scratch = p.scratch();
+    crate::timers::restore(
+        &mut p.main,
+        &p.mem,
+        scratch,
+        &process.posix_timers,
+        &process.itimers,
+        &tid_map,
+    )?;
     p.sys(
         "munmap the restorer's pages",
         libc::SYS_munmap,
         &[p.area, CODE_LEN + SCRATCH_LEN],
     )?;
+    lap("built");
+    Ok((tids, go))
+}
+
+/// Gives every thread its registers back and lets the process run.
+fn start(process: &Process, tids: &[i32]) -> Result<()> {
     for (i, t) in process.threads.iter().enumerate().rev() {
         let tid = tids[i];
         ptrace::setregs(tid, &ptrace::restartable(t.regs.to_user_regs()))?;
@@ -197,8 +285,7 @@ fn build(
     for &tid in tids.iter().rev() {
         ptrace::detach(tid, 0)?;
     }
-    lap("detached");
-    Ok(tids)
+    Ok(())
 }
 
 /// Unregisters the puppet's rseq, blocks its signals, moves injection to a
@@ -299,12 +386,21 @@ fn place_specials(p: &mut Puppet, image_vmas: &[Vma]) -> Result<()> {
 /// Maps every VMA of the image and fills in its stored pages: one batch
 /// opens the files, one maps everything, then memory is copied in, then
 /// one batch sets the final protections.
-fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8], lazy: bool) -> Result<()> {
+fn map_memory(
+    p: &mut Puppet,
+    vmas: &[Vma],
+    pages: &[u8],
+    lazy: bool,
+    installer: &mut crate::fds::Installer,
+) -> Result<()> {
     let vmas: Vec<&Vma> = vmas
         .iter()
         .filter(|v| special_name(&v.kind).is_none() && v.kind != VmaKind::Vsyscall)
         .collect();
-    let sources: Vec<Source> = vmas.iter().map(|v| source_of(v)).collect();
+    let mut sources = Vec::new();
+    for v in &vmas {
+        sources.push(source_of(v, installer)?);
+    }
     let mut opens = p.batch();
     for s in &sources {
         match s {
@@ -324,7 +420,7 @@ fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8], lazy: bool) -> Result<
                     &[a, libc::MFD_CLOEXEC as u64],
                 );
             }
-            Source::Anon => {}
+            Source::Anon | Source::Shared { .. } => {}
         }
     }
     let fds = p.run(opens)?;
@@ -352,6 +448,11 @@ fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8], lazy: bool) -> Result<
             (Source::Open { .. }, VmaKind::Shmem { offset, .. }) => {
                 (libc::MAP_SHARED, *fd_iter.next().expect("fd"), *offset)
             }
+            // Shared with other processes of the tree: the resumer's object,
+            // which this puppet inherited (and must not close).
+            (Source::Shared { fd }, VmaKind::Shmem { offset, .. }) => {
+                (libc::MAP_SHARED, *fd as u64, *offset)
+            }
             (Source::Memfd { size, offset, .. }, _) => {
                 let fd = *fd_iter.next().expect("fd");
                 maps.call("ftruncate memfd", libc::SYS_ftruncate, &[fd, *size]);
@@ -372,7 +473,7 @@ fn map_memory(p: &mut Puppet, vmas: &[Vma], pages: &[u8], lazy: bool) -> Result<
                 offset,
             ],
         );
-        if fd != u64::MAX {
+        if fd != u64::MAX && !matches!(s, Source::Shared { .. }) {
             maps.call("close", libc::SYS_close, &[fd]);
         }
         if prot != v.prot() {
@@ -426,10 +527,26 @@ enum Source {
         size: u64,
         offset: u64,
     },
+    /// Memory several processes of the tree share: the resumer's memfd.
+    Shared {
+        fd: i32,
+    },
 }
 
-fn source_of(v: &Vma) -> Source {
-    match &v.kind {
+/// True for a shared mapping of a tmpfs file that still exists (reopened
+/// by path, not recreated).
+pub fn reopens_tmpfs(name: &str) -> bool {
+    name.starts_with('/') && !name.ends_with(" (deleted)") && Path::new(name).exists()
+}
+
+fn source_of(v: &Vma, installer: &mut crate::fds::Installer) -> Result<Source> {
+    if let VmaKind::Shmem { object, offset, .. } = &v.kind {
+        if installer.has_shm(*object) {
+            let fd = installer.shm(*object, "", offset + v.len())?;
+            return Ok(Source::Shared { fd });
+        }
+    }
+    Ok(match &v.kind {
         VmaKind::File { path, .. } => {
             let mode = if v.shared && v.write {
                 libc::O_RDWR
@@ -441,19 +558,18 @@ fn source_of(v: &Vma) -> Source {
                 flags: mode | libc::O_CLOEXEC,
             }
         }
-        VmaKind::Shmem { name, offset } => {
-            let deleted = name.ends_with(" (deleted)");
-            if name.starts_with('/') && !deleted && Path::new(name).exists() {
-                return Source::Open {
+        VmaKind::Shmem { name, offset, .. } => {
+            if reopens_tmpfs(name) {
+                return Ok(Source::Open {
                     path: name.clone(),
                     flags: libc::O_RDWR | libc::O_CLOEXEC,
-                };
+                });
             }
             let anon = name.starts_with("/dev/zero")
                 || name.starts_with("/SYSV")
                 || !name.starts_with('/');
             if anon {
-                return Source::Anon;
+                return Ok(Source::Anon);
             }
             let label = name
                 .trim_start_matches("/memfd:")
@@ -465,7 +581,7 @@ fn source_of(v: &Vma) -> Source {
             }
         }
         _ => Source::Anon,
-    }
+    })
 }
 
 /// Writes the stored pages of a VMA, one process_vm_writev per stretch that

@@ -103,3 +103,16 @@ pub fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: T is a repr(C) POD type from this module; any byte view is valid.
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
 }
+
+/// asm-generic/fcntl.h: signal-driven I/O owners and signals.
+pub const F_SETSIG: libc::c_int = 10;
+pub const F_GETSIG: libc::c_int = 11;
+pub const F_SETOWN_EX: libc::c_int = 15;
+pub const F_GETOWN_EX: libc::c_int = 16;
+/// struct f_owner_ex.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FOwnerEx {
+    pub type_: i32,
+    pub pid: i32,
+}

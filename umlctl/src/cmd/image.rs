@@ -129,6 +129,7 @@ fn fd_json(f: &engine::image::Fd) -> FdJson {
         }
         FdKind::CharDev { path, .. } => ("chardev", path.clone()),
         FdKind::Stdio { was, .. } => ("stdio", was.clone()),
+        FdKind::Object { id } => ("object", format!("#{id}")),
     };
     FdJson {
         fd: f.fd,

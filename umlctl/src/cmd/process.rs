@@ -33,6 +33,13 @@ pub struct SnapshotArgs {
     /// the snapshot is stop-and-copy.)
     #[arg(long)]
     pub lazy: bool,
+    /// Snapshot the process and all its descendants, in one instant.
+    #[arg(long)]
+    pub tree: bool,
+    /// What to do with established TCP connections: refuse (the default:
+    /// the snapshot fails, naming them) or close (they resume as reset).
+    #[arg(long, default_value = "refuse", value_name = "refuse|close")]
+    pub tcp_established: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -46,6 +53,10 @@ pub struct ResumeArgs {
     /// command's), null, or a file path (appended to, created 0600).
     #[arg(long, default_value = "inherit", value_name = "inherit|null|PATH")]
     pub stdio: String,
+    /// PID namespace: host (the default) or new (a fresh namespace where
+    /// every process has its original pid; needs root).
+    #[arg(long, default_value = "host", value_name = "host|new")]
+    pub pid_ns: String,
     /// Run the process before its memory is loaded: a pager process serves
     /// pages on demand from the image and loads the rest in the background.
     /// The image must stay in place until the pager exits (when every page
@@ -95,6 +106,10 @@ pub fn snapshot(out: Output, a: SnapshotArgs) -> CliResult {
     if a.lazy {
         cmd.arg("--lazy");
     }
+    if a.tree {
+        cmd.arg("--tree");
+    }
+    cmd.arg("--tcp-established").arg(&a.tcp_established);
     // The worker gets the same Ctrl-C and handles it; we wait for its verdict.
     ignore_signal(libc::SIGINT);
     ignore_signal(libc::SIGTERM);
@@ -142,6 +157,7 @@ fn guard_worker() {
 struct SnapshotJson {
     dir: PathBuf,
     pid: i32,
+    processes: usize,
     threads: usize,
     memory_bytes: u64,
     image_bytes: u64,
@@ -160,11 +176,23 @@ pub fn snapshot_worker(out: Output, a: SnapshotArgs) -> CliResult {
         bar.set_length(total);
         bar.set_position(done);
     };
+    let tcp_established_close = match a.tcp_established.as_str() {
+        "refuse" => false,
+        "close" => true,
+        other => {
+            return Err(CliError::new(
+                Code::Usage,
+                format!("--tcp-established {other}: use refuse or close"),
+            ))
+        }
+    };
     let opts = engine::DumpOptions {
         kill: a.kill,
         cancel: Some(&CANCEL),
         progress: Some(&progress),
         lazy: a.lazy,
+        tree: a.tree,
+        tcp_established_close,
     };
     let r = engine::dump(a.pid, &a.out, &opts).map_err(engine_error);
     bar.finish_and_clear();
@@ -172,6 +200,7 @@ pub fn snapshot_worker(out: Output, a: SnapshotArgs) -> CliResult {
     let j = SnapshotJson {
         dir: r.dir.clone(),
         pid: r.pid,
+        processes: r.processes,
         threads: r.threads,
         memory_bytes: r.memory_bytes,
         image_bytes: r.image_bytes,
@@ -183,9 +212,10 @@ pub fn snapshot_worker(out: Output, a: SnapshotArgs) -> CliResult {
     };
     out.emit(&j, || {
         format!(
-            "{}snapshot of pid {} ({} threads, {} MiB of memory) in {}: {:.1} ms, stopped {:.1} ms{}",
+            "{}snapshot of pid {} ({} processes, {} threads, {} MiB of memory) in {}: {:.1} ms, stopped {:.1} ms{}",
             if j.lazy { "lazy " } else { "" },
             j.pid,
+            j.processes,
             j.threads,
             j.memory_bytes >> 20,
             j.dir.display(),
@@ -209,12 +239,24 @@ fn parse_stdio(s: &str) -> engine::Stdio {
 struct ResumeJson {
     pid: i32,
     tids: Vec<i32>,
+    pids: Vec<i32>,
     elapsed_ms: f64,
 }
 
 pub fn resume(out: Output, a: ResumeArgs) -> CliResult {
+    let new_pid_ns = match a.pid_ns.as_str() {
+        "host" => false,
+        "new" => true,
+        other => {
+            return Err(CliError::new(
+                Code::Usage,
+                format!("--pid-ns {other}: use host or new"),
+            ))
+        }
+    };
     let opts = engine::ResumeOptions {
         same_pid: a.same_pid,
+        new_pid_ns,
         stdio: parse_stdio(&a.stdio),
         lazy: a.lazy.then(pager_process),
     };
@@ -222,6 +264,7 @@ pub fn resume(out: Output, a: ResumeArgs) -> CliResult {
     let j = ResumeJson {
         pid: r.pid,
         tids: r.tids,
+        pids: r.pids,
         elapsed_ms: r.elapsed.as_secs_f64() * 1e3,
     };
     out.emit(&j, || j.pid.to_string());

@@ -12,7 +12,8 @@ use std::time::Duration;
 #[derive(clap::Args, Debug)]
 pub struct ExecArgs {
     pub name: String,
-    /// Give up after this many seconds.
+    /// Give up waiting after this many seconds (the command goes on in the
+    /// guest, and later commands wait for it).
     #[arg(long)]
     pub timeout: Option<u64>,
     /// The command and its arguments (after --).

@@ -52,7 +52,7 @@ pub enum VmCmd {
     Kill { name: String },
     /// Remove a stopped VM and its disk layer and checkpoints.
     Rm(lifecycle::RmArgs),
-    /// Checkpoint a VM's disk; a running VM is paused only for the copy.
+    /// Checkpoint a VM's disk; a running VM is paused only while it is recorded.
     Checkpoint(checkpoint::CheckpointArgs),
     /// Roll a VM's disk back to a checkpoint (restarting it if it ran).
     Rollback(checkpoint::CheckpointArgs),

@@ -16,7 +16,7 @@ use super::state::{now_unix, write_private, Store, Vm};
 use super::{disk, net};
 use crate::exit::{CliError, CliResult, Code};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -25,6 +25,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// console.log is restarted when it grows past this.
+const CONSOLE_LOG_MAX: u64 = 8 << 20;
 
 /// The first line the guest agent prints (tools/uml/agent).
 const AGENT_READY: &str = "UMLCTL-READY";
@@ -263,11 +266,19 @@ fn spawn_console_reader(shared: Arc<Shared>, from_uml: OwnedFd, mut log: File) {
         let mut from_uml = File::from(from_uml);
         let mut buf = [0u8; 8192];
         let mut recent: Vec<u8> = vec![];
+        let mut logged = 0u64;
         loop {
             let n = match from_uml.read(&mut buf) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            // A chatty guest must not fill the host's disk: start over.
+            if logged > CONSOLE_LOG_MAX {
+                let _ = log.set_len(0).and_then(|_| log.rewind());
+                let _ = log.write_all(b"[umlctl: console.log restarted at its size limit]\n");
+                logged = 0;
+            }
+            logged += n as u64;
             let _ = log.write_all(&buf[..n]);
             shared
                 .console_clients
@@ -379,14 +390,13 @@ fn wait_ready(shared: &Shared, timeout: Duration) -> Reply {
         },
         Phase::Over(why) => Reply::err(why.clone()),
         Phase::Booting => Reply::err(format!(
-            "the guest did not come up within {} s",
+            "the guest's exec agent did not answer within {} s (is the image from `umlctl vm image build`?)",
             timeout.as_secs()
         )),
     }
 }
 
 fn exec(shared: &Shared, argv: &[String], timeout: Option<Duration>) -> Reply {
-    use base64::Engine;
     if argv.is_empty() {
         return Reply::err("no command given");
     }
@@ -398,7 +408,7 @@ fn exec(shared: &Shared, argv: &[String], timeout: Option<Duration>) -> Reply {
     while line.from_guest.try_recv().is_ok() {}
     let id = line.next_id;
     line.next_id += 1;
-    let cmd = base64::engine::general_purpose::STANDARD.encode(shell_join(argv));
+    let cmd = printf_b_escape(&shell_join(argv));
     if let Err(e) = writeln!(line.to_guest, "X {id} {cmd}") {
         return Reply::err(format!("writing to the guest agent: {e}"));
     }
@@ -430,6 +440,21 @@ fn exec(shared: &Shared, argv: &[String], timeout: Option<Duration>) -> Reply {
             }
         }
     }
+}
+
+/// Escapes a command for the agent's `printf %b`: printable ASCII passes
+/// as it is (the agent decodes with a shell builtin, no fork); backslashes,
+/// control bytes (newline ends a request) and non-ASCII bytes become \0ooo.
+fn printf_b_escape(cmd: &str) -> String {
+    let mut out = String::with_capacity(cmd.len());
+    for &b in cmd.as_bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'\\' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("\\0{b:03o}"));
+        }
+    }
+    out
 }
 
 /// Parses `R <id> <status> b<stdout> b<stderr>` for request `id`.
@@ -509,6 +534,22 @@ mod tests {
         assert_eq!(r.stderr_b64.as_deref(), Some(""));
         assert!(parse_result("R 6 0 b b", 7).is_none());
         assert!(parse_result("R 7 0", 7).is_none());
+    }
+
+    #[test]
+    fn escapes_what_printf_b_would_interpret() {
+        assert_eq!(printf_b_escape("'echo' 'a b'"), "'echo' 'a b'");
+        assert_eq!(
+            printf_b_escape("a\\n\nb\té"),
+            "a\\0134n\\0012b\\0011\\0303\\0251"
+        );
+        // The guest's decoder, where this host has it.
+        if let Ok(out) = Command::new("/bin/busybox")
+            .args(["printf", "%b", &printf_b_escape("x\\y\n'z' é%s")])
+            .output()
+        {
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "x\\y\n'z' é%s");
+        }
     }
 
     #[test]

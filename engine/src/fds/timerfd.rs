@@ -1,0 +1,67 @@
+//! timerfd: clock, time to the next expiry, period and unread expirations,
+//! all in fdinfo. It is re-armed relative to the resume, so that it keeps
+//! its rate; unread expirations come back with TFD_IOC_SET_TICKS.
+
+use super::{check, owned, Target};
+use crate::error::Result;
+use crate::image::ObjectKind;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+/// linux/timerfd.h: _IOW('T', 0, u64).
+const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+
+/// "(sec, nsec)" as fdinfo prints a timespec.
+fn timespec_ns(s: &str) -> Option<u64> {
+    let (a, b) = s.trim().trim_matches(['(', ')']).split_once(',')?;
+    Some(a.trim().parse::<u64>().ok()? * 1_000_000_000 + b.trim().parse::<u64>().ok()?)
+}
+
+pub fn dump(t: &Target) -> Result<ObjectKind> {
+    let get = |k: &str| t.info.get(k).map(String::as_str);
+    let parsed = (|| {
+        Some(ObjectKind::TimerFd {
+            clock: get("clockid")?.parse().ok()?,
+            ticks: get("ticks")?.parse().ok()?,
+            value_ns: timespec_ns(get("it_value")?)?,
+            interval_ns: timespec_ns(get("it_interval")?)?,
+        })
+    })();
+    parsed.ok_or_else(|| t.unsupported("is a timerfd whose state /proc does not show"))
+}
+
+pub fn create(kind: &ObjectKind) -> Result<OwnedFd> {
+    let ObjectKind::TimerFd {
+        clock,
+        value_ns,
+        interval_ns,
+        ticks,
+    } = *kind
+    else {
+        unreachable!("timerfd::create of another kind")
+    };
+    // SAFETY: timerfd_create takes no pointers.
+    let fd = owned(
+        unsafe { libc::timerfd_create(clock, libc::TFD_CLOEXEC) },
+        || format!("timerfd_create(clock {clock})"),
+    )?;
+    let spec = libc::itimerspec {
+        it_interval: ts(interval_ns),
+        it_value: ts(value_ns),
+    };
+    // SAFETY: spec is a valid itimerspec; no old value is read.
+    let r = unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    check(r as _, || "timerfd_settime".into())?;
+    if ticks > 0 {
+        // SAFETY: the ioctl reads one u64.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), TFD_IOC_SET_TICKS, &ticks) };
+        check(r as _, || "TFD_IOC_SET_TICKS".into())?;
+    }
+    Ok(fd)
+}
+
+pub fn ts(ns: u64) -> libc::timespec {
+    libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as i64,
+        tv_nsec: (ns % 1_000_000_000) as i64,
+    }
+}
