@@ -36,6 +36,8 @@ pub enum Error {
     },
     #[error("{path} changed since the snapshot (its size, time or inode differ): the image maps it and needs the same file; restore the original file")]
     FileChanged { path: String },
+    #[error("lazy snapshot abandoned: {0}")]
+    LazyConflict(String),
     #[error("interrupted: the operation was cancelled and rolled back")]
     Interrupted,
     #[error("{0}")]
