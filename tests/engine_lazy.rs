@@ -311,3 +311,81 @@ fn lazy_resume_refuses_a_corrupt_image_up_front_or_kills_rather_than_lie() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A lazy snapshot of a process that writes memory all the time is one
+/// instant: resumed, its memory matches its counters word for word (a torn
+/// image, pages from different moments, fails that check). The original
+/// runs on unharmed, and its longest stall is reported.
+#[test]
+fn lazy_snapshot_under_continuous_writes_is_one_instant() {
+    if !root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.txt");
+    let mut args = vec![
+        "--mib",
+        "256",
+        "--threads",
+        "3",
+        "--sleep-every",
+        "1000000",
+        "--stall",
+    ];
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        args.push("--avx512");
+    }
+    let mut child = spawn(&common::tool("workload"), &args, &out);
+    wait_for(&out, |t| t.contains("ready"), "workload ready");
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = child.id() as i32;
+    let dir = tmp.path().join("img");
+    let o = umlctl(&[
+        "--json",
+        "snapshot",
+        &pid.to_string(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--lazy",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(v["lazy"], true, "{v}");
+    assert!(
+        v["write_faults"].as_u64().unwrap() > 0,
+        "the target wrote during the copy: {v}"
+    );
+    // The original carries on correctly.
+    let len = fs::read_to_string(&out).unwrap().len();
+    // SAFETY: signalling our child.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    let text = wait_for(
+        &out,
+        |t| verified(&t[len..]) == 3 && t[len..].contains("stall"),
+        "the original's check",
+    );
+    assert!(!text.contains("zmm BAD"));
+    let _ = child.kill();
+    let _ = child.wait();
+    // The copy is the instant of the freeze.
+    let len = fs::read_to_string(&out).unwrap().len();
+    let new: i32 = ok(&umlctl(&[
+        "resume",
+        dir.to_str().unwrap(),
+        "--stdio",
+        "null",
+    ]))
+    .trim()
+    .parse()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: signalling our copy.
+    unsafe { libc::kill(new, libc::SIGUSR1) };
+    // Its fd 1 is the same file (reopened at its offset), so it appends there.
+    wait_for(
+        &out,
+        |t| verified(&t[len..]) == 3,
+        "the resumed copy's check",
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(new, libc::SIGKILL) };
+}

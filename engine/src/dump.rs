@@ -1,21 +1,25 @@
-//! Snapshot ("dump") of a live process, stop-and-copy.
+//! Snapshot ("dump") of live processes: stop-and-copy, or lazy
+//! copy-on-write (`cow`).
 //!
 //! Flow (DESIGN.md, "how a snapshot flows"): check the target, freeze every
-//! thread, collect what /proc and ptrace tell, inject the few syscalls only
-//! the target can answer, copy its memory while it is frozen, release (or
-//! kill) it, publish the image. Any error or cancellation on the way drops
-//! the `Frozen` guard (the target runs on untouched) and the `ImageWriter`
-//! (no image directory remains).
+//! thread (of the whole tree with `tree`), collect what /proc and ptrace
+//! tell, inject the few syscalls only the target can answer, copy its
+//! memory while it is frozen (or write-protect it, release, and copy it
+//! while it runs), release (or kill) it, publish the image. Any error or
+//! cancellation on the way drops the `Frozen` guards (the targets run on
+//! untouched) and the `ImageWriter` (no image directory remains).
 
+use crate::cow::Cow;
 use crate::error::{Error, IoContext, Result};
 use crate::files;
-use crate::image::{self, Creds, ImageWriter, Manifest, MmFields, Process, Rseq, Thread};
-use crate::inject::{self, Remote};
+use crate::image::{self, Creds, ImageWriter, Manifest, MmFields, Process, Rseq, Thread, Vma};
+use crate::inject::{self, Area, Remote, CODE_LEN, SCRATCH_LEN};
 use crate::mem::ProcMem;
 use crate::memory;
 use crate::proc::{self, MapsEntry};
 use crate::ptrace::{self, Frozen};
 use crate::sys;
+use crate::uffd::Uffd;
 use nix::sys::ptrace::Options;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +38,10 @@ pub struct DumpOptions<'a> {
     pub tree: bool,
     /// Save established TCP connections as reset instead of refusing them.
     pub tcp_established_close: bool,
+    /// Lazy copy-on-write snapshot (see `cow`): the target is stopped only
+    /// to write-protect its memory, which is saved while it runs. Ignored
+    /// with `kill` (a process that is killed need not run on).
+    pub lazy: bool,
 }
 
 /// What a snapshot did.
@@ -53,21 +61,45 @@ pub struct DumpReport {
     pub frozen: Duration,
     /// From the call to the published image.
     pub total: Duration,
+    /// Whether the memory was saved lazily while the target ran.
+    pub lazy: bool,
+    /// Writes of the target that waited for their page to be saved first.
+    pub write_faults: u64,
 }
 
 /// Snapshots process `pid` into the new directory `out`.
 pub fn dump(pid: i32, out: &Path, opts: &DumpOptions) -> Result<DumpReport> {
+    if !opts.lazy || opts.kill {
+        return dump_once(pid, out, opts, false);
+    }
+    for attempt in 1..=3 {
+        match dump_once(pid, out, opts, true) {
+            Err(Error::LazyConflict(why)) => {
+                tracing::warn!("lazy snapshot, attempt {attempt}: {why}")
+            }
+            r => return r,
+        }
+    }
+    tracing::warn!(
+        "pid {pid} keeps unmapping memory during lazy snapshots: taking it stop-and-copy"
+    );
+    dump_once(pid, out, opts, false)
+}
+
+fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<DumpReport> {
     let t0 = Instant::now();
     check_target(pid)?;
     let mut writer = ImageWriter::create(out)?;
-    let mut frozen = crate::tree::freeze(
-        pid,
-        opts.tree,
-        Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACECLONE,
-    )?;
+    // The target stops as its first thread is seized: count from here.
     let t_frozen = Instant::now();
+    let opts_ptrace = Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACECLONE;
+    let mut frozen = crate::tree::freeze(pid, opts.tree, opts_ptrace)?;
     let cancelled = || opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed));
-    tracing::debug!("froze {} processes in {:?}", frozen.len(), t_frozen - t0);
+    tracing::debug!(
+        "froze {} processes in {:?}",
+        frozen.len(),
+        t_frozen.elapsed()
+    );
     // Every fd first: an unsupported one is refused before any memory is copied.
     let pids: Vec<i32> = frozen.iter().map(|f| f.pid).collect();
     let mut objects = crate::fds::Objects::new(&pids, opts.tcp_established_close)?;
@@ -77,15 +109,92 @@ pub fn dump(pid: i32, out: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     }
     objects.finish()?;
     let mut processes = Vec::new();
+    let mut cows = Vec::new();
     for (f, fds) in frozen.iter_mut().zip(fds) {
-        processes.push(collect(f, fds, &mut writer, opts, &cancelled)?);
+        let (process, cow) = collect(f, fds, &mut writer, opts, &cancelled, lazy)?;
+        processes.push(process);
+        cows.extend(cow);
     }
-    let memory_bytes = processes
-        .iter()
-        .flat_map(|p| &p.vmas)
-        .map(|v| v.stored_bytes())
-        .sum();
-    let manifest = Manifest {
+    let threads = frozen.iter().map(|f| f.tids.len()).sum();
+    let nprocs = frozen.len();
+    if cancelled() {
+        return Err(Error::Interrupted);
+    }
+    let parts = (processes, objects.list, objects.pipes);
+    if opts.kill {
+        // Publish while frozen, then kill: no instruction runs after the instant saved.
+        let manifest = manifest(parts, &mut writer)?;
+        let dir = writer.finish(&manifest)?;
+        let frozen_for = t_frozen.elapsed();
+        for f in frozen {
+            f.kill()?;
+        }
+        return Ok(report(
+            dir,
+            pid,
+            (nprocs, threads),
+            &manifest,
+            frozen_for,
+            t0,
+            None,
+        ));
+    }
+    for f in frozen.into_iter().rev() {
+        f.release()?;
+    }
+    let frozen_for = t_frozen.elapsed();
+    let write_faults = copy_lazily(cows, &writer, opts, &cancelled)?;
+    if cancelled() {
+        return Err(Error::Interrupted);
+    }
+    let manifest = manifest(parts, &mut writer)?;
+    let dir = writer.finish(&manifest)?;
+    Ok(report(
+        dir,
+        pid,
+        (nprocs, threads),
+        &manifest,
+        frozen_for,
+        t0,
+        write_faults,
+    ))
+}
+
+/// Saves the write-protected memory of the (running) targets; returns the
+/// number of writes that waited, or None when nothing was lazy.
+fn copy_lazily(
+    cows: Vec<Cow>,
+    writer: &ImageWriter,
+    opts: &DumpOptions,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Option<u64>> {
+    if cows.is_empty() {
+        return Ok(None);
+    }
+    let total: u64 = cows.iter().map(|c| c.bytes_left()).sum();
+    let mut done_before = 0;
+    let mut faults = 0;
+    for mut cow in cows {
+        let mine = cow.bytes_left();
+        let progress = |left: u64| {
+            if let Some(p) = opts.progress {
+                p(done_before + mine - left, total);
+            }
+        };
+        let copied = cow.run(writer, &progress, cancelled);
+        faults += cow.write_faults;
+        cow.disarm();
+        copied?;
+        done_before += mine;
+    }
+    Ok(Some(faults))
+}
+
+type Parts = (Vec<Process>, Vec<image::FileObject>, Vec<image::PipeBuffer>);
+
+fn manifest(parts: Parts, writer: &mut ImageWriter) -> Result<Manifest> {
+    let (processes, objects, pipes) = parts;
+    Ok(Manifest {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         created_unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -96,44 +205,39 @@ pub fn dump(pid: i32, out: &Path, opts: &DumpOptions) -> Result<DumpReport> {
             .trim()
             .into(),
         xstate_size: processes[0].threads.first().map_or(0, |t| t.xstate.len()),
-        pages: writer.pages_info(),
+        pages: writer.pages_info()?,
         processes,
-        objects: objects.list,
-        pipes: objects.pipes,
-    };
-    let threads = frozen.iter().map(|f| f.tids.len()).sum();
-    let nprocs = frozen.len();
-    if cancelled() {
-        return Err(Error::Interrupted);
-    }
-    let (frozen_for, dir) = if opts.kill {
-        // Publish while frozen, then kill: no instruction runs after the instant saved.
-        let dir = writer.finish(&manifest)?;
-        let d = t_frozen.elapsed();
-        for f in frozen {
-            f.kill()?;
-        }
-        (d, dir)
-    } else {
-        for f in frozen.into_iter().rev() {
-            f.release()?;
-        }
-        let d = t_frozen.elapsed();
-        if cancelled() {
-            return Err(Error::Interrupted);
-        }
-        (d, writer.finish(&manifest)?)
-    };
-    Ok(DumpReport {
+        objects,
+        pipes,
+    })
+}
+
+fn report(
+    dir: PathBuf,
+    pid: i32,
+    (processes, threads): (usize, usize),
+    m: &Manifest,
+    frozen: Duration,
+    t0: Instant,
+    write_faults: Option<u64>,
+) -> DumpReport {
+    DumpReport {
         dir,
         pid,
-        processes: nprocs,
+        processes,
         threads,
-        memory_bytes,
-        image_bytes: manifest.pages.len,
-        frozen: frozen_for,
+        memory_bytes: m
+            .processes
+            .iter()
+            .flat_map(|p| &p.vmas)
+            .map(|v| v.stored_bytes())
+            .sum(),
+        image_bytes: m.pages.len,
+        frozen,
         total: t0.elapsed(),
-    })
+        lazy: write_faults.is_some(),
+        write_faults: write_faults.unwrap_or(0),
+    }
 }
 
 /// Refuses targets that cannot be snapshotted, before touching them.
@@ -184,7 +288,8 @@ fn collect(
     writer: &mut ImageWriter,
     opts: &DumpOptions,
     cancelled: &dyn Fn() -> bool,
-) -> Result<Process> {
+    lazy: bool,
+) -> Result<(Process, Option<Cow>)> {
     let pid = frozen.pid;
     let maps = proc::maps(pid)?;
     let (ppid, pgid, sid) = crate::tree::ids(pid)?;
@@ -192,7 +297,7 @@ fn collect(
     let fields = proc::stat_fields(pid)?;
     let mem = ProcMem::open(pid)?;
     let t = Instant::now();
-    let injected = inject_queries(frozen, &mem, &maps, &st)?;
+    let mut injected = inject_queries(frozen, &mem, &maps, &st, lazy)?;
     tracing::debug!("injected queries in {:?}", t.elapsed());
     let mut threads = Vec::new();
     for (i, &tid) in frozen.tids.iter().enumerate() {
@@ -204,9 +309,17 @@ fn collect(
         return Err(Error::Interrupted);
     }
     let t = Instant::now();
-    let vmas = memory::dump_vmas(pid, &maps, writer, opts.progress, cancelled)?;
-    tracing::debug!("memory saved in {:?}", t.elapsed());
-    Ok(Process {
+    let saved = memory::dump_vmas(pid, &maps, writer, opts.progress, cancelled, lazy)?;
+    let cow = match injected.uffd.take() {
+        Some(fd) => {
+            let deferred: Vec<&Vma> = saved.deferred.iter().map(|&i| &saved.vmas[i]).collect();
+            Some(Cow::arm(Uffd::from_fd(fd), pid, &deferred)?)
+        }
+        None => None,
+    };
+    tracing::debug!("memory saved (or protected) in {:?}", t.elapsed());
+    let vmas = saved.vmas;
+    let process = Process {
         pid,
         ppid,
         pgid,
@@ -237,7 +350,8 @@ fn collect(
         fds,
         posix_timers: injected.timers,
         itimers: injected.itimers,
-    })
+    };
+    Ok((process, cow))
 }
 
 /// What only the target itself can tell.
@@ -247,113 +361,155 @@ struct Injected {
     altstacks: Vec<(u64, i32, u64)>,
     brk: u64,
     dumpable: bool,
+    /// A userfaultfd of the target's address space, taken into ours (lazy).
+    uffd: Option<std::os::fd::OwnedFd>,
     timers: Vec<crate::image::PosixTimer>,
     itimers: Vec<(i32, u64, u64)>,
 }
 
+/// Asks the target, in a few batches run from an injection area mapped in
+/// it for the occasion: its signal actions, brk, dumpable flag, each
+/// thread's clear_child_tid and alternate signal stack; and, for a lazy
+/// snapshot, a userfaultfd of its address space.
 fn inject_queries(
     frozen: &mut Frozen,
     mem: &ProcMem,
     maps: &[MapsEntry],
     st: &std::collections::BTreeMap<String, String>,
+    want_uffd: bool,
 ) -> Result<Injected> {
-    let main_regs = frozen.regs[0];
-    let ip = inject::find_syscall_ip(mem, &main_regs, maps)?;
+    let ip = inject::find_syscall_ip(mem, &frozen.regs[0], maps)?;
     frozen.touched[0] = true;
-    let mut main = Remote::new(frozen.tids[0], ip, main_regs);
-    let scratch = main.check(
-        "mmap scratch page",
-        libc::SYS_mmap,
-        &[
-            0,
-            4096,
-            (libc::PROT_READ | libc::PROT_WRITE) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-            u64::MAX,
-            0,
-        ],
-    )?;
-    let result = (|| {
-        let caught = proc::status_hex(st, "SigCgt");
-        let ignored = proc::status_hex(st, "SigIgn");
-        let mut sigactions = Vec::new();
-        for sig in 1..=64i32 {
-            let bit = 1u64 << (sig - 1);
-            if caught & bit != 0 {
-                main.check(
-                    "rt_sigaction",
-                    libc::SYS_rt_sigaction,
-                    &[sig as u64, 0, scratch, 8],
-                )?;
-                let mut b = [0u8; 32];
-                mem.read(scratch, &mut b)?;
-                let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8"));
-                sigactions.push((
-                    sig,
-                    sys::KernelSigaction {
-                        handler: w(0),
-                        flags: w(1),
-                        restorer: w(2),
-                        mask: w(3),
-                    },
-                ));
-            } else if ignored & bit != 0 {
-                sigactions.push((
-                    sig,
-                    sys::KernelSigaction {
-                        handler: 1,
-                        ..Default::default()
-                    },
-                ));
-            }
-        }
-        let brk = main.check("brk(0)", libc::SYS_brk, &[0])?;
-        let dumpable = main.check(
-            "prctl(PR_GET_DUMPABLE)",
-            libc::SYS_prctl,
-            &[libc::PR_GET_DUMPABLE as u64],
-        )? == 1;
-        let (timers, itimers) = crate::timers::query(&mut main, mem, scratch + 128, frozen.pid)?;
-        let mut tid_addresses = Vec::new();
-        let mut altstacks = Vec::new();
-        for i in 0..frozen.tids.len() {
-            let mut r = if i == 0 {
-                None
-            } else {
-                frozen.touched[i] = true;
-                Some(Remote::new(frozen.tids[i], ip, frozen.regs[i]))
-            };
-            let remote = r.as_mut().unwrap_or(&mut main);
-            remote.check(
-                "prctl(PR_GET_TID_ADDRESS)",
-                libc::SYS_prctl,
-                &[sys::PR_GET_TID_ADDRESS as u64, scratch],
-            )?;
-            tid_addresses.push(mem.read_u64(scratch)?);
-            remote.check("sigaltstack", libc::SYS_sigaltstack, &[0, scratch + 64])?;
-            let ss_flags = mem.read_u64(scratch + 72)? as i32;
-            altstacks.push((
-                mem.read_u64(scratch + 64)?,
-                ss_flags,
-                mem.read_u64(scratch + 80)?,
-            ));
-            if let Some(r) = r {
-                frozen.intercepted[i] = r.intercepted;
-            }
-        }
-        Ok(Injected {
-            sigactions,
-            tid_addresses,
-            altstacks,
-            brk,
-            dumpable,
-            timers,
-            itimers,
-        })
-    })();
-    main.check("munmap scratch page", libc::SYS_munmap, &[scratch, 4096])?;
+    let mut main = Remote::new(frozen.tids[0], ip, frozen.regs[0]);
+    let area = Area::map(&mut main, mem, None)?;
+    let result = query(frozen, mem, &mut main, area, st, want_uffd);
+    // Unmapped with a lone syscall: the batch loop cannot unmap itself.
+    let unmapped = main.check(
+        "munmap the injection area",
+        libc::SYS_munmap,
+        &[area.addr, CODE_LEN + SCRATCH_LEN],
+    );
     frozen.intercepted[0] = main.intercepted;
-    result
+    let injected = result?;
+    unmapped?;
+    Ok(injected)
+}
+
+fn query(
+    frozen: &mut Frozen,
+    mem: &ProcMem,
+    main: &mut Remote,
+    area: Area,
+    st: &std::collections::BTreeMap<String, String>,
+    want_uffd: bool,
+) -> Result<Injected> {
+    let caught = proc::status_hex(st, "SigCgt");
+    let ignored = proc::status_hex(st, "SigIgn");
+    let mut b = area.batch();
+    let mut slots = Vec::new();
+    for sig in (1..=64i32).filter(|s| caught & (1u64 << (s - 1)) != 0) {
+        let slot = b.data(&[0u8; 32])?;
+        b.call(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            &[sig as u64, 0, slot, 8],
+        );
+        slots.push((sig, slot));
+    }
+    let brk_at = b.calls_len();
+    b.call("brk(0)", libc::SYS_brk, &[0]);
+    b.call(
+        "prctl(PR_GET_DUMPABLE)",
+        libc::SYS_prctl,
+        &[libc::PR_GET_DUMPABLE as u64],
+    );
+    if want_uffd {
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        b.call("userfaultfd", libc::SYS_userfaultfd, &[flags]);
+    }
+    let (tid_slot, stack_slot) = thread_queries(&mut b)?;
+    let results = area.run(main, mem, b)?;
+    // Timers are asked one call at a time, with scratch space clear of the batch's.
+    let (timers, itimers) =
+        crate::timers::query(main, mem, area.scratch() + 256 * 1024, frozen.pid)?;
+    let mut sigactions = Vec::new();
+    for (sig, slot) in slots {
+        let w = |i: u64| mem.read_u64(slot + i * 8);
+        sigactions.push((
+            sig,
+            sys::KernelSigaction {
+                handler: w(0)?,
+                flags: w(1)?,
+                restorer: w(2)?,
+                mask: w(3)?,
+            },
+        ));
+    }
+    for sig in (1..=64i32).filter(|s| ignored & (1u64 << (s - 1)) != 0) {
+        sigactions.push((
+            sig,
+            sys::KernelSigaction {
+                handler: 1,
+                ..Default::default()
+            },
+        ));
+    }
+    let mut tid_addresses = vec![mem.read_u64(tid_slot)?];
+    let mut altstacks = vec![read_stack(mem, stack_slot)?];
+    for i in 1..frozen.tids.len() {
+        frozen.touched[i] = true;
+        let mut r = Remote::new(frozen.tids[i], main.ip, frozen.regs[i]);
+        let mut b = area.batch();
+        let (tid_slot, stack_slot) = thread_queries(&mut b)?;
+        let run = area.run(&mut r, mem, b);
+        frozen.intercepted[i] = r.intercepted;
+        run?;
+        tid_addresses.push(mem.read_u64(tid_slot)?);
+        altstacks.push(read_stack(mem, stack_slot)?);
+    }
+    let uffd = if want_uffd {
+        let fd = results[brk_at + 2] as i32;
+        let taken = crate::uffd::take_fd(frozen.pid, fd)?;
+        main.check(
+            "close the target's userfaultfd",
+            libc::SYS_close,
+            &[fd as u64],
+        )?;
+        Some(taken)
+    } else {
+        None
+    };
+    Ok(Injected {
+        sigactions,
+        tid_addresses,
+        altstacks,
+        brk: results[brk_at],
+        dumpable: results[brk_at + 1] == 1,
+        uffd,
+        timers,
+        itimers,
+    })
+}
+
+/// Stages the per-thread queries; returns where their answers will be.
+fn thread_queries(b: &mut inject::Batch) -> Result<(u64, u64)> {
+    let tid_slot = b.data(&[0u8; 8])?;
+    let stack_slot = b.data(&[0u8; 24])?;
+    b.call(
+        "prctl(PR_GET_TID_ADDRESS)",
+        libc::SYS_prctl,
+        &[sys::PR_GET_TID_ADDRESS as u64, tid_slot],
+    );
+    b.call("sigaltstack", libc::SYS_sigaltstack, &[0, stack_slot]);
+    Ok((tid_slot, stack_slot))
+}
+
+fn read_stack(mem: &ProcMem, at: u64) -> Result<(u64, i32, u64)> {
+    Ok((
+        mem.read_u64(at)?,
+        mem.read_u64(at + 8)? as i32,
+        mem.read_u64(at + 16)?,
+    ))
 }
 
 fn thread_state(tid: i32, regs: &ptrace::Regs, clear_child_tid: u64) -> Result<Thread> {

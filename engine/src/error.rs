@@ -38,6 +38,8 @@ pub enum Error {
     FileChanged { path: String },
     #[error("address {0} is taken (is the original still running?): stop whatever holds it, then resume again")]
     AddressInUse(String),
+    #[error("lazy snapshot abandoned: {0}")]
+    LazyConflict(String),
     #[error("interrupted: the operation was cancelled and rolled back")]
     Interrupted,
     #[error("{0}")]

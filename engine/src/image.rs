@@ -514,6 +514,9 @@ pub struct ImageWriter {
     chunk: Xxh3,
     chunk_fill: u64,
     checksums: Vec<u64>,
+    /// Set once pages were written out of order (`reserve`/`write_at`):
+    /// the checksums are then computed from the file at the end.
+    out_of_order: bool,
     finished: bool,
 }
 
@@ -551,6 +554,7 @@ impl ImageWriter {
             chunk: Xxh3::new(),
             chunk_fill: 0,
             checksums: vec![],
+            out_of_order: false,
             finished: false,
         })
     }
@@ -582,6 +586,31 @@ impl ImageWriter {
         Ok(off)
     }
 
+    /// Reserves `len` bytes (whole pages) to be written later with
+    /// `write_at`; returns their offset.
+    pub fn reserve(&mut self, len: u64) -> Result<u64> {
+        let off = self.len;
+        self.len += len;
+        self.pages
+            .set_len(self.len)
+            .ctx(|| "extend pages.img".into())?;
+        use std::io::Seek;
+        self.pages
+            .seek(std::io::SeekFrom::Start(self.len))
+            .ctx(|| "seek pages.img".into())?;
+        self.out_of_order = true;
+        Ok(off)
+    }
+
+    /// Writes into space made by `reserve`.
+    pub fn write_at(&self, off: u64, data: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        debug_assert!(off + data.len() as u64 <= self.len);
+        self.pages
+            .write_all_at(data, off)
+            .ctx(|| "write pages.img".into())
+    }
+
     /// Appends bytes padded with zeros to a whole page.
     pub fn append_padded(&mut self, data: &[u8]) -> Result<u64> {
         let mut v = data.to_vec();
@@ -589,16 +618,28 @@ impl ImageWriter {
         self.append(&v)
     }
 
-    pub fn pages_info(&mut self) -> PagesInfo {
+    pub fn pages_info(&mut self) -> Result<PagesInfo> {
         let mut sums = self.checksums.clone();
         if self.chunk_fill > 0 {
             sums.push(self.chunk.digest());
         }
-        PagesInfo {
+        if self.out_of_order {
+            sums = self.checksums_from_file()?;
+        }
+        Ok(PagesInfo {
             len: self.len,
             chunk_size: CHUNK_SIZE,
             chunk_checksums: sums,
+        })
+    }
+
+    fn checksums_from_file(&self) -> Result<Vec<u64>> {
+        if self.len == 0 {
+            return Ok(vec![]);
         }
+        // SAFETY: our own file, not resized while mapped.
+        let map = unsafe { memmap2::Mmap::map(&self.pages) }.ctx(|| "map pages.img".into())?;
+        Ok(map.chunks(CHUNK_SIZE as usize).map(xxh3_64).collect())
     }
 
     /// Writes the manifest, makes everything durable and publishes DIR.

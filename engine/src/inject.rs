@@ -256,3 +256,123 @@ pub fn find_syscall_ip(mem: &ProcMem, regs: &Regs, maps: &[MapsEntry]) -> Result
             .into(),
     ))
 }
+
+pub const CODE_LEN: u64 = 4096;
+pub const SCRATCH_LEN: u64 = 512 * 1024;
+/// The scratch area: data (paths, structs) first, then the batch table.
+const DATA_LEN: u64 = 448 * 1024;
+const TABLE_ENTRIES: usize = ((SCRATCH_LEN - DATA_LEN) as usize) / ENTRY - 1;
+/// Offset of the batch loop in the code page (a lone `syscall` sits at 0).
+const LOOP_OFFSET: u64 = 16;
+
+/// An injection area in a process: a code page (a lone `syscall` at 0, the
+/// batch loop at 16) followed by a scratch area for data and batch tables.
+#[derive(Clone, Copy, Debug)]
+pub struct Area {
+    pub addr: u64,
+}
+
+impl Area {
+    /// Maps an area (at `at`, or where the kernel likes) with the thread
+    /// `r`, and writes its code.
+    pub fn map(r: &mut Remote, mem: &ProcMem, at: Option<u64>) -> Result<Area> {
+        let prot = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        if at.is_some() {
+            flags |= crate::sys::MAP_FIXED_NOREPLACE;
+        }
+        let args = [
+            at.unwrap_or(0),
+            CODE_LEN + SCRATCH_LEN,
+            prot as u64,
+            flags as u64,
+            u64::MAX,
+            0,
+        ];
+        let addr = r.check("mmap an injection area", libc::SYS_mmap, &args)?;
+        if at.is_some_and(|a| a != addr) {
+            return Err(Error::Restore(format!(
+                "injection area mapped at {addr:#x}, not {:#x}",
+                at.unwrap_or(0)
+            )));
+        }
+        mem.write(addr, &[0x0f, 0x05])?;
+        mem.write(addr + LOOP_OFFSET, &BATCH_LOOP)?;
+        Ok(Area { addr })
+    }
+
+    pub fn scratch(&self) -> u64 {
+        self.addr + CODE_LEN
+    }
+
+    pub fn batch(&self) -> Batch {
+        Batch {
+            base: self.scratch(),
+            data: vec![],
+            calls: vec![],
+        }
+    }
+
+    /// Runs a batch in thread `r`; returns each call's result.
+    pub fn run(&self, r: &mut Remote, mem: &ProcMem, b: Batch) -> Result<Vec<u64>> {
+        mem.write(self.scratch(), &b.data)?;
+        let mut results = Vec::with_capacity(b.calls.len());
+        for chunk in b.calls.chunks(TABLE_ENTRIES) {
+            results.extend(r.batch(
+                mem,
+                self.addr + LOOP_OFFSET,
+                self.scratch() + DATA_LEN,
+                chunk,
+            )?);
+        }
+        Ok(results)
+    }
+}
+
+/// Syscalls to run in one go, and the data (paths, structs) they point at,
+/// staged for an area's scratch space.
+pub struct Batch {
+    base: u64,
+    data: Vec<u8>,
+    calls: Vec<Call>,
+}
+
+impl Batch {
+    /// Stages bytes; returns the address they will have in the process.
+    pub fn data(&mut self, bytes: &[u8]) -> Result<u64> {
+        let at = self.data.len().next_multiple_of(8);
+        if (at + bytes.len()) as u64 > DATA_LEN {
+            return Err(Error::Restore(
+                "injection scratch area full (too much data in one step)".into(),
+            ));
+        }
+        self.data.resize(at, 0);
+        self.data.extend_from_slice(bytes);
+        Ok(self.base + at as u64)
+    }
+
+    /// Stages a NUL-terminated path.
+    pub fn path(&mut self, path: &str) -> Result<u64> {
+        let mut b = path.as_bytes().to_vec();
+        b.push(0);
+        self.data(&b)
+    }
+
+    pub fn call(&mut self, what: impl Into<String>, nr: i64, args: &[u64]) {
+        self.calls.push(Call::new(what, nr, args));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.calls.is_empty()
+    }
+
+    /// How many calls are staged (the index the next call will have).
+    pub fn calls_len(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Where the staged data starts in the process (read results back from there).
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+}

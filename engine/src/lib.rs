@@ -12,6 +12,7 @@
 //! makes the target act, kept apart; one module defines the image format):
 //! - `image`: the on-disk format (layout drawn there), its writer and checks
 //! - `dump`: snapshot flow: check, freeze, collect, copy, release, publish
+//! - `cow`: lazy snapshots: copy-before-write with userfaultfd write-protect
 //! - `restore`: resume flow: build the process inside a puppet
 //! - `puppet`: the process a resume starts from, and its scratch pages
 //! - `pager`: lazy resume: serves memory on demand from the image
@@ -35,6 +36,7 @@
 //! See [`image`]: a directory with `manifest` (magic, version, checksum,
 //! JSON body) and `pages.img` (page-aligned pages, checksummed per MiB).
 
+pub mod cow;
 pub mod dump;
 pub mod error;
 pub mod fds;

@@ -15,7 +15,7 @@
 use crate::error::{Error, IoContext, Result};
 use crate::image::{FileId, ImageWriter, Vma, VmaKind};
 use crate::mem;
-use crate::proc::{self, pm, MapsEntry, PAGE_SIZE};
+use crate::proc::{self, scan, MapsEntry, PAGE_SIZE};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -28,17 +28,21 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 /// How the pages of one VMA are chosen.
 enum Source {
     Nothing,
-    /// Pages from process memory whose pagemap entry passes the filter.
-    Memory(fn(u64) -> bool),
+    /// Pages from process memory that pass the filter.
+    Memory(Filter),
     /// Allocated pages of the mapped object, read through map_files.
     Object,
 }
 
-fn present(e: u64) -> bool {
-    e & (pm::PRESENT | pm::SWAPPED) != 0
-}
-fn private_copy(e: u64) -> bool {
-    e & (pm::PRESENT | pm::SWAPPED) != 0 && e & pm::FILE == 0
+/// Which pages of a VMA hold something of the process's own.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Filter {
+    /// Present or swapped (anonymous memory).
+    Present,
+    /// Present or swapped and not the file's own page (copied on write).
+    PrivateCopy,
+    /// Every page (the file behind it is gone).
+    All,
 }
 
 /// Decides kind and source of a VMA from its maps line.
@@ -69,7 +73,7 @@ fn classify(pid: i32, m: &MapsEntry) -> Result<(VmaKind, Source)> {
             VmaKind::Anon {
                 name: m.path.clone(),
             },
-            Source::Memory(present),
+            Source::Memory(Filter::Present),
         ));
     }
     let deleted = m.path.ends_with(" (deleted)");
@@ -101,7 +105,7 @@ fn classify(pid: i32, m: &MapsEntry) -> Result<(VmaKind, Source)> {
             VmaKind::Anon {
                 name: m.path.clone(),
             },
-            Source::Memory(|_| true),
+            Source::Memory(Filter::All),
         ));
     }
     let id = FileId::of(Path::new(&m.path)).ctx(|| format!("stat mapped file {}", m.path))?;
@@ -111,7 +115,7 @@ fn classify(pid: i32, m: &MapsEntry) -> Result<(VmaKind, Source)> {
             offset: m.offset,
             id,
         },
-        Source::Memory(private_copy),
+        Source::Memory(Filter::PrivateCopy),
     ))
 }
 
@@ -121,13 +125,17 @@ fn on_tmpfs(path: &str) -> bool {
 
 /// Saves the memory of every VMA in `maps` into the image; returns the VMAs
 /// with their page index.
+/// With `defer`, the pages of private anonymous VMAs are not copied: space
+/// is reserved for them in pages.img, and their indexes are returned in
+/// `deferred` for a lazy snapshot to fill (see `cow`).
 pub fn dump_vmas(
     pid: i32,
     maps: &[MapsEntry],
     writer: &mut ImageWriter,
     progress: Option<&dyn Fn(u64, u64)>,
     cancelled: &dyn Fn() -> bool,
-) -> Result<Vec<Vma>> {
+    defer: bool,
+) -> Result<Saved> {
     let pagemap =
         File::open(format!("/proc/{pid}/pagemap")).ctx(|| format!("open /proc/{pid}/pagemap"))?;
     let mut plan = Vec::new();
@@ -148,13 +156,22 @@ pub fn dump_vmas(
     let mut done = 0u64;
     let mut buf = vec![0u8; BATCH];
     let mut vmas = Vec::with_capacity(plan.len());
+    let mut deferred = Vec::new();
     for (m, kind, source, runs) in plan {
         if cancelled() {
             return Err(Error::Interrupted);
         }
-        let pages = match source {
-            Source::Object => copy_object(pid, m, &runs, writer, &mut buf)?,
-            _ => copy_memory(pid, &runs, writer, &mut buf)?,
+        let anonymous = m.inode == 0 && !m.shared && matches!(source, Source::Memory(_));
+        let pages = if defer && anonymous && !runs.is_empty() {
+            deferred.push(vmas.len());
+            runs.iter()
+                .map(|&(a, n)| Ok([a, n, writer.reserve(n * PAGE_SIZE)?]))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            match source {
+                Source::Object => copy_object(pid, m, &runs, writer, &mut buf)?,
+                _ => copy_memory(pid, &runs, writer, &mut buf)?,
+            }
         };
         done += pages.iter().map(|r| r[1] * PAGE_SIZE).sum::<u64>();
         if let Some(p) = progress {
@@ -172,28 +189,29 @@ pub fn dump_vmas(
             pages,
         });
     }
-    Ok(vmas)
+    Ok(Saved { vmas, deferred })
 }
 
-/// Runs (address, pages) of the VMA whose pagemap entries pass `keep`.
-fn memory_runs(pagemap: &File, m: &MapsEntry, keep: fn(u64) -> bool) -> Result<Vec<(u64, u64)>> {
+/// The VMAs with their page index; `deferred` lists those whose pages are
+/// reserved but not yet copied.
+pub struct Saved {
+    pub vmas: Vec<Vma>,
+    pub deferred: Vec<usize>,
+}
+
+/// Runs (address, pages) of the VMA that pass `filter`, found by the
+/// kernel's page-table walk (PAGEMAP_SCAN).
+fn memory_runs(pagemap: &File, m: &MapsEntry, filter: Filter) -> Result<Vec<(u64, u64)>> {
     if m.path == "[vsyscall]" || !m.read && !m.write && !m.exec && m.path.is_empty() {
         // PROT_NONE anonymous memory (guard pages) is never populated.
         return Ok(vec![]);
     }
-    let entries = proc::pagemap(pagemap, m.start, m.end)?;
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for (i, e) in entries.iter().enumerate() {
-        if !keep(*e) {
-            continue;
-        }
-        let addr = m.start + i as u64 * PAGE_SIZE;
-        match runs.last_mut() {
-            Some(r) if r.0 + r.1 * PAGE_SIZE == addr => r.1 += 1,
-            _ => runs.push((addr, 1)),
-        }
+    let any = scan::PAGE_IS_PRESENT | scan::PAGE_IS_SWAPPED;
+    match filter {
+        Filter::Present => proc::scan_pages(pagemap, m.start, m.end, any, 0),
+        Filter::PrivateCopy => proc::scan_pages(pagemap, m.start, m.end, any, scan::PAGE_IS_FILE),
+        Filter::All => Ok(vec![(m.start, m.len() / PAGE_SIZE)]),
     }
-    Ok(runs)
 }
 
 /// Runs of allocated pages of a shared object, found with SEEK_DATA/SEEK_HOLE

@@ -184,6 +184,74 @@ pub fn pagemap(pagemap: &fs::File, start: u64, end: u64) -> Result<Vec<u64>> {
         .collect())
 }
 
+/// PAGEMAP_SCAN (linux/fs.h): the kernel walks the page tables and
+/// returns ranges of pages by category, much faster than reading one
+/// pagemap entry per page.
+pub mod scan {
+    pub const PAGE_IS_FILE: u64 = 1 << 2;
+    pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+    pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+    /// _IOWR('f', 16, struct pm_scan_arg)
+    pub const PAGEMAP_SCAN: u64 = (3 << 30) | (96 << 16) | ((b'f' as u64) << 8) | 16;
+}
+
+/// Page ranges in [start, end) having any of `anyof` and none of `none`
+/// (PAGEMAP_SCAN), as (address, page count).
+pub fn scan_pages(
+    pagemap: &fs::File,
+    start: u64,
+    end: u64,
+    anyof: u64,
+    none: u64,
+) -> Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut regions = vec![[0u64; 3]; 512];
+    let mut at = start;
+    while at < end {
+        // struct pm_scan_arg: size, flags, start, end, walk_end, vec, vec_len,
+        // max_pages, category_inverted, category_mask, category_anyof_mask, return_mask
+        let mut arg: [u64; 12] = [
+            96,
+            0,
+            at,
+            end,
+            0,
+            regions.as_mut_ptr() as u64,
+            regions.len() as u64,
+            0,
+            none,
+            none,
+            anyof,
+            anyof,
+        ];
+        // SAFETY: arg is a pm_scan_arg whose vec points at `regions`.
+        let n = unsafe {
+            libc::ioctl(
+                pagemap.as_raw_fd(),
+                scan::PAGEMAP_SCAN as _,
+                arg.as_mut_ptr(),
+            )
+        };
+        if n < 0 {
+            return Err(Error::io("PAGEMAP_SCAN", std::io::Error::last_os_error()));
+        }
+        for r in &regions[..n as usize] {
+            let pages = (r[1] - r[0]) / PAGE_SIZE;
+            match out.last_mut() {
+                Some(l) if l.0 + l.1 * PAGE_SIZE == r[0] => l.1 += pages,
+                _ => out.push((r[0], pages)),
+            }
+        }
+        let walk_end = arg[4];
+        if walk_end <= at {
+            break;
+        }
+        at = walk_end;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,27 +11,23 @@
 //! puppet's own mappings (umlctl's) can all be removed.
 
 use crate::error::{Error, Result};
-use crate::inject::{self, Call, Remote};
+use crate::inject::{self, Remote};
 use crate::mem::ProcMem;
 use crate::proc;
 use crate::ptrace;
 use crate::sys;
 use nix::sys::ptrace::Options;
 
-pub const CODE_LEN: u64 = 4096;
-pub const SCRATCH_LEN: u64 = 512 * 1024;
-/// The scratch area: data (paths, structs) first, then the batch table.
-const DATA_LEN: u64 = 448 * 1024;
-const TABLE_ENTRIES: usize = ((SCRATCH_LEN - DATA_LEN) as usize) / crate::inject::ENTRY - 1;
-/// Offset of the batch loop in the code page (a lone `syscall` sits at 0).
-const LOOP_OFFSET: u64 = 16;
+use crate::inject::Area;
+pub use crate::inject::{Batch, CODE_LEN, SCRATCH_LEN};
 
 pub struct Puppet {
     pub pid: i32,
     pub mem: ProcMem,
     pub main: Remote,
-    /// Start of our code page; the scratch data page follows it.
+    /// Our code page and scratch area (see `inject::Area`); start 0 until mapped.
     pub area: u64,
+    injection: Area,
 }
 
 impl Puppet {
@@ -64,7 +60,20 @@ impl Puppet {
             mem,
             main: Remote::new(pid, ip, regs),
             area: 0,
+            injection: Area { addr: 0 },
         })
+    }
+
+    /// A puppet made some other way (a child cloned from a puppet), with
+    /// no injection area yet.
+    pub fn adopt(pid: i32, mem: ProcMem, main: Remote) -> Puppet {
+        Puppet {
+            pid,
+            mem,
+            main,
+            area: 0,
+            injection: Area { addr: 0 },
+        }
     }
 
     pub fn scratch(&self) -> u64 {
@@ -73,28 +82,7 @@ impl Puppet {
 
     /// Maps the code and scratch pages at `addr` and moves injection there.
     pub fn map_area(&mut self, addr: u64) -> Result<()> {
-        let prot = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | sys::MAP_FIXED_NOREPLACE;
-        let got = self.sys(
-            "mmap the restorer's code and scratch pages",
-            libc::SYS_mmap,
-            &[
-                addr,
-                CODE_LEN + SCRATCH_LEN,
-                prot as u64,
-                flags as u64,
-                u64::MAX,
-                0,
-            ],
-        )?;
-        if got != addr {
-            return Err(Error::Restore(format!(
-                "scratch mapped at {got:#x}, wanted {addr:#x}"
-            )));
-        }
-        self.mem.write(addr, &[0x0f, 0x05])?;
-        self.mem
-            .write(addr + LOOP_OFFSET, &crate::inject::BATCH_LOOP)?;
+        self.injection = Area::map(&mut self.main, &self.mem, Some(addr))?;
         self.area = addr;
         self.main.ip = addr;
         Ok(())
@@ -107,22 +95,17 @@ impl Puppet {
 
     /// A new batch of syscalls whose data lives in this puppet's scratch area.
     pub fn batch(&self) -> Batch {
-        Batch {
-            base: self.scratch(),
-            data: vec![],
-            calls: vec![],
-        }
+        self.injection.batch()
     }
 
     /// Runs a batch in the main thread; returns each call's result.
     pub fn run(&mut self, b: Batch) -> Result<Vec<u64>> {
-        let (area, scratch) = (self.area, self.scratch());
-        run_batch(&mut self.main, &self.mem, area, scratch, b)
+        self.injection.run(&mut self.main, &self.mem, b)
     }
 
     /// Runs a batch in another thread of the puppet.
     pub fn run_in(&self, r: &mut Remote, b: Batch) -> Result<Vec<u64>> {
-        run_batch(r, &self.mem, self.area, self.scratch(), b)
+        self.injection.run(r, &self.mem, b)
     }
 
     /// Copies bytes into the scratch page at `offset`; returns their address.
@@ -159,58 +142,6 @@ impl Puppet {
 
     pub fn close(&mut self, fd: i32) -> Result<()> {
         self.sys("close", libc::SYS_close, &[fd as u64]).map(drop)
-    }
-}
-
-fn run_batch(r: &mut Remote, mem: &ProcMem, area: u64, scratch: u64, b: Batch) -> Result<Vec<u64>> {
-    mem.write(scratch, &b.data)?;
-    let mut results = Vec::with_capacity(b.calls.len());
-    for chunk in b.calls.chunks(TABLE_ENTRIES) {
-        results.extend(r.batch(mem, area + LOOP_OFFSET, scratch + DATA_LEN, chunk)?);
-    }
-    Ok(results)
-}
-
-/// Syscalls to run in one go, and the data (paths, structs) they point at,
-/// staged for the scratch area.
-pub struct Batch {
-    base: u64,
-    data: Vec<u8>,
-    calls: Vec<Call>,
-}
-
-impl Batch {
-    /// Stages bytes; returns the address they will have in the puppet.
-    pub fn data(&mut self, bytes: &[u8]) -> Result<u64> {
-        let at = self.data.len().next_multiple_of(8);
-        if (at + bytes.len()) as u64 > DATA_LEN {
-            return Err(Error::Restore(
-                "restorer scratch area full (too many paths in one step)".into(),
-            ));
-        }
-        self.data.resize(at, 0);
-        self.data.extend_from_slice(bytes);
-        Ok(self.base + at as u64)
-    }
-
-    /// Stages a NUL-terminated path.
-    pub fn path(&mut self, path: &str) -> Result<u64> {
-        let mut b = path.as_bytes().to_vec();
-        b.push(0);
-        self.data(&b)
-    }
-
-    pub fn call(&mut self, what: impl Into<String>, nr: i64, args: &[u64]) {
-        self.calls.push(Call::new(what, nr, args));
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.calls.is_empty()
-    }
-
-    /// How many calls are staged (the index the next call will have).
-    pub fn calls_len(&self) -> usize {
-        self.calls.len()
     }
 }
 

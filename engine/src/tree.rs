@@ -109,12 +109,11 @@ pub fn fork_puppet(parent: &mut Puppet, want: Option<i32>) -> Result<Puppet> {
         return Err(Error::Restore(format!("new child process {pid} died")));
     }
     let regs = ptrace::getregs(pid)?;
-    Ok(Puppet {
+    Ok(Puppet::adopt(
         pid,
-        mem: ProcMem::open(pid)?,
-        main: Remote::new(pid, parent.main.ip, regs),
-        area: 0,
-    })
+        ProcMem::open(pid)?,
+        Remote::new(pid, parent.main.ip, regs),
+    ))
 }
 
 /// Makes one puppet per process of the image, each the child of its

@@ -9,14 +9,19 @@ pub fn umlctl() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_umlctl"))
 }
 
-/// A binary of the `umlctl-tools` package (tools/src/bin), built beside umlctl.
+/// A binary of the `umlctl-tools` package (tools/src/bin), built beside
+/// umlctl (cargo does not rebuild another package's binaries for a test, so
+/// the first call of each test process makes sure they are current).
 pub fn tool(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let dir = umlctl().parent().expect("target dir").to_path_buf();
     let path = dir.join(name);
-    if !path.exists() {
+    let mut fresh = false;
+    BUILT.call_once(|| fresh = true);
+    if fresh || !path.exists() {
         let release = dir.ends_with("release");
         let mut cmd = std::process::Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "umlctl-tools", "--bin", name]);
+        cmd.args(["build", "-q", "-p", "umlctl-tools"]);
         if release {
             cmd.arg("--release");
         }

@@ -10,11 +10,16 @@
 //! prints a final line with a checksum that depends only on the arguments, so
 //! an interrupted-and-resumed run must print the same lines as a plain one.
 //!
+//! With `--stall` one more thread reads the clock in a tight loop and, on
+//! SIGUSR1, reports the longest gap it saw since the previous report: how
+//! long the process was stopped, seen from inside.
+//!
 //! Output lines (stdout, line-buffered):
 //!   ready pid=P threads=T mib=N
 //!   verify t=I counter=C ok            (or `verify t=I counter=C BAD word=K`)
 //!   zmm ok loops=L                      (after each loop; `zmm BAD` then exit 3)
 //!   done t=I counter=C sum=S
+//!   stall max_us=U
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +33,7 @@ struct Args {
     steps: u64,
     sleep_every: u64,
     avx512: bool,
+    stall: bool,
     seed: u64,
 }
 
@@ -38,6 +44,7 @@ fn parse_args() -> Args {
         steps: u64::MAX,
         sleep_every: 4096,
         avx512: false,
+        stall: false,
         seed: 1,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -59,6 +66,11 @@ fn parse_args() -> Args {
                 i += 1;
                 continue;
             }
+            "--stall" => {
+                a.stall = true;
+                i += 1;
+                continue;
+            }
             other => usage(&format!("unknown argument {other}")),
         }
         i += 2;
@@ -67,7 +79,7 @@ fn parse_args() -> Args {
 }
 
 fn usage(msg: &str) -> ! {
-    eprintln!("workload: {msg}\nusage: workload [--mib N] [--threads T] [--steps S] [--sleep-every K] [--seed X] [--avx512]");
+    eprintln!("workload: {msg}\nusage: workload [--mib N] [--threads T] [--steps S] [--sleep-every K] [--seed X] [--avx512] [--stall]");
     std::process::exit(2)
 }
 
@@ -208,6 +220,25 @@ fn zmm_thread(seed: u64) {
     }
 }
 
+/// Reads the clock in a tight loop; reports the longest gap on request.
+fn stall_thread() {
+    let mut seen = VERIFY_REQUESTS.load(Ordering::Relaxed);
+    let mut prev = std::time::Instant::now();
+    let mut max = Duration::ZERO;
+    loop {
+        let now = std::time::Instant::now();
+        max = max.max(now - prev);
+        prev = now;
+        let req = VERIFY_REQUESTS.load(Ordering::Relaxed);
+        if req != seen {
+            seen = req;
+            out(format!("stall max_us={}", max.as_micros()));
+            max = Duration::ZERO;
+            prev = std::time::Instant::now();
+        }
+    }
+}
+
 extern "C" fn on_usr1(_: libc::c_int) {
     VERIFY_REQUESTS.fetch_add(1, Ordering::Relaxed);
 }
@@ -228,6 +259,9 @@ fn main() {
     if args.avx512 {
         let seed = args.seed;
         std::thread::spawn(move || zmm_thread(seed));
+    }
+    if args.stall {
+        std::thread::spawn(stall_thread);
     }
     std::thread::scope(|s| {
         let first = mems.remove(0);

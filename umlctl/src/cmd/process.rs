@@ -27,6 +27,12 @@ pub struct SnapshotArgs {
     /// Kill the process once the image is safely on disk.
     #[arg(long)]
     pub kill: bool,
+    /// Lazy copy-on-write snapshot: stop the process only to write-protect
+    /// its memory (milliseconds whatever its size) and save the pages while
+    /// it runs; the image is still the instant of the freeze. (With --kill
+    /// the snapshot is stop-and-copy.)
+    #[arg(long)]
+    pub lazy: bool,
     /// Snapshot the process and all its descendants, in one instant.
     #[arg(long)]
     pub tree: bool,
@@ -97,6 +103,9 @@ pub fn snapshot(out: Output, a: SnapshotArgs) -> CliResult {
     if a.kill {
         cmd.arg("--kill");
     }
+    if a.lazy {
+        cmd.arg("--lazy");
+    }
     if a.tree {
         cmd.arg("--tree");
     }
@@ -155,6 +164,8 @@ struct SnapshotJson {
     frozen_ms: f64,
     total_ms: f64,
     killed: bool,
+    lazy: bool,
+    write_faults: u64,
 }
 
 /// The worker: performs the snapshot with the engine.
@@ -179,6 +190,7 @@ pub fn snapshot_worker(out: Output, a: SnapshotArgs) -> CliResult {
         kill: a.kill,
         cancel: Some(&CANCEL),
         progress: Some(&progress),
+        lazy: a.lazy,
         tree: a.tree,
         tcp_established_close,
     };
@@ -195,10 +207,13 @@ pub fn snapshot_worker(out: Output, a: SnapshotArgs) -> CliResult {
         frozen_ms: r.frozen.as_secs_f64() * 1e3,
         total_ms: r.total.as_secs_f64() * 1e3,
         killed: a.kill,
+        lazy: r.lazy,
+        write_faults: r.write_faults,
     };
     out.emit(&j, || {
         format!(
-            "snapshot of pid {} ({} processes, {} threads, {} MiB of memory) in {}: {:.1} ms, stopped {:.1} ms{}",
+            "{}snapshot of pid {} ({} processes, {} threads, {} MiB of memory) in {}: {:.1} ms, stopped {:.1} ms{}",
+            if j.lazy { "lazy " } else { "" },
             j.pid,
             j.processes,
             j.threads,

@@ -124,7 +124,7 @@ fn measure(base: &Path, mib: u64, runs: usize, out: &Output) -> CliResult<Row> {
     let mut child = start_workload(mib)?;
     let pid = child.id() as i32;
     let bar = out.bytes_bar(runs as u64, &format!("{mib} MiB"));
-    let mut s: (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) = Default::default();
+    let mut s = Samples::default();
     let mut image = 0.0;
     for i in 0..runs {
         let dir = base.join(format!("img-{mib}-{i}"));
@@ -234,3 +234,7 @@ fn table(rows: &[Row], runs: usize) -> String {
     s += "\npaper: 766 MHz Pentium III, resume < 0.01 s at every size";
     s
 }
+
+/// Per-run figures of one size, in milliseconds.
+#[derive(Default)]
+struct Samples(Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
