@@ -427,7 +427,9 @@ fn map_memory(
     let mut fd_iter = fds.iter();
     let mut maps = p.batch();
     let mut protects = p.batch();
-    let fill_now = |v: &Vma| !(v.pages.is_empty() || lazy && crate::pager::is_lazy(v));
+    let filled =
+        |v: &Vma| matches!(v.kind, VmaKind::Shmem { object, .. } if installer.is_filled(object));
+    let fill_now = |v: &Vma| !(v.pages.is_empty() || lazy && crate::pager::is_lazy(v) || filled(v));
     for (v, s) in vmas.iter().zip(&sources) {
         let fill = fill_now(v);
         let prot = v.prot() | if fill { libc::PROT_WRITE } else { 0 };
