@@ -109,6 +109,7 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
         fds.push(files::collect(p, &mut writer, &mut objects)?);
     }
     objects.finish()?;
+    tracing::debug!("fds collected at {:?}", t_frozen.elapsed());
     let mut processes = Vec::new();
     let mut cows = Vec::new();
     for (f, fds) in frozen.iter_mut().zip(fds) {
@@ -116,6 +117,7 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
         processes.push(process);
         cows.extend(cow);
     }
+    tracing::debug!("processes collected at {:?}", t_frozen.elapsed());
     let threads = frozen.iter().map(|f| f.tids.len()).sum();
     let nprocs = frozen.len();
     if cancelled() {
@@ -311,6 +313,7 @@ fn collect(
     }
     let t = Instant::now();
     let saved = memory::dump_vmas(pid, &maps, writer, opts.progress, cancelled, lazy)?;
+    tracing::debug!("memory planned in {:?}", t.elapsed());
     let cow = match injected.uffd.take() {
         Some(fd) => {
             let deferred: Vec<&Vma> = saved.deferred.iter().map(|&i| &saved.vmas[i]).collect();

@@ -20,12 +20,14 @@
 //!   zmm ok loops=L                      (after each loop; `zmm BAD` then exit 3)
 //!   done t=I counter=C sum=S
 //!   stall max_us=U
+//!   touch t=I us=T                     (on SIGUSR2: one read per page, timed)
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 static VERIFY_REQUESTS: AtomicU64 = AtomicU64::new(0);
+static TOUCH_REQUESTS: AtomicU64 = AtomicU64::new(0);
 
 struct Args {
     mib: usize,
@@ -119,6 +121,7 @@ fn worker(t: usize, args: &Args, mut mem: Vec<u64>) {
     let seed = args.seed.wrapping_add(t as u64);
     let w = mem.len() as u64;
     let mut seen = 0u64;
+    let mut touched = 0u64;
     let mut counter = 0u64;
     while counter < args.steps {
         counter += 1;
@@ -129,6 +132,11 @@ fn worker(t: usize, args: &Args, mut mem: Vec<u64>) {
             seen = req;
             verify(t, seed, &mem, counter);
         }
+        let req = TOUCH_REQUESTS.load(Ordering::Relaxed);
+        if req != touched {
+            touched = req;
+            touch(t, &mem);
+        }
         if counter.is_multiple_of(args.sleep_every) {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -138,6 +146,18 @@ fn worker(t: usize, args: &Args, mut mem: Vec<u64>) {
     });
     verify(t, seed, &mem, counter);
     out(format!("done t={t} counter={counter} sum={sum:016x}"));
+}
+
+/// Reads one word of every page: how long it takes to reach all memory
+/// (after a lazy resume, every page comes through the pager).
+fn touch(t: usize, mem: &[u64]) {
+    let t0 = std::time::Instant::now();
+    let mut acc = 0u64;
+    for page in mem.chunks(512) {
+        acc = acc.wrapping_add(page[0]);
+    }
+    std::hint::black_box(acc);
+    out(format!("touch t={t} us={}", t0.elapsed().as_micros()));
 }
 
 fn verify(t: usize, seed: u64, mem: &[u64], counter: u64) {
@@ -243,10 +263,17 @@ extern "C" fn on_usr1(_: libc::c_int) {
     VERIFY_REQUESTS.fetch_add(1, Ordering::Relaxed);
 }
 
+extern "C" fn on_usr2(_: libc::c_int) {
+    TOUCH_REQUESTS.fetch_add(1, Ordering::Relaxed);
+}
+
 fn main() {
     let args = parse_args();
     // SAFETY: the handler only touches an atomic.
-    unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
+    unsafe {
+        libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGUSR2, on_usr2 as *const () as libc::sighandler_t);
+    }
     let words = ((args.mib << 20) / 8 / args.threads).max(1);
     let mut mems: Vec<Vec<u64>> = (0..args.threads).map(|t| fill(t, &args, words)).collect();
     out(format!(

@@ -1,12 +1,21 @@
-//! `umlctl bench table1`: the paper's Table 1 for this engine.
+//! `umlctl bench table1`: the paper's Table 1 for this engine, and the
+//! lazy modes beside their baselines.
 //!
-//! For each size a test workload (tools/src/bin/workload.rs) holds that many
-//! MiB; it is snapshotted (stop-and-copy, left running) and the image is
-//! resumed (eager), `--runs` times. Beside each figure stands the raw limit
-//! measured in the same run on the same bytes: reading them with
-//! process_vm_readv and writing them to a file with fsync (snapshot), and
-//! copying them from the page-cached file into fresh memory (resume). The
-//! paper's own figures (766 MHz Pentium III) are printed for reference.
+//! For each size a test workload (tools/src/bin/workload.rs, one thread)
+//! holds that many MiB. Each run takes, on the same running process:
+//! - a stop-and-copy snapshot and an eager resume, beside the raw limits
+//!   on the same bytes (process_vm_readv + write + fsync; the file's bytes
+//!   copied into fresh memory);
+//! - a lazy snapshot (time stopped, and until complete on disk), beside
+//!   fork() of a process of the same size (the other way to get a
+//!   copy-on-write instant);
+//! - a lazy resume (time until the process runs), then the time the
+//!   resumed process takes to read one word of every page (every page
+//!   comes through the pager), beside writing one byte per page of fresh
+//!   memory.
+//!
+//! Medians of `--runs`. The paper's figures (766 MHz Pentium III) are
+//! printed for reference; `--svg` writes the figures against size.
 
 use crate::cmd::process::engine_error;
 use crate::exit::{CliError, CliResult, Code};
@@ -28,6 +37,9 @@ pub struct Table1Args {
     /// Where images are written (default: a new directory under /var/tmp).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Also write the figures against size as an SVG chart here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
 }
 
 /// The paper's Table 1 snapshot times in seconds, by MiB.
@@ -36,15 +48,43 @@ const PAPER: &[(u64, f64)] = &[(32, 0.89), (64, 1.78), (128, 10.42)];
 #[derive(Serialize, Debug)]
 struct Row {
     size_mib: u64,
+    image_mib: f64,
     snapshot_ms: f64,
     stopped_ms: f64,
-    resume_ms: f64,
-    image_mib: f64,
     raw_copy_ms: f64,
     snapshot_vs_raw: f64,
+    resume_ms: f64,
     raw_fill_ms: f64,
     resume_vs_raw: f64,
+    lazy_stopped_ms: f64,
+    lazy_complete_ms: f64,
+    fork_ms: f64,
+    lazy_stopped_vs_fork: f64,
+    lazy_resume_ms: f64,
+    touch_after_lazy_ms: f64,
+    touch_fresh_ms: f64,
+    touch_vs_fresh: f64,
     paper_snapshot_s: Option<f64>,
+}
+
+/// Per-run figures of one size, in milliseconds, by column.
+#[derive(Default)]
+struct Samples {
+    cols: std::collections::BTreeMap<&'static str, Vec<f64>>,
+}
+
+impl Samples {
+    fn add(&mut self, col: &'static str, d: Duration) {
+        self.cols
+            .entry(col)
+            .or_default()
+            .push(d.as_secs_f64() * 1e3);
+    }
+    fn median(&self, col: &str) -> f64 {
+        let mut v = self.cols.get(col).cloned().unwrap_or_default();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
 }
 
 pub fn run(out: Output, a: Table1Args) -> CliResult {
@@ -62,6 +102,9 @@ pub fn run(out: Output, a: Table1Args) -> CliResult {
         let _ = std::fs::remove_dir_all(&base);
     }
     let rows = result?;
+    if let Some(svg) = &a.svg {
+        std::fs::write(svg, chart(&rows))?;
+    }
     out.emit(&serde_json::json!({ "runs": a.runs, "rows": rows }), || {
         table(&rows, a.runs)
     });
@@ -92,7 +135,7 @@ fn start_workload(mib: u64) -> CliResult<Child> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     // SAFETY: close_range is async-signal-safe; the workload must hold no
-    // descriptor the engine cannot save (ours may be pipes).
+    // descriptor the engine cannot save (ours may be anything).
     unsafe {
         cmd.pre_exec(|| {
             libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0);
@@ -111,15 +154,6 @@ fn start_workload(mib: u64) -> CliResult<Child> {
     Ok(child)
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn measure(base: &Path, mib: u64, runs: usize, out: &Output) -> CliResult<Row> {
     let mut child = start_workload(mib)?;
     let pid = child.id() as i32;
@@ -127,47 +161,143 @@ fn measure(base: &Path, mib: u64, runs: usize, out: &Output) -> CliResult<Row> {
     let mut s = Samples::default();
     let mut image = 0.0;
     for i in 0..runs {
-        let dir = base.join(format!("img-{mib}-{i}"));
-        let d = engine::dump(pid, &dir, &engine::DumpOptions::default()).map_err(engine_error)?;
-        let opts = engine::ResumeOptions {
-            stdio: engine::Stdio::Null,
-            ..Default::default()
-        };
-        let r = engine::resume(&dir, &opts).map_err(engine_error)?;
-        // SAFETY: killing the copy we just made.
-        unsafe { libc::kill(r.pid, libc::SIGKILL) };
-        let (raw_copy, raw_fill) = raw_limits(pid, &dir, base)?;
-        s.0.push(ms(d.total));
-        s.1.push(ms(d.frozen));
-        s.2.push(ms(r.elapsed));
-        s.3.push(ms(raw_copy));
-        s.4.push(ms(raw_fill));
-        image = d.image_bytes as f64 / (1 << 20) as f64;
-        std::fs::remove_dir_all(&dir)?;
+        image = eager_run(pid, &base.join(format!("img-{mib}-{i}")), base, &mut s)?;
+        lazy_run(pid, &base.join(format!("lazy-{mib}-{i}")), &mut s)?;
+        s.add("fork", fork_time(mib)?);
+        s.add("fresh", touch_fresh(mib));
         bar.inc(1);
     }
     bar.finish_and_clear();
     let _ = child.kill();
     let _ = child.wait();
-    let (snap, stopped, resume, raw_copy, raw_fill) = (
-        median(s.0),
-        median(s.1),
-        median(s.2),
-        median(s.3),
-        median(s.4),
-    );
+    let m = |c: &str| s.median(c);
     Ok(Row {
         size_mib: mib,
-        snapshot_ms: snap,
-        stopped_ms: stopped,
-        resume_ms: resume,
         image_mib: image,
-        raw_copy_ms: raw_copy,
-        snapshot_vs_raw: snap / raw_copy,
-        raw_fill_ms: raw_fill,
-        resume_vs_raw: resume / raw_fill,
+        snapshot_ms: m("snapshot"),
+        stopped_ms: m("stopped"),
+        raw_copy_ms: m("raw_copy"),
+        snapshot_vs_raw: m("snapshot") / m("raw_copy"),
+        resume_ms: m("resume"),
+        raw_fill_ms: m("raw_fill"),
+        resume_vs_raw: m("resume") / m("raw_fill"),
+        lazy_stopped_ms: m("lazy_stopped"),
+        lazy_complete_ms: m("lazy_complete"),
+        fork_ms: m("fork"),
+        lazy_stopped_vs_fork: m("lazy_stopped") / m("fork"),
+        lazy_resume_ms: m("lazy_resume"),
+        touch_after_lazy_ms: m("touch"),
+        touch_fresh_ms: m("fresh"),
+        touch_vs_fresh: m("touch") / m("fresh"),
         paper_snapshot_s: PAPER.iter().find(|p| p.0 == mib).map(|p| p.1),
     })
+}
+
+/// Stop-and-copy snapshot, eager resume, and the raw limits; returns the
+/// image size in MiB.
+fn eager_run(pid: i32, dir: &Path, base: &Path, s: &mut Samples) -> CliResult<f64> {
+    let d = engine::dump(pid, dir, &engine::DumpOptions::default()).map_err(engine_error)?;
+    let opts = engine::ResumeOptions {
+        stdio: engine::Stdio::Null,
+        ..Default::default()
+    };
+    let r = engine::resume(dir, &opts).map_err(engine_error)?;
+    kill(r.pid);
+    let (raw_copy, raw_fill) = raw_limits(pid, dir, base)?;
+    s.add("snapshot", d.total);
+    s.add("stopped", d.frozen);
+    s.add("resume", r.elapsed);
+    s.add("raw_copy", raw_copy);
+    s.add("raw_fill", raw_fill);
+    std::fs::remove_dir_all(dir)?;
+    Ok(d.image_bytes as f64 / (1 << 20) as f64)
+}
+
+/// Lazy snapshot; lazy resume (pager in a thread of ours); the resumed
+/// process reads every page.
+fn lazy_run(pid: i32, dir: &Path, s: &mut Samples) -> CliResult {
+    let opts = engine::DumpOptions {
+        lazy: true,
+        ..Default::default()
+    };
+    let d = engine::dump(pid, dir, &opts).map_err(engine_error)?;
+    s.add("lazy_stopped", d.frozen);
+    s.add("lazy_complete", d.total);
+    let log = dir.with_extension("out");
+    let opts = engine::ResumeOptions {
+        stdio: engine::Stdio::Path(log.display().to_string()),
+        lazy: Some(engine::pager_thread()),
+        ..Default::default()
+    };
+    let r = engine::resume(dir, &opts).map_err(engine_error)?;
+    s.add("lazy_resume", r.elapsed);
+    // SAFETY: signalling the copy we made.
+    unsafe { libc::kill(r.pid, libc::SIGUSR2) };
+    let t0 = Instant::now();
+    let us = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(v) = text.lines().find_map(|l| l.strip_prefix("touch t=0 us=")) {
+            break v.trim().parse::<u64>().unwrap_or(0);
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            kill(r.pid);
+            return Err(CliError::new(
+                Code::Internal,
+                "the lazily resumed workload did not report",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    s.add("touch", Duration::from_micros(us));
+    kill(r.pid);
+    // Let the pager thread see the exit before the image goes.
+    std::thread::sleep(Duration::from_millis(50));
+    std::fs::remove_dir_all(dir)?;
+    let _ = std::fs::remove_file(&log);
+    Ok(())
+}
+
+fn kill(pid: i32) {
+    // SAFETY: killing a process we made.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+/// fork() of a process holding `mib` MiB of touched 4 KiB pages: this one.
+fn fork_time(mib: u64) -> CliResult<Duration> {
+    let len = (mib << 20) as usize;
+    let mut v = vec![0u8; len];
+    for page in v.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    let t0 = Instant::now();
+    // SAFETY: the child only calls _exit.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: leaving the forked child at once.
+        unsafe { libc::_exit(0) };
+    }
+    let took = t0.elapsed();
+    if child < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let mut st = 0;
+    // SAFETY: reaping our child.
+    unsafe { libc::waitpid(child, &mut st, 0) };
+    std::hint::black_box(&v);
+    Ok(took)
+}
+
+/// Writing one byte per page of fresh memory.
+fn touch_fresh(mib: u64) -> Duration {
+    let len = (mib << 20) as usize;
+    let mut v: Vec<u8> = Vec::with_capacity(len);
+    let p = v.as_mut_ptr();
+    let t0 = Instant::now();
+    for off in (0..len).step_by(4096) {
+        // SAFETY: inside the capacity; written, never read as initialized.
+        unsafe { p.add(off).write_volatile(1) };
+    }
+    t0.elapsed()
 }
 
 /// The raw limits on the bytes the image holds: process_vm_readv of the
@@ -211,9 +341,9 @@ fn raw_limits(pid: i32, image_dir: &Path, base: &Path) -> CliResult<(Duration, D
 
 fn table(rows: &[Row], runs: usize) -> String {
     let mut s = format!(
-        "Table 1: stop-and-copy snapshot and eager resume, medians of {runs} runs\n\
-         raw copy = process_vm_readv + write + fsync of the same bytes; raw fill = the same bytes from the file into fresh memory\n\n\
-         | size MiB | snapshot ms | stopped ms | raw copy ms | snapshot/raw | resume ms | raw fill ms | resume/raw | image MiB | paper snapshot s |\n\
+        "Table 1, medians of {runs} runs (ms unless noted)\n\
+         raw copy = process_vm_readv + write + fsync of the same bytes; raw fill = those bytes into fresh memory\n\n\
+         | MiB | snapshot | stopped | raw copy | snap/raw | resume | raw fill | resume/raw | image MiB | paper snapshot s |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for r in rows {
@@ -231,10 +361,85 @@ fn table(rows: &[Row], runs: usize) -> String {
             r.paper_snapshot_s.map_or("-".into(), |p| format!("{p:.2}")),
         );
     }
-    s += "\npaper: 766 MHz Pentium III, resume < 0.01 s at every size";
+    s += "\nLazy modes: lazy snapshot stopped vs fork() of a process of the same size; lazy resume to running;\n\
+          reading every page after a lazy resume vs writing every page of fresh memory\n\n\
+          | MiB | lazy stopped | fork() | stopped/fork | lazy complete on disk | lazy resume | touch after lazy | touch fresh | touch/fresh |\n\
+          |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for r in rows {
+        s += &format!(
+            "| {} | {:.2} | {:.2} | {:.2}x | {:.1} | {:.2} | {:.1} | {:.1} | {:.2}x |\n",
+            r.size_mib,
+            r.lazy_stopped_ms,
+            r.fork_ms,
+            r.lazy_stopped_vs_fork,
+            r.lazy_complete_ms,
+            r.lazy_resume_ms,
+            r.touch_after_lazy_ms,
+            r.touch_fresh_ms,
+            r.touch_vs_fresh,
+        );
+    }
+    s += "\npaper: 766 MHz Pentium III, resume < 10 ms at every size; CRIU: not run (none installed)";
     s
 }
 
-/// Per-run figures of one size, in milliseconds.
-#[derive(Default)]
-struct Samples(Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+/// A log-log chart of the main figures against size, as SVG (hand-written:
+/// a few lines and labels need no plotting crate).
+fn chart(rows: &[Row]) -> String {
+    type Series = (&'static str, &'static str, fn(&Row) -> f64);
+    let series: [Series; 6] = [
+        ("stop-and-copy snapshot", "#1f77b4", |r| r.snapshot_ms),
+        ("stopped (stop-and-copy)", "#aec7e8", |r| r.stopped_ms),
+        ("stopped (lazy)", "#d62728", |r| r.lazy_stopped_ms),
+        ("fork()", "#7f7f7f", |r| r.fork_ms),
+        ("eager resume", "#2ca02c", |r| r.resume_ms),
+        ("lazy resume", "#ff7f0e", |r| r.lazy_resume_ms),
+    ];
+    let (w, h, pad) = (720.0, 440.0, 60.0);
+    let xs: Vec<f64> = rows.iter().map(|r| (r.size_mib as f64).log10()).collect();
+    let (x0, x1) = (
+        xs.iter().cloned().fold(f64::MAX, f64::min),
+        xs.iter()
+            .cloned()
+            .fold(f64::MIN, f64::max)
+            .max(x0_plus(&xs)),
+    );
+    let (y0, y1) = (-1.0f64, 4.0f64); // 0.1 ms .. 10 s
+    let px = |x: f64| pad + (x - x0) / (x1 - x0).max(1e-9) * (w - 2.0 * pad);
+    let py = |ms: f64| h - pad - (ms.max(0.1).log10() - y0) / (y1 - y0) * (h - 2.0 * pad);
+    let mut svg = format!("<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n");
+    for e in -1..=4 {
+        let y = py(10f64.powi(e));
+        svg += &format!("<line x1='{pad}' x2='{}' y1='{y}' y2='{y}' stroke='#ddd'/><text x='5' y='{}'>{} ms</text>\n", w - pad, y + 4.0, 10f64.powi(e));
+    }
+    for (r, x) in rows.iter().zip(&xs) {
+        svg += &format!(
+            "<text x='{}' y='{}' text-anchor='middle'>{} MiB</text>\n",
+            px(*x),
+            h - pad + 20.0,
+            r.size_mib
+        );
+    }
+    for (i, (name, color, f)) in series.iter().enumerate() {
+        let pts: Vec<String> = rows
+            .iter()
+            .zip(&xs)
+            .map(|(r, x)| format!("{:.1},{:.1}", px(*x), py(f(r))))
+            .collect();
+        svg += &format!(
+            "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>\n",
+            pts.join(" ")
+        );
+        svg += &format!(
+            "<text x='{}' y='{}' fill='{color}'>{name}</text>\n",
+            pad + 10.0,
+            20.0 + 15.0 * i as f64
+        );
+    }
+    svg += "</svg>\n";
+    svg
+}
+
+fn x0_plus(xs: &[f64]) -> f64 {
+    xs.iter().cloned().fold(f64::MAX, f64::min) + 1.0
+}
