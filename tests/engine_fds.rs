@@ -26,7 +26,7 @@ fn probe() -> &'static Path {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fd_objects.c");
         let bin = std::env::temp_dir().join(format!("umlctl-fd-objects-{}", std::process::id()));
         let st = Command::new("cc")
-            .args(["-O1", "-Wall", "-o"])
+            .args(["-O1", "-Wall", "-pthread", "-o"])
             .arg(&bin)
             .arg(&src)
             .arg("-lrt")
@@ -187,9 +187,16 @@ fn established_tcp_is_refused_or_resumed_reset() {
 }
 
 #[test]
-fn seccomp_confined_process_is_refused_before_writing() {
+fn seccomp_filter_and_no_new_privs_come_back() {
     if can_trace() {
-        refused("seccomp", &["runs under seccomp (mode 2, 1 filters)"]);
+        roundtrip("seccomp", &[]);
+    }
+}
+
+#[test]
+fn seccomp_strict_mode_is_refused_before_writing() {
+    if can_trace() {
+        refused("strict", &["seccomp mode 1 (strict)", "cannot be resumed"]);
     }
 }
 

@@ -19,6 +19,8 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/utsname.h>
+#include <pthread.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <sys/syscall.h>
@@ -365,14 +367,45 @@ static void async_io(void) {
     printf("async ok\n");
 }
 
-/* Under an allow-all seccomp filter: snapshots must refuse it. */
+/* A filter failing uname() with EPERM, installed before a second thread
+ * is made (which inherits it): both must still be confined. */
+static void *uname_in_thread(void *arg) {
+    struct utsname u;
+    (void)arg;
+    return (void *)(long)(uname(&u) < 0 && errno == EPERM);
+}
+
 static void seccomp_filter(void) {
-    struct sock_filter allow = BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
-    struct sock_fprog prog = {.len = 1, .filter = &allow};
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_uname, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {.len = 4, .filter = f};
     CHECK(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0);
     CHECK(syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) == 0);
+    struct utsname u;
+    CHECK(uname(&u) < 0 && errno == EPERM);
     wait_go();
+    CHECK(uname(&u) < 0 && errno == EPERM);
+    CHECK(prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1);
+    pthread_t t;
+    void *ok = NULL;
+    CHECK(pthread_create(&t, NULL, uname_in_thread, NULL) == 0 && pthread_join(t, &ok) == 0 && ok);
     printf("seccomp ok\n");
+}
+
+/* Strict mode: only read, write, exit, sigreturn. Snapshots refuse it. */
+static void strict(void) {
+    int p[2];
+    CHECK(pipe(p) == 0);
+    printf("ready\n");
+    fflush(stdout);
+    CHECK(prctl(PR_SET_SECCOMP, SECCOMP_MODE_STRICT) == 0);
+    char b;
+    read(p[0], &b, 1);
+    syscall(SYS_exit, 0);
 }
 
 int main(int argc, char **argv) {
@@ -392,6 +425,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(mode, "shared")) shared();
     else if (!strcmp(mode, "async")) async_io();
     else if (!strcmp(mode, "seccomp")) seccomp_filter();
+    else if (!strcmp(mode, "strict")) strict();
     else { printf("unknown mode %s\n", mode); return 2; }
     return 0;
 }

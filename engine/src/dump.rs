@@ -105,7 +105,6 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     let mut objects = crate::fds::Objects::new(&pids, opts.tcp_established_close)?;
     let mut fds = Vec::new();
     for &p in &pids {
-        crate::seccomp::check(p)?;
         fds.push(files::collect(p, &mut writer, &mut objects)?);
     }
     objects.finish()?;
@@ -538,6 +537,7 @@ fn thread_state(tid: i32, regs: &ptrace::Regs, clear_child_tid: u64) -> Result<T
             .iter()
             .map(|s| s.to_vec())
             .collect(),
+        seccomp: crate::seccomp::filters(tid)?,
     })
 }
 

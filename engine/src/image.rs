@@ -168,6 +168,18 @@ pub struct Thread {
     pub altstack: (u64, i32, u64),
     #[serde(with = "hex_list")]
     pub pending: Vec<Vec<u8>>,
+    /// Seccomp filters, oldest first (restored last).
+    #[serde(default)]
+    pub seccomp: Vec<SeccompFilter>,
+}
+
+/// One seccomp filter: its SECCOMP_FILTER_FLAG_* flags and BPF program
+/// (struct sock_filter records).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SeccompFilter {
+    pub flags: u64,
+    #[serde(with = "hex_bytes")]
+    pub prog: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]

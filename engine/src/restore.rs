@@ -287,6 +287,21 @@ fn build(p: &mut Puppet, process: &Process, ctx: Context) -> Result<(Vec<i32>, O
         &process.itimers,
         &tid_map,
     )?;
+    if process.threads.iter().any(|t| !t.seccomp.is_empty()) {
+        // Last: filters, suspended (for this and every later injection)
+        // until the threads are detached.
+        for &tid in &tids {
+            crate::seccomp::suspend(tid)?;
+        }
+        for (i, t) in process.threads.iter().enumerate() {
+            let r = if i == 0 {
+                &mut p.main
+            } else {
+                &mut remotes[i - 1]
+            };
+            crate::seccomp::install(r, &p.mem, scratch, &t.seccomp)?;
+        }
+    }
     p.sys(
         "munmap the restorer's pages",
         libc::SYS_munmap,

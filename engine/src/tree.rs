@@ -25,7 +25,7 @@ use std::collections::HashMap;
 /// Freezes `root` and, with `tree`, all its descendants: root first, then
 /// parents before their children.
 pub fn freeze(root: i32, tree: bool, opts: Options) -> Result<Vec<Frozen>> {
-    let mut out = vec![Frozen::freeze(root, opts)?];
+    let mut out = vec![freeze_one(root, opts)?];
     let mut i = 0;
     while tree && i < out.len() {
         let pid = out[i].pid;
@@ -34,11 +34,22 @@ pub fn freeze(root: i32, tree: bool, opts: Options) -> Result<Vec<Frozen>> {
                 pid: child,
                 what: format!("is a child of {pid} that cannot be snapshotted with it: {e}"),
             })?;
-            out.push(Frozen::freeze(child, opts)?);
+            out.push(freeze_one(child, opts)?);
         }
         i += 1;
     }
     Ok(out)
+}
+
+/// Freezes one process; one under seccomp filters with them suspended, so
+/// that the dump's injected queries are not filtered.
+fn freeze_one(pid: i32, opts: Options) -> Result<Frozen> {
+    let opts = if crate::seccomp::confined(pid)? {
+        crate::seccomp::suspending(opts)
+    } else {
+        opts
+    };
+    Frozen::freeze(pid, opts)
 }
 
 /// Children of every thread of `pid`.
