@@ -438,3 +438,86 @@ fn cowfs_mounted(mnt: &Path) -> bool {
         .unwrap()
         .contains(&format!(" {} ", mnt.display()))
 }
+
+fn layer_count(store: &Path) -> usize {
+    let v: serde_json::Value =
+        serde_json::from_slice(&fs::read(store.join("stack.json")).unwrap()).unwrap();
+    v["layers"].as_array().unwrap().len()
+}
+
+fn wait_for_layers(store: &Path, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while layer_count(store) != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "layers were not merged: {}",
+            fs::read_to_string(store.join("stack.json")).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn deleted_checkpoints_layers_are_merged_in_the_background() {
+    if support::skip() {
+        return;
+    }
+    let (_t, base, store, mnt) = support::dirs();
+    make_base(&base);
+    ok(&[
+        "fs",
+        "create",
+        s(&store),
+        "--base",
+        s(&base),
+        "--block-size",
+        "4K",
+    ]);
+    let m = Mounted::new(&store, &mnt);
+    let mut snaps = Vec::new();
+    for (round, name) in [(1, "a"), (2, "b"), (3, "c")] {
+        snaps.push(snapshot(&mnt));
+        ok(&["fs", "checkpoint", s(&store), name]);
+        mutate(&mnt, round);
+        // Overwrite the same blocks each round: merging frees the old ones.
+        fs::write(m.path("big"), pattern(400_000, round)).unwrap();
+    }
+    let now = snapshot(&mnt);
+    assert_eq!(layer_count(&store), 4);
+    let before = stored_bytes(&store);
+    ok(&["fs", "delete", s(&store), "b"]);
+    wait_for_layers(&store, 3);
+    // The merged-away layers are deleted just after the commit.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while stored_bytes(&store) + 300_000 >= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "merging freed nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(snapshot(&mnt), now, "the merge changed the view");
+    ok(&["fs", "rollback", s(&store), "c"]);
+    assert_eq!(
+        snapshot(&mnt),
+        snaps[2],
+        "checkpoint c changed by the merge"
+    );
+    m.umount();
+    // Offline delete: c's layer has the top above it, so it merges once a
+    // new checkpoint seals the top; the result survives remount.
+    ok(&["fs", "delete", s(&store), "c"]);
+    let m = Mounted::new(&store, &mnt);
+    assert_eq!(layer_count(&store), 3);
+    ok(&["fs", "checkpoint", s(&store), "d"]);
+    wait_for_layers(&store, 3);
+    assert_eq!(snapshot(&mnt), snaps[2]);
+    m.umount();
+    let m = Mounted::new(&store, &mnt);
+    assert_eq!(snapshot(&mnt), snaps[2], "differs after remount");
+    ok(&["fs", "rollback", s(&store), "a"]);
+    assert_eq!(snapshot(&mnt), snaps[0]);
+    drop(m);
+    let fsck = ok(&["fs", "fsck", "--check", s(&store)]);
+    assert!(fsck.contains("clean"), "fsck after merges: {fsck}");
+}

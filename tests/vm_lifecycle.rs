@@ -155,6 +155,28 @@ fn a_vm_whose_uml_dies_is_dead_and_restarts() {
     // Starting it again brings it back.
     lab.ok(&["vm", "start", "d"]);
     assert_eq!(lab.sh("d", "echo back").1, "back\n");
+
+    // Supervisor and UML killed together (as by a crash of the host's
+    // session): dead, and the next start clears what they left (run files,
+    // the disk's FUSE mount) and boots from the same disk.
+    assert_eq!(lab.sh("d", "echo kept > /root/k; sync").0, 0);
+    // The supervisor flushes the disk every second (UML does not on sync).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let run = lab.state_dir().join("d/run");
+    for f in ["supervisor.pid", "uml.pid"] {
+        let pid: i32 = std::fs::read_to_string(run.join(f))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(if f == "uml.pid" { -pid } else { pid }, libc::SIGKILL) };
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let info = lab.vm_info("d");
+    assert_eq!(info["state"], "dead", "{info}");
+    lab.ok(&["vm", "start", "d"]);
+    assert_eq!(lab.sh("d", "cat /root/k").1, "kept\n");
     // `vm kill` ends it at once and is not a death.
     lab.ok(&["vm", "kill", "d"]);
     assert_eq!(lab.vm_info("d")["state"], "stopped");

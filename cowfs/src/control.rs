@@ -104,9 +104,17 @@ pub struct Live {
 impl Live {
     pub fn handle(&self, req: Request) -> Result<()> {
         match req {
-            Request::Checkpoint(name) => self.view.checkpoint(&name),
+            Request::Checkpoint(name) => {
+                self.view.checkpoint(&name)?;
+                crate::merge::spawn(self.view.clone());
+                Ok(())
+            }
             Request::Rollback(name) => self.rollback(&name),
-            Request::Delete(name) => self.view.delete_checkpoint(&name),
+            Request::Delete(name) => {
+                self.view.delete_checkpoint(&name)?;
+                crate::merge::spawn(self.view.clone());
+                Ok(())
+            }
             Request::Sync => self.view.sync_all(),
         }
     }

@@ -100,7 +100,9 @@ impl Stack {
         let dropped = next.layers.split_off(pos + 1);
         next.layers.push(self.next_layer);
         next.next_layer += 1;
-        next.checkpoints.retain(|c| c.layer <= cp.layer);
+        // Merged layers take new ids, so ids do not grow up the stack.
+        let kept = &next.layers;
+        next.checkpoints.retain(|c| kept.contains(&c.layer));
         Ok((next, dropped))
     }
 

@@ -1,7 +1,7 @@
 //! `fsck`: check a store that is not mounted, and with `repair` fix what a
 //! crash can leave behind: a torn journal tail (unfinished writes), layer
-//! directories a checkpoint or rollback did not commit, a full trash,
-//! temporary files, inodes left with no link.
+//! directories a checkpoint, rollback or merge did not commit, temporary
+//! files, inodes left with no link.
 
 use crate::error::{Context, Error, Result};
 use crate::journal::{self, Record};
@@ -105,15 +105,9 @@ impl Store {
                 }
             }
         }
-        if std::fs::read_dir(l.trash())
-            .at("read", &l.trash())?
-            .next()
-            .is_some()
-        {
-            r.unfinished.push("dropped layers wait in the trash".into());
-            if repair {
-                l.empty_trash();
-            }
+        // Dropped layers waiting in the trash are housekeeping, not damage.
+        if repair {
+            l.empty_trash();
         }
         let (state, _) = replay(&l, &stack, self.block_size(), false)?;
         let orphans: Vec<u64> = state

@@ -37,6 +37,7 @@
 //! - `fuse`: the FUSE adapter (fuser) over `view`
 //! - `mount`: mounting, the store lock, the `Mount` handle
 //! - `control`: the control socket of a mounted store
+//! - `merge`: merging layers no checkpoint separates, in the background
 //! - `diff`, `fsck`: comparing checkpoints, checking and repairing
 //! - `sys`: small wrappers over libc calls std and nix lack
 
@@ -49,6 +50,7 @@ mod error;
 mod fsck;
 mod fuse;
 mod journal;
+mod merge;
 mod mount;
 mod state;
 mod store;

@@ -210,6 +210,7 @@ pub(crate) fn prepare(
         mountpoint: mountpoint.to_owned(),
     };
     let server = Server::start(&layout.socket(), live)?;
+    crate::merge::spawn(view.clone());
     // Layers dropped by an offline rollback wait in the trash.
     let l = layout.clone();
     std::thread::spawn(move || l.empty_trash());

@@ -53,6 +53,8 @@ pub struct View {
     /// Held while the next layer directory is made ahead of time, so that
     /// a checkpoint or rollback finds it ready.
     spare: Mutex<()>,
+    /// Layers merged into another one: block maps still name the old ids.
+    alias: RwLock<HashMap<u32, u32>>,
 }
 
 struct Inner {
@@ -106,6 +108,7 @@ impl View {
             }),
             files: Mutex::default(),
             spare: Mutex::default(),
+            alias: RwLock::default(),
         };
         view.prepare_spare();
         view.drop_orphans().map_err(|e| Error::Io {
@@ -522,6 +525,13 @@ impl View {
 
     /// An open data file of `ino` in `layer` (created in the top layer).
     fn layer_file(&self, layer: u32, ino: Ino) -> std::io::Result<Arc<File>> {
+        let layer = self
+            .alias
+            .read()
+            .unwrap()
+            .get(&layer)
+            .copied()
+            .unwrap_or(layer);
         let mut files = self.files.lock().unwrap();
         if let Some(f) = files.get(&(layer, ino)) {
             return Ok(f.clone());
@@ -854,12 +864,15 @@ impl View {
         g.journal.sync()
     }
 
-    /// Make the next layer directory now, off the checkpoint's clock.
+    /// Make the next layer directory now, off the checkpoint's clock. Only
+    /// ever creates: by the time it runs the id may already be in use.
     fn prepare_spare(&self) {
-        let _hold = self.spare.lock().unwrap();
         let next = self.inner.read().unwrap().stack.next_layer;
-        if let Err(e) = self.layout.ensure_layer(next) {
-            tracing::warn!("cannot prepare layer {next}: {e}");
+        let _hold = self.spare.lock().unwrap();
+        if !self.layout.layer(next).exists() {
+            if let Err(e) = self.layout.make_layer(next) {
+                tracing::warn!("cannot prepare layer {next}: {e}");
+            }
         }
     }
 
@@ -916,7 +929,7 @@ impl View {
         g.dirty.clear();
         g.unsynced.clear();
         g.journal = Writer::open(&self.layout.journal(next.top()))?;
-        g.snapshots.retain(|l, _| *l <= layer);
+        g.snapshots.retain(|l, _| next.layers.contains(l));
         g.stack = next;
         let exists =
             |st: &State, ino: &Ino| st.nodes.contains_key(ino) || self.base.inode(*ino).is_some();
@@ -942,6 +955,73 @@ impl View {
         Ok(changed.into_iter().collect())
     }
 
+    pub fn stack(&self) -> Stack {
+        self.inner.read().unwrap().stack.clone()
+    }
+
+    /// Swap layers `lower` and `upper` for the merged layer built in `dir`
+    /// (see `merge`), if they are still adjacent and `lower` still belongs
+    /// to no checkpoint. Returns whether it did.
+    pub fn commit_merge(&self, lower: u32, upper: u32, dir: &std::path::Path) -> Result<bool> {
+        let mut g = self.lock();
+        let pos = g.stack.layers.iter().position(|&l| l == lower);
+        let still = pos.is_some_and(|p| {
+            g.stack.layers.get(p + 1) == Some(&upper) && p + 2 < g.stack.layers.len()
+        }) && !g.stack.checkpoints.iter().any(|c| c.layer == lower);
+        if !still {
+            let _ = std::fs::remove_dir_all(dir);
+            return Ok(false);
+        }
+        let _hold = self.spare.lock().unwrap();
+        let mut next = g.stack.clone();
+        let id = next.next_layer;
+        next.next_layer += 1;
+        let p = pos.expect("checked");
+        next.layers.splice(p..p + 2, [id]);
+        for c in &mut next.checkpoints {
+            if c.layer == upper {
+                c.layer = id;
+            }
+        }
+        // The spare directory made for `id` makes way for the merged layer.
+        let target = self.layout.layer(id);
+        if target.exists() {
+            std::fs::remove_dir_all(&target).at("remove", &target)?;
+        }
+        std::fs::rename(dir, &target).at("rename", dir)?;
+        crate::disk::sync_dir(&self.layout.layers())?;
+        self.layout.write_stack(&next)?;
+        g.stack = next;
+        g.snapshots.remove(&lower);
+        if let Some(s) = g.snapshots.remove(&upper) {
+            g.snapshots.insert(id, s);
+        }
+        let mut touched = g.touched.remove(&lower).unwrap_or_default();
+        touched.extend(g.touched.remove(&upper).unwrap_or_default());
+        g.touched.insert(id, touched);
+        {
+            let mut alias = self.alias.write().unwrap();
+            for v in alias.values_mut() {
+                if *v == lower || *v == upper {
+                    *v = id;
+                }
+            }
+            alias.insert(lower, id);
+            alias.insert(upper, id);
+        }
+        self.files
+            .lock()
+            .unwrap()
+            .retain(|(l, _), _| *l != lower && *l != upper);
+        drop(_hold);
+        drop(g);
+        self.layout.trash_layer(lower)?;
+        self.layout.trash_layer(upper)?;
+        self.layout.empty_trash();
+        self.prepare_spare();
+        Ok(true)
+    }
+
     pub fn delete_checkpoint(&self, name: &str) -> Result<()> {
         let mut g = self.lock();
         let next = g.stack.without_checkpoint(name)?;
@@ -949,6 +1029,20 @@ impl View {
         g.stack = next;
         Ok(())
     }
+}
+
+/// The state after the layers of `stack` up to and including `upto`.
+pub fn replay_upto(layout: &Layout, stack: &Stack, upto: u32, block_size: u64) -> Result<State> {
+    let mut state = State::new();
+    for &layer in &stack.layers {
+        for rec in journal::read(&layout.journal(layer))?.records {
+            state.apply(rec, layer, block_size);
+        }
+        if layer == upto {
+            break;
+        }
+    }
+    Ok(state)
 }
 
 /// The inodes each layer's journal changes.

@@ -36,6 +36,8 @@ pub enum Error {
     },
     #[error("{path} changed since the snapshot (its size, time or inode differ): the image maps it and needs the same file; restore the original file")]
     FileChanged { path: String },
+    #[error("address {0} is taken (is the original still running?): stop whatever holds it, then resume again")]
+    AddressInUse(String),
     #[error("lazy snapshot abandoned: {0}")]
     LazyConflict(String),
     #[error("interrupted: the operation was cancelled and rolled back")]
@@ -65,9 +67,10 @@ impl Error {
             | Error::NotPermitted(_) => ErrorKind::Target,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::BadImage { .. } => ErrorKind::BadImage,
-            Error::Exists { .. } | Error::PidInUse(_) | Error::FileChanged { .. } => {
-                ErrorKind::Conflict
-            }
+            Error::Exists { .. }
+            | Error::PidInUse(_)
+            | Error::FileChanged { .. }
+            | Error::AddressInUse(_) => ErrorKind::Conflict,
             Error::Interrupted => ErrorKind::Interrupted,
             _ => ErrorKind::Other,
         }

@@ -329,6 +329,7 @@ pub enum ObjectKind {
     /// bytes are in the `PipeBuffer` with the same inode.
     Pipe {
         ino: u64,
+        /// The write end (a FIFO opened O_RDWR is both: see `flags`).
         write: bool,
         path: Option<String>,
     },
@@ -360,6 +361,9 @@ pub enum ObjectKind {
         offset: u64,
         seals: i32,
         pos: u64,
+        /// Its inode: mappings of it map this object again.
+        #[serde(default)]
+        ino: u64,
     },
     Socket(Socket),
 }
@@ -406,6 +410,10 @@ pub struct Socket {
     pub queue: Vec<Vec<u8>>,
     /// SHUT_RD / SHUT_WR already done (bit 0 / bit 1).
     pub shutdown: i32,
+    /// The owner's working directory, which a relative unix socket path
+    /// is bound from.
+    #[serde(default)]
+    pub cwd: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -450,9 +450,10 @@ fn map_memory(
     let mut fd_iter = fds.iter();
     let mut maps = p.batch();
     let mut protects = p.batch();
-    let fill_now = |v: &Vma| {
-        !((v.pages.is_empty() && v.inherited.is_empty()) || lazy && crate::pager::is_lazy(v))
-    };
+    let filled =
+        |v: &Vma| matches!(v.kind, VmaKind::Shmem { object, .. } if installer.is_filled(object));
+    let has_data = |v: &Vma| !(v.pages.is_empty() && v.inherited.is_empty());
+    let fill_now = |v: &Vma| has_data(v) && !(lazy && crate::pager::is_lazy(v) || filled(v));
     for (v, s) in vmas.iter().zip(&sources) {
         let fill = fill_now(v);
         let prot = v.prot() | if fill { libc::PROT_WRITE } else { 0 };

@@ -129,7 +129,7 @@ pub fn restore(
         r.check(
             "prctl(PR_TIMER_CREATE_RESTORE_IDS) (needs Linux 6.17)",
             libc::SYS_prctl,
-            &[PR_TIMER_CREATE_RESTORE_IDS, 1],
+            &[PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0],
         )?;
     }
     for t in timers {
@@ -167,7 +167,7 @@ pub fn restore(
         r.check(
             "prctl(PR_TIMER_CREATE_RESTORE_IDS, off)",
             libc::SYS_prctl,
-            &[PR_TIMER_CREATE_RESTORE_IDS, 0],
+            &[PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0],
         )?;
     }
     arm(r, mem, scratch, timers, itimers)

@@ -24,6 +24,7 @@ pub fn dump(t: &Target, writer: &mut ImageWriter) -> Result<ObjectKind> {
         offset,
         seals,
         pos: t.info.get("pos").and_then(|p| p.parse().ok()).unwrap_or(0),
+        ino: t.info.get("ino").and_then(|i| i.parse().ok()).unwrap_or(0),
     })
 }
 
@@ -42,6 +43,7 @@ pub fn create(kind: &ObjectKind, pages: &[u8]) -> Result<OwnedFd> {
         offset,
         seals,
         pos,
+        ..
     } = kind
     else {
         unreachable!("memfd::create of another kind")

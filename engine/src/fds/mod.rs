@@ -260,6 +260,9 @@ pub struct Installer {
     local: HashMap<u32, OwnedFd>,
     /// Shared memory objects (by the image's inode) for `VmaKind::Shmem`.
     shm: HashMap<u64, OwnedFd>,
+    /// Those of `shm` that are memfd objects, filled (and maybe sealed)
+    /// already: their mappings need no filling.
+    filled: std::collections::HashSet<u64>,
     /// Objects that must stay open until every puppet has its fds (FIFO holders).
     _keep: Vec<OwnedFd>,
 }
@@ -278,6 +281,7 @@ impl Installer {
             base,
             local: HashMap::new(),
             shm: HashMap::new(),
+            filled: Default::default(),
             _keep: vec![],
         };
         let mut made = pipes::create(&m.objects, &m.pipes, &mut ins._keep)?;
@@ -301,6 +305,13 @@ impl Installer {
             };
             set_status_flags(fd.as_raw_fd(), o.flags & !libc::O_ASYNC)?;
             let fd = ins.park(fd)?;
+            if let ObjectKind::Memfd { ino, .. } = o.kind {
+                if ino != 0 {
+                    let map_fd = fd.try_clone().map_err(|e| Error::io("dup memfd", e))?;
+                    ins.shm.insert(ino, ins.park(map_fd)?);
+                    ins.filled.insert(ino);
+                }
+            }
             ins.local.insert(o.id, fd);
         }
         Ok(ins)
@@ -330,6 +341,9 @@ impl Installer {
             self.shm.insert(ino, fd);
         }
         let fd = self.shm[&ino].as_raw_fd();
+        if self.filled.contains(&ino) {
+            return Ok(fd);
+        }
         let cur = nix::sys::stat::fstat(&self.shm[&ino])
             .map_err(|e| Error::sys("fstat memfd", e))?
             .st_size as u64;
@@ -378,6 +392,11 @@ impl Installer {
 
     pub fn has_shm(&self, ino: u64) -> bool {
         self.shm.contains_key(&ino)
+    }
+
+    /// True if the shared object `ino` has its contents already.
+    pub fn is_filled(&self, ino: u64) -> bool {
+        self.filled.contains(&ino)
     }
 }
 

@@ -117,11 +117,11 @@ pub fn create(
 ) -> Result<HashMap<u32, OwnedFd>> {
     let mut out = HashMap::new();
     for b in buffers {
-        let ends: Vec<(u32, bool, Option<&String>)> = objects
+        let ends: Vec<(u32, bool, Option<&String>, i32)> = objects
             .iter()
             .filter_map(|o| match &o.kind {
                 ObjectKind::Pipe { ino, write, path } if *ino == b.ino => {
-                    Some((o.id, *write, path.as_ref()))
+                    Some((o.id, *write, path.as_ref(), o.flags & libc::O_ACCMODE))
                 }
                 _ => None,
             })
@@ -139,7 +139,11 @@ pub fn create(
         fill(&w, &b.data)?;
         let mut spare = [Some(r), Some(w)];
         let mut first = [-1, -1];
-        for (id, write, _) in ends {
+        for (id, write, path, mode) in ends {
+            if let (Some(path), libc::O_RDWR) = (path, mode) {
+                out.insert(id, open_rw(path)?);
+                continue;
+            }
             let end = write as usize;
             let fd = match spare[end].take() {
                 Some(fd) => fd,
@@ -158,13 +162,18 @@ pub fn create(
 /// Opens a FIFO: a read-write holder first (so that opening either end
 /// never blocks), then one read and one write end, non-blocking.
 fn open_fifo(path: &str) -> Result<(OwnedFd, OwnedFd, Option<OwnedFd>)> {
-    let rw = std::fs::OpenOptions::new()
+    let rw = open_rw(path)?;
+    Ok((reopen(path, false)?, reopen(path, true)?, Some(rw)))
+}
+
+fn open_rw(path: &str) -> Result<OwnedFd> {
+    let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .ctx(|| format!("open FIFO {path} (it must exist at resume)"))?;
-    Ok((reopen(path, false)?, reopen(path, true)?, Some(rw.into())))
+    Ok(f.into())
 }
 
 fn reopen(path: &str, write: bool) -> Result<OwnedFd> {

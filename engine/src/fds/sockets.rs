@@ -82,6 +82,9 @@ pub fn dump(t: &Target, tcp_close: bool) -> Result<Socket> {
         ino: t.link_ino(),
         local: name(fd, false),
         remote: name(fd, true),
+        cwd: std::fs::read_link(format!("/proc/{}/cwd", t.pid))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         ..Default::default()
     };
     for &(level, n) in OPTIONS {
@@ -369,6 +372,7 @@ pub fn create_all(objects: &[FileObject], made: &mut HashMap<u32, OwnedFd>) -> R
             .flatten();
         if let Some(&(pid_, p)) = peer {
             let (a, b) = pair(s)?;
+            apply_options(b.as_raw_fd(), p)?;
             refill(&b, &s.queue, s.stype)?;
             refill(&a, &p.queue, p.stype)?;
             shutdown(&a, s.shutdown)?;
@@ -462,12 +466,15 @@ fn single(s: &Socket) -> Result<OwnedFd> {
     )?;
     apply_options(fd.as_raw_fd(), s)?;
     if bound(s) {
-        bind(&fd, s)?;
+        in_owner_dir(s, || bind(&fd, s))?;
     }
     if s.state == SocketState::Listening {
         // SAFETY: listen takes integers.
         let r = unsafe { libc::listen(fd.as_raw_fd(), s.backlog.max(1)) };
         check(r as _, || format!("listen on {}", addr_text(&s.local)))?;
+    }
+    if s.family == libc::AF_UNIX && bound(s) && !s.queue.is_empty() {
+        in_owner_dir(s, || requeue(s))?;
     }
     if s.state == SocketState::Connected && !s.remote.is_empty() {
         // SAFETY: remote holds a sockaddr of its length.
@@ -481,6 +488,46 @@ fn single(s: &Socket) -> Result<OwnedFd> {
         check(r as _, || format!("connect to {}", addr_text(&s.remote)))?;
     }
     Ok(fd)
+}
+
+/// Runs `f` in the socket owner's working directory when the socket's
+/// path is relative, so that the process still sees the name it bound.
+fn in_owner_dir<T>(s: &Socket, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let relative = s.family == libc::AF_UNIX
+        && s.local.get(2).is_some_and(|&b| b != 0 && b != b'/')
+        && !s.cwd.is_empty();
+    if !relative {
+        return f();
+    }
+    let back = std::env::current_dir().map_err(|e| Error::io("getcwd", e))?;
+    std::env::set_current_dir(&s.cwd).map_err(|e| Error::io(format!("chdir {}", s.cwd), e))?;
+    let r = f();
+    let _ = std::env::set_current_dir(back);
+    r
+}
+
+/// Sends a bound datagram socket's queued messages to it again.
+fn requeue(s: &Socket) -> Result<()> {
+    // Datagrams others sent to this address: send them again.
+    let from = std::os::unix::net::UnixDatagram::unbound()
+        .map_err(|e| Error::io("make a unix datagram socket", e))?;
+    for m in &s.queue {
+        // SAFETY: local holds a sockaddr of its length; m is a live buffer.
+        let r = unsafe {
+            libc::sendto(
+                from.as_raw_fd(),
+                m.as_ptr().cast(),
+                m.len(),
+                0,
+                s.local.as_ptr().cast(),
+                s.local.len() as libc::socklen_t,
+            )
+        };
+        check(r as _, || {
+            format!("requeue a datagram to {}", addr_text(&s.local))
+        })?;
+    }
+    Ok(())
 }
 
 /// Was the socket bound to an address of its own (not the unspecified one)?
@@ -505,17 +552,46 @@ fn bind(fd: &OwnedFd, s: &Socket) -> Result<()> {
             s.local.len() as libc::socklen_t,
         )
     };
-    if r < 0 {
-        let e = nix::errno::Errno::last();
-        if e == nix::errno::Errno::EADDRINUSE {
-            return Err(Error::Restore(format!(
-                "address {} is taken (is the original still running?): stop whatever holds it, then resume again",
-                addr_text(&s.local)
-            )));
-        }
-        return Err(Error::sys(format!("bind {}", addr_text(&s.local)), e));
+    let e = nix::errno::Errno::last();
+    if r == 0 {
+        return Ok(());
     }
-    Ok(())
+    let addr = addr_text(&s.local);
+    if e != nix::errno::Errno::EADDRINUSE {
+        return Err(Error::sys(format!("bind {addr}"), e));
+    }
+    let tcp = s.family != libc::AF_UNIX && s.stype == libc::SOCK_STREAM;
+    if tcp && !tcp_listener_on(port(&s.local)) {
+        return Err(Error::Restore(format!(
+            "address {addr} is held by closed connections of the snapshotted process (TIME_WAIT), and the program did not set SO_REUSEADDR: resume again in a minute"
+        )));
+    }
+    Err(Error::AddressInUse(addr))
+}
+
+fn port(raw: &[u8]) -> u16 {
+    u16::from_be_bytes([raw[2], raw[3]])
+}
+
+/// Is some TCP socket of this host listening on `port` (any address)?
+fn tcp_listener_on(port: u16) -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let mut cols = l.split_whitespace().skip(1);
+                let local = cols.next().unwrap_or("");
+                let state = cols.nth(1).unwrap_or("");
+                state == "0A"
+                    && local
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                        == Some(port)
+            })
+    })
 }
 
 /// A unix socket's file outlives its process; one nobody listens on any

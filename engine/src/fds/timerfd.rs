@@ -1,8 +1,8 @@
-//! timerfd: clock, time to the next expiry, period and unread expirations,
-//! all in fdinfo. It is re-armed relative to the resume, so that it keeps
+//! timerfd: clock, time to the next expiry, period and unread expirations
+//! (timerfd_gettime on a duplicate, and fdinfo). It is re-armed relative to the resume, so that it keeps
 //! its rate; unread expirations come back with TFD_IOC_SET_TICKS.
 
-use super::{check, owned, Target};
+use super::{check, owned, take, Target};
 use crate::error::Result;
 use crate::image::ObjectKind;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -10,23 +10,33 @@ use std::os::fd::{AsRawFd, OwnedFd};
 /// linux/timerfd.h: _IOW('T', 0, u64).
 const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
 
-/// "(sec, nsec)" as fdinfo prints a timespec.
-fn timespec_ns(s: &str) -> Option<u64> {
-    let (a, b) = s.trim().trim_matches(['(', ')']).split_once(',')?;
-    Some(a.trim().parse::<u64>().ok()? * 1_000_000_000 + b.trim().parse::<u64>().ok()?)
-}
-
 pub fn dump(t: &Target) -> Result<ObjectKind> {
-    let get = |k: &str| t.info.get(k).map(String::as_str);
+    // timerfd_gettime on the same file first: an expired periodic timer is
+    // only re-armed (and its missed expirations counted into `ticks`) when
+    // it is read or queried, and fdinfo shows it as it is.
+    let f = take(t)?;
+    // SAFETY: itimerspec is plain integers; zero is valid.
+    let mut spec: libc::itimerspec = unsafe { std::mem::zeroed() };
+    // SAFETY: spec is a valid out pointer.
+    let r = unsafe { libc::timerfd_gettime(f.as_raw_fd(), &mut spec) };
+    check(r as _, || {
+        format!("timerfd_gettime on fd {} of pid {}", t.fd, t.pid)
+    })?;
+    let info = crate::proc::fdinfo(t.pid, t.fd)?;
+    let get = |k: &str| info.get(k).map(String::as_str);
     let parsed = (|| {
         Some(ObjectKind::TimerFd {
             clock: get("clockid")?.parse().ok()?,
             ticks: get("ticks")?.parse().ok()?,
-            value_ns: timespec_ns(get("it_value")?)?,
-            interval_ns: timespec_ns(get("it_interval")?)?,
+            value_ns: ns(&spec.it_value),
+            interval_ns: ns(&spec.it_interval),
         })
     })();
     parsed.ok_or_else(|| t.unsupported("is a timerfd whose state /proc does not show"))
+}
+
+fn ns(t: &libc::timespec) -> u64 {
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 pub fn create(kind: &ObjectKind) -> Result<OwnedFd> {

@@ -47,6 +47,7 @@ pub struct VmConfig {
 }
 
 /// A VM on disk: its directory and settings.
+#[derive(Clone)]
 pub struct Vm {
     pub dir: PathBuf,
     pub config: VmConfig,

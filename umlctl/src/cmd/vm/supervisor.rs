@@ -26,6 +26,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+/// How often the VM's disk is flushed to its layer (see spawn_disk_flusher).
+const DISK_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
 /// console.log is restarted when it grows past this.
 const CONSOLE_LOG_MAX: u64 = 8 << 20;
 
@@ -93,6 +96,7 @@ pub fn run(name: &str) -> CliResult {
     let shared = Arc::new(shared);
     spawn_console_reader(shared.clone(), console_out, File::create(vm.console_log())?);
     spawn_exec_reader(shared.clone(), agent_out, line_tx);
+    spawn_disk_flusher(vm.clone());
     let s = shared.clone();
     std::thread::spawn(move || serve(s, listener));
 
@@ -313,6 +317,19 @@ fn boot_failure(console: &str, mem_mib: u64) -> Option<String> {
         .lines()
         .find(|l| l.contains("Kernel panic"))
         .map(|l| format!("the guest kernel panicked while booting: {}", l.trim()))
+}
+
+/// UML does not fsync its disk when the guest syncs (traced: no fsync
+/// reaches the host), so the guest's writes would sit in the host's page
+/// cache, and over a cowfs mount they would be lost if this process died.
+/// Flushing the disk every second bounds that loss to a second.
+fn spawn_disk_flusher(vm: Vm) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(DISK_FLUSH_EVERY);
+        if let Err(e) = disk::flush(&vm) {
+            tracing::debug!("flushing the disk: {e}");
+        }
+    });
 }
 
 /// Lines from the exec agent: the ready banner, and replies for `exec`.
