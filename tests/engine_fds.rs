@@ -127,6 +127,27 @@ fn tcp_listener_and_udp_socket_come_back_on_their_ports() {
 }
 
 #[test]
+fn posix_flock_and_ofd_locks_are_held_again() {
+    if can_trace() {
+        roundtrip("locks", &[]);
+    }
+}
+
+#[test]
+fn tree_shares_anonymous_memory_and_file_offsets_again() {
+    if can_trace() {
+        roundtrip("shared", &["--tree"]);
+    }
+}
+
+#[test]
+fn o_async_owner_and_signal_come_back() {
+    if can_trace() {
+        roundtrip("async", &[]);
+    }
+}
+
+#[test]
 fn posix_timer_and_itimer_keep_their_rate() {
     if can_trace() {
         let text = roundtrip("timers", &[]);
@@ -135,25 +156,41 @@ fn posix_timer_and_itimer_keep_their_rate() {
     }
 }
 
+/// Snapshots fd_objects MODE, which must be refused (exit 5) with a one-line
+/// error holding every `needle`, no image left and the target untouched.
+fn refused(mode: &str, needles: &[&str]) {
+    let (child, tmp, _out) = start(mode);
+    let img = tmp.path().join("img");
+    let o = snapshot(child.id() as i32, &img, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(5), "{err}");
+    assert!(needles.iter().all(|n| err.contains(n)), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!img.exists() && !tmp.path().join("img.partial").exists());
+    assert!(alive(child.id() as i32) && status_field(child.id() as i32, "TracerPid") == "0");
+    kill_child(child);
+}
+
 #[test]
 fn established_tcp_is_refused_or_resumed_reset() {
     if !can_trace() {
         return;
     }
-    let (child, tmp, _out) = start("established");
-    let img = tmp.path().join("img");
-    let o = snapshot(child.id() as i32, &img, &[]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(5), "{err}");
-    assert!(
-        err.contains("is an established TCP connection (127.0.0.1:")
-            && err.contains("--tcp-established close"),
-        "{err}"
+    refused(
+        "established",
+        &[
+            "is an established TCP connection (127.0.0.1:",
+            "--tcp-established close",
+        ],
     );
-    assert!(!img.exists() && !tmp.path().join("img.partial").exists());
-    assert!(alive(child.id() as i32) && status_field(child.id() as i32, "TracerPid") == "0");
-    kill_child(child);
     roundtrip("established", &["--tcp-established", "close"]);
+}
+
+#[test]
+fn seccomp_confined_process_is_refused_before_writing() {
+    if can_trace() {
+        refused("seccomp", &["runs under seccomp (mode 2, 1 filters)"]);
+    }
 }
 
 #[test]

@@ -14,8 +14,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/file.h>
+#include <sys/wait.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/syscall.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -276,6 +282,99 @@ static void timers(void) {
     printf("timers ok posix=%d itimer=%d\n", p, a);
 }
 
+static int lock_conflicts(const char *path, int cmd) {
+    /* A fresh description (and, for POSIX locks, another process) asks. */
+    int fd = open(path, O_RDWR);
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
+    if (cmd == F_SETLK) {
+        pid_t c = fork();
+        if (c == 0) _exit(fcntl(fd, F_SETLK, &fl) < 0 && (errno == EAGAIN || errno == EACCES) ? 0 : 1);
+        int st;
+        waitpid(c, &st, 0);
+        close(fd);
+        return WIFEXITED(st) && WEXITSTATUS(st) == 0;
+    }
+    int r = cmd == F_OFD_SETLK ? fcntl(fd, F_OFD_SETLK, &fl) : flock(fd, LOCK_EX | LOCK_NB);
+    int busy = r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+    close(fd);
+    return busy;
+}
+
+static void locks(void) {
+    int a = open("posix.lock", O_RDWR | O_CREAT, 0600);
+    int b = open("flock.lock", O_RDWR | O_CREAT, 0600);
+    int c = open("ofd.lock", O_RDWR | O_CREAT, 0600);
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 10};
+    CHECK(fcntl(a, F_SETLK, &fl) == 0);
+    CHECK(flock(b, LOCK_EX) == 0);
+    fl.l_pid = 0;
+    CHECK(fcntl(c, F_OFD_SETLK, &fl) == 0);
+    wait_go();
+    CHECK(lock_conflicts("posix.lock", F_SETLK));
+    CHECK(lock_conflicts("flock.lock", 0));
+    CHECK(lock_conflicts("ofd.lock", F_OFD_SETLK));
+    printf("locks ok\n");
+}
+
+/* A parent and child sharing anonymous memory and a file offset. */
+static void shared(void) {
+    volatile int *shm = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    CHECK(shm != MAP_FAILED);
+    int f = open("shared.txt", O_RDWR | O_CREAT | O_TRUNC, 0600);
+    CHECK(f >= 0 && write(f, "start ", 6) == 6);
+    shm[0] = 1;
+    pid_t c = fork();
+    if (c == 0) {
+        while (shm[1] == 0) usleep(1000); /* the parent's go */
+        CHECK(write(f, "child ", 6) == 6);
+        shm[2] = 42;
+        _exit(0);
+    }
+    wait_go();
+    shm[1] = 1;
+    while (shm[2] != 42) usleep(1000);
+    CHECK(write(f, "parent", 6) == 6);
+    int st;
+    CHECK(waitpid(c, &st, 0) == c && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    char b[32] = {0};
+    CHECK(pread(f, b, sizeof b, 0) == 18 && memcmp(b, "start child parent", 18) == 0);
+    printf("shared ok\n");
+}
+
+static volatile sig_atomic_t io_fd = -1;
+
+static void on_io(int sig, siginfo_t *si, void *uc) {
+    (void)sig; (void)uc;
+    io_fd = si->si_fd;
+}
+
+/* Signal-driven I/O: the pipe's owner and signal come back. */
+static void async_io(void) {
+    struct sigaction sa = {.sa_sigaction = on_io, .sa_flags = SA_SIGINFO};
+    CHECK(sigaction(SIGUSR2, &sa, NULL) == 0);
+    int p[2];
+    CHECK(pipe(p) == 0);
+    CHECK(fcntl(p[0], F_SETOWN, getpid()) == 0 && fcntl(p[0], F_SETSIG, SIGUSR2) == 0);
+    CHECK(fcntl(p[0], F_SETFL, O_ASYNC | O_NONBLOCK) == 0);
+    wait_go();
+    CHECK(fcntl(p[0], F_GETOWN) == getpid() && fcntl(p[0], F_GETSIG) == SIGUSR2);
+    CHECK((fcntl(p[0], F_GETFL) & O_ASYNC) != 0);
+    CHECK(write(p[1], "x", 1) == 1);
+    for (int i = 0; i < 1000 && io_fd < 0; i++) usleep(1000);
+    CHECK(io_fd == p[0]);
+    printf("async ok\n");
+}
+
+/* Under an allow-all seccomp filter: snapshots must refuse it. */
+static void seccomp_filter(void) {
+    struct sock_filter allow = BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    struct sock_fprog prog = {.len = 1, .filter = &allow};
+    CHECK(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0);
+    CHECK(syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) == 0);
+    wait_go();
+    printf("seccomp ok\n");
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     mode = argc > 1 ? argv[1] : "";
@@ -289,6 +388,10 @@ int main(int argc, char **argv) {
     else if (!strcmp(mode, "inet")) inets();
     else if (!strcmp(mode, "established")) established();
     else if (!strcmp(mode, "timers")) timers();
+    else if (!strcmp(mode, "locks")) locks();
+    else if (!strcmp(mode, "shared")) shared();
+    else if (!strcmp(mode, "async")) async_io();
+    else if (!strcmp(mode, "seccomp")) seccomp_filter();
     else { printf("unknown mode %s\n", mode); return 2; }
     return 0;
 }

@@ -114,6 +114,7 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     let mut objects = crate::fds::Objects::new(&pids, opts.tcp_established_close)?;
     let mut fds = Vec::new();
     for &p in &pids {
+        crate::seccomp::check(p)?;
         fds.push(files::collect(p, &mut writer, &mut objects)?);
     }
     objects.finish()?;

@@ -21,7 +21,7 @@ pub enum Error {
     BadImage { path: PathBuf, what: String },
     #[error("{path}: already exists; choose another --out or remove it")]
     Exists { path: PathBuf },
-    #[error("pid {0} is in use: it cannot be restored with --same-pid while that process lives")]
+    #[error("pid {0} is in use: it cannot be restored with its pid (--same-pid, or a process tree) while that process lives; resume with --pid-ns new to give the copy a namespace of its own")]
     PidInUse(i32),
     #[error("{what}: {source}")]
     Io {

@@ -108,6 +108,7 @@ pub fn collect(
             fd,
             cloexec: flags & libc::O_CLOEXEC != 0,
             kind,
+            locks: crate::locks::parse(pid, fd)?,
         });
     }
     Ok(out)
@@ -246,7 +247,8 @@ pub fn restore(
         libc::SYS_close_range,
         &[installer.base as u64, u32::MAX as u64, 0],
     )?;
-    objects_after_install(p, process, objects, pids)
+    objects_after_install(p, process, objects, pids)?;
+    crate::locks::restore(p, fds)
 }
 
 /// What needs every fd at its number: epoll registrations (keyed by fd

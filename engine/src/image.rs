@@ -281,6 +281,28 @@ pub struct Fd {
     pub fd: i32,
     pub cloexec: bool,
     pub kind: FdKind,
+    /// File locks held through this fd (POSIX ones by the process).
+    #[serde(default)]
+    pub locks: Vec<FileLock>,
+}
+
+/// A file lock: POSIX (fcntl, owned by the process), OFD (fcntl, owned by
+/// the open file description) or flock (the description too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLock {
+    pub kind: LockKind,
+    pub write: bool,
+    pub start: u64,
+    /// Last byte locked; None = to the end of the file, whatever it becomes.
+    pub end: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockKind {
+    Posix,
+    Ofd,
+    Flock,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -366,6 +388,13 @@ pub enum ObjectKind {
         ino: u64,
     },
     Socket(Socket),
+    /// A regular file or directory shared by processes of a tree, reopened
+    /// once by path at its offset (so that the offset stays shared).
+    File {
+        path: String,
+        pos: u64,
+        id: FileId,
+    },
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]

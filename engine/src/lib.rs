@@ -26,6 +26,8 @@
 //!   sessions and groups
 //! - `pidns`: resuming into a new PID namespace with the original pids
 //! - `timers`: POSIX timers and itimers
+//! - `locks`: POSIX, OFD and flock file locks
+//! - `seccomp`: refusing seccomp-confined processes (not restored yet)
 //! - `inject`: remote syscall injection into a stopped thread
 //! - `ptrace`: ptrace requests, freezing and releasing thread groups
 //! - `proc`: /proc parsing
@@ -44,6 +46,7 @@ pub mod fds;
 pub mod files;
 pub mod image;
 pub mod inject;
+pub mod locks;
 pub mod mem;
 pub mod memory;
 pub mod pager;
@@ -52,6 +55,7 @@ pub mod proc;
 pub mod ptrace;
 pub mod puppet;
 pub mod restore;
+pub mod seccomp;
 pub mod sys;
 pub mod timers;
 pub mod track;

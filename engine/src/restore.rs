@@ -105,19 +105,21 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     if procs.is_empty() {
         return Err(Error::bad_image(dir, "holds no process"));
     }
+    // Processes of a tree know each other's pids (a parent waits for its
+    // child by pid): they keep them, here or in a new PID namespace.
+    let same_pid = opts.same_pid || opts.new_pid_ns || procs.len() > 1;
     for process in procs {
-        precheck(dir, process, opts)?;
+        precheck(dir, process, opts, same_pid)?;
     }
     let pages = img.pages()?;
     tracing::debug!("resume: image checked in {:?}", t0.elapsed());
     // Objects first: every puppet forked from here on inherits them.
     let mut installer = crate::fds::Installer::create(&img.manifest, &pages)?;
     installer.prepare_shm(&img.manifest)?;
-    let same_pid = opts.same_pid || opts.new_pid_ns;
     let root = if opts.new_pid_ns {
         crate::pidns::spawn(procs[0].pid)?
     } else {
-        Puppet::spawn(opts.same_pid.then_some(procs[0].pid))?
+        Puppet::spawn(same_pid.then_some(procs[0].pid))?
     };
     tracing::debug!("resume: puppet ready at {:?}", t0.elapsed());
     let root_pid = root.pid;
@@ -186,8 +188,28 @@ struct Context<'a> {
     ancestors: &'a [crate::image::Pages],
 }
 
+/// Is `pid` used? A process killed by `snapshot --kill` may linger a moment
+/// as a zombie until its parent reaps it: wait for that (up to 2 s).
+fn pid_taken(pid: i32) -> bool {
+    let t0 = Instant::now();
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        let dying = state.as_deref().is_some_and(|s| {
+            let st = s.rsplit(')').next().unwrap_or("").trim_start();
+            st.starts_with('Z') || st.starts_with('X')
+        });
+        if state.is_none() {
+            return false;
+        }
+        if !dying || t0.elapsed() > Duration::from_secs(2) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Checks that the image can be resumed here, before any process is made.
-fn precheck(dir: &Path, process: &Process, opts: &ResumeOptions) -> Result<()> {
+fn precheck(dir: &Path, process: &Process, opts: &ResumeOptions, same_pid: bool) -> Result<()> {
     for v in &process.vmas {
         if let VmaKind::File { path, id, .. } = &v.kind {
             if crate::image::FileId::of(Path::new(path)).ok().as_ref() != Some(id) {
@@ -204,9 +226,9 @@ fn precheck(dir: &Path, process: &Process, opts: &ResumeOptions) -> Result<()> {
             ));
         }
     }
-    if opts.same_pid && !opts.new_pid_ns {
+    if same_pid && !opts.new_pid_ns {
         for t in &process.threads {
-            if Path::new(&format!("/proc/{}", t.tid)).exists() {
+            if pid_taken(t.tid) {
                 return Err(Error::PidInUse(t.tid));
             }
         }

@@ -69,6 +69,8 @@ pub struct Objects {
     pipe_ends: HashMap<u64, (bool, bool)>,
     /// --tcp-established close: save established TCP connections as reset.
     pub tcp_close: bool,
+    /// A tree: regular files are objects too, as fork shares their offsets.
+    tree: bool,
 }
 
 impl Objects {
@@ -79,6 +81,7 @@ impl Objects {
             seen: vec![],
             pipe_ends: pipes::ends(pids)?,
             tcp_close,
+            tree: pids.len() > 1,
         })
     }
 
@@ -94,7 +97,13 @@ impl Objects {
     /// file description is seen; None if the fd is not of an object kind.
     pub fn object(&mut self, t: &Target, writer: &mut ImageWriter) -> Result<Option<u32>> {
         let is_pipe = t.link.starts_with("pipe:") || t.ft.is_fifo();
+        let shared_file = self.tree
+            && (t.ft.is_file() || t.ft.is_dir())
+            && t.link.starts_with('/')
+            && !t.link.ends_with(" (deleted)")
+            && !t.link.starts_with("/memfd:");
         let kind_known = is_pipe
+            || shared_file
             || t.link.starts_with("socket:")
             || t.link.starts_with("/memfd:")
             || matches!(
@@ -114,7 +123,14 @@ impl Objects {
                 return Ok(Some(id));
             }
         }
-        let kind = if is_pipe {
+        let kind = if shared_file {
+            ObjectKind::File {
+                path: t.link.to_string(),
+                pos: t.info.get("pos").and_then(|p| p.parse().ok()).unwrap_or(0),
+                id: crate::image::FileId::of(std::path::Path::new(t.link))
+                    .map_err(|e| Error::io(format!("stat {}", t.link), e))?,
+            }
+        } else if is_pipe {
             pipes::dump(t, &mut self.pipes)?
         } else if t.link.starts_with("socket:") {
             ObjectKind::Socket(sockets::dump(t, self.tcp_close)?)
@@ -296,6 +312,7 @@ impl Installer {
                 (None, ObjectKind::SignalFd { mask }) => signalfd::create(*mask)?,
                 (None, ObjectKind::TimerFd { .. }) => timerfd::create(&o.kind)?,
                 (None, ObjectKind::Memfd { .. }) => memfd::create(&o.kind, pages)?,
+                (None, ObjectKind::File { path, pos, .. }) => open_file(path, o.flags, *pos)?,
                 (None, _) => {
                     return Err(Error::Restore(format!(
                         "object {} of the image was not created",
@@ -398,6 +415,23 @@ impl Installer {
     pub fn is_filled(&self, ino: u64) -> bool {
         self.filled.contains(&ino)
     }
+}
+
+/// Opens a file the image shares between processes, at its offset.
+fn open_file(path: &str, flags: i32, pos: u64) -> Result<OwnedFd> {
+    let c = std::ffi::CString::new(path).map_err(|_| Error::Restore(format!("bad path {path}")))?;
+    let keep = libc::O_ACCMODE
+        | libc::O_APPEND
+        | libc::O_DIRECTORY
+        | libc::O_NOATIME
+        | libc::O_SYNC
+        | libc::O_DSYNC;
+    // SAFETY: c is a valid C string.
+    let r = unsafe { libc::open(c.as_ptr(), flags & keep | libc::O_CLOEXEC | libc::O_NOCTTY) };
+    let fd = owned(r, || format!("open {path}"))?;
+    // SAFETY: lseek takes integers.
+    unsafe { libc::lseek(fd.as_raw_fd(), pos as i64, libc::SEEK_SET) };
+    Ok(fd)
 }
 
 /// Objects live above every fd number of the image: allow as many as the

@@ -56,6 +56,7 @@ pub struct ResumeArgs {
     /// The image directory written by `umlctl snapshot`.
     pub dir: PathBuf,
     /// Resume with the original pid and thread ids (fails if one is in use).
+    /// Always so for a process tree, whose processes know each other's pids.
     #[arg(long)]
     pub same_pid: bool,
     /// What std streams that were pipes or terminals become: inherit (this
