@@ -389,3 +389,99 @@ fn lazy_snapshot_under_continuous_writes_is_one_instant() {
     // SAFETY: as above.
     unsafe { libc::kill(new, libc::SIGKILL) };
 }
+
+/// Incremental snapshots: a tracked snapshot, then two more each holding
+/// only what was written since its parent; the third resumes (reading
+/// through the chain) with its memory exact, and flattens into a
+/// standalone image that resumes too.
+#[test]
+fn three_deep_incremental_chain_resumes_and_flattens() {
+    if !root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.txt");
+    let mut child = spawn(
+        &common::tool("workload"),
+        &["--mib", "128", "--sleep-every", "2000"],
+        &out,
+    );
+    wait_for(&out, |t| t.contains("ready"), "workload ready");
+    let pid = child.id().to_string();
+    let dir = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    ok(&umlctl(&["snapshot", &pid, "--out", &dir("a"), "--track"]));
+    std::thread::sleep(Duration::from_millis(200));
+    ok(&umlctl(&[
+        "snapshot",
+        &pid,
+        "--out",
+        &dir("b"),
+        "--parent",
+        &dir("a"),
+    ]));
+    // Only the latest tracked snapshot can be a parent.
+    let o = umlctl(&["snapshot", &pid, "--out", &dir("x"), "--parent", &dir("a")]);
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    ok(&umlctl(&[
+        "snapshot",
+        &pid,
+        "--out",
+        &dir("c"),
+        "--parent",
+        &dir("b"),
+        "--kill",
+    ]));
+    let _ = child.wait();
+    let size = |n: &str| {
+        fs::metadata(tmp.path().join(n).join("pages.img"))
+            .unwrap()
+            .len()
+    };
+    assert!(
+        size("c") * 4 < size("a"),
+        "c holds {} bytes, a {}",
+        size("c"),
+        size("a")
+    );
+    let inspect = ok(&umlctl(&["--json", "image", "inspect", &dir("c")]));
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(v["parent"], dir("b"));
+    ok(&umlctl(&["image", "verify", &dir("c")]));
+    for (image, extra) in [(dir("c"), None), (dir("flat"), Some("--lazy"))] {
+        if extra.is_some() {
+            ok(&umlctl(&["image", "flatten", &dir("c"), "--out", &image]));
+        }
+        let mut args = vec!["resume", image.as_str(), "--stdio", "null"];
+        args.extend(extra);
+        let new: i32 = ok(&umlctl(&args)).trim().parse().unwrap();
+        let len = fs::read_to_string(&out).unwrap().len();
+        // SAFETY: signalling our copy.
+        unsafe { libc::kill(new, libc::SIGUSR1) };
+        wait_for(
+            &out,
+            |t| verified(&t[len..]) == 1,
+            "the resumed copy's check",
+        );
+        // SAFETY: as above.
+        unsafe { libc::kill(new, libc::SIGKILL) };
+    }
+    // A parent that changed is refused.
+    let m = tmp.path().join("b").join("manifest");
+    let mut b = fs::read(&m).unwrap();
+    let n = b.len();
+    b[n - 2] ^= 1;
+    fs::write(&m, b).unwrap();
+    let o = umlctl(&["resume", &dir("c")]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

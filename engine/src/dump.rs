@@ -12,7 +12,9 @@
 use crate::cow::Cow;
 use crate::error::{Error, IoContext, Result};
 use crate::files;
-use crate::image::{self, Creds, ImageWriter, Manifest, MmFields, Process, Rseq, Thread, Vma};
+use crate::image::{
+    self, Creds, Image, ImageWriter, Manifest, MmFields, Process, Rseq, Thread, Vma,
+};
 use crate::inject::{self, Area, Remote, CODE_LEN, SCRATCH_LEN};
 use crate::mem::ProcMem;
 use crate::memory;
@@ -42,6 +44,12 @@ pub struct DumpOptions<'a> {
     /// to write-protect its memory, which is saved while it runs. Ignored
     /// with `kill` (a process that is killed need not run on).
     pub lazy: bool,
+    /// Incremental snapshot: store only the pages written since this image
+    /// (which must be the process's latest tracked snapshot).
+    pub parent: Option<PathBuf>,
+    /// Arm write tracking for later incremental snapshots (implied by
+    /// `parent`): starts a tracker with this, unless one runs already.
+    pub tracker: Option<crate::track::TrackerLauncher>,
 }
 
 /// What a snapshot did.
@@ -89,6 +97,7 @@ pub fn dump(pid: i32, out: &Path, opts: &DumpOptions) -> Result<DumpReport> {
 fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<DumpReport> {
     let t0 = Instant::now();
     check_target(pid)?;
+    let track = tracking_plan(pid, opts, lazy)?;
     let mut writer = ImageWriter::create(out)?;
     // The target stops as its first thread is seized: count from here.
     let t_frozen = Instant::now();
@@ -111,10 +120,16 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     tracing::debug!("fds collected at {:?}", t_frozen.elapsed());
     let mut processes = Vec::new();
     let mut cows = Vec::new();
+    let mut tracking = None;
     for (f, fds) in frozen.iter_mut().zip(fds) {
-        let (process, cow) = collect(f, fds, &mut writer, opts, &cancelled, lazy)?;
+        let (process, taken) =
+            collect(f, fds, &mut writer, opts, &cancelled, lazy, track.as_ref())?;
         processes.push(process);
-        cows.extend(cow);
+        match taken {
+            Taken::Cow(c) => cows.push(c),
+            Taken::Tracking(t) => tracking = Some(t),
+            Taken::Nothing => {}
+        }
     }
     tracing::debug!("processes collected at {:?}", t_frozen.elapsed());
     let threads = frozen.iter().map(|f| f.tids.len()).sum();
@@ -122,7 +137,14 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     if cancelled() {
         return Err(Error::Interrupted);
     }
-    let parts = (processes, objects.list, objects.pipes);
+    let parent = track
+        .as_ref()
+        .and_then(|t| t.parent.as_ref())
+        .map(|p| image::ParentRef {
+            dir: p.dir.clone(),
+            manifest_sum: p.manifest_sum,
+        });
+    let parts = (processes, objects.list, objects.pipes, parent);
     if opts.kill {
         // Publish while frozen, then kill: no instruction runs after the instant saved.
         let manifest = manifest(parts, &mut writer)?;
@@ -151,6 +173,9 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     }
     let manifest = manifest(parts, &mut writer)?;
     let dir = writer.finish(&manifest)?;
+    if let Some(t) = tracking {
+        t.publish(pid, &dir)?;
+    }
     Ok(report(
         dir,
         pid,
@@ -192,10 +217,15 @@ fn copy_lazily(
     Ok(Some(faults))
 }
 
-type Parts = (Vec<Process>, Vec<image::FileObject>, Vec<image::PipeBuffer>);
+type Parts = (
+    Vec<Process>,
+    Vec<image::FileObject>,
+    Vec<image::PipeBuffer>,
+    Option<image::ParentRef>,
+);
 
 fn manifest(parts: Parts, writer: &mut ImageWriter) -> Result<Manifest> {
-    let (processes, objects, pipes) = parts;
+    let (processes, objects, pipes, parent) = parts;
     Ok(Manifest {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         created_unix_ms: std::time::SystemTime::now()
@@ -211,7 +241,113 @@ fn manifest(parts: Parts, writer: &mut ImageWriter) -> Result<Manifest> {
         processes,
         objects,
         pipes,
+        parent,
     })
+}
+
+/// What a snapshot does about write tracking, decided before the freeze.
+struct TrackPlan {
+    /// The parent image of an incremental snapshot.
+    parent: Option<Image>,
+    /// A tracker already holds this target's tracking userfaultfd.
+    state: Option<crate::track::State>,
+    launch: Option<crate::track::TrackerLauncher>,
+}
+
+fn tracking_plan(pid: i32, opts: &DumpOptions, lazy: bool) -> Result<Option<TrackPlan>> {
+    if opts.parent.is_none() && opts.tracker.is_none() {
+        return Ok(None);
+    }
+    let no = |what: &str| {
+        Err(Error::Unsupported {
+            pid,
+            what: what.into(),
+        })
+    };
+    if lazy {
+        return no("--lazy cannot be combined with --track or --parent yet: take the snapshot stop-and-copy");
+    }
+    if opts.tree {
+        return no("--tree cannot be combined with --track or --parent yet");
+    }
+    let parent = match &opts.parent {
+        Some(dir) => {
+            let img = Image::open(dir)?;
+            if img.manifest.processes.first().map(|p| p.pid) != Some(pid) {
+                return Err(Error::bad_image(
+                    dir,
+                    format!("is not a snapshot of pid {pid}"),
+                ));
+            }
+            Some(img)
+        }
+        None => None,
+    };
+    Ok(Some(TrackPlan {
+        parent,
+        state: crate::track::State::load(pid),
+        launch: opts.tracker.clone(),
+    }))
+}
+
+/// Tracking armed during a snapshot, to be recorded once it is published.
+struct Tracking {
+    tracker_pid: i32,
+}
+
+impl Tracking {
+    fn publish(&self, pid: i32, dir: &Path) -> Result<()> {
+        let sum = Image::open(dir)?.manifest_sum;
+        let state = crate::track::State {
+            pid,
+            start_time: crate::track::start_time(pid)?,
+            tracker_pid: self.tracker_pid,
+            image_sum: sum,
+        };
+        state.save()
+    }
+}
+
+/// What `collect` set up besides the process record.
+enum Taken {
+    Nothing,
+    Cow(Cow),
+    Tracking(Tracking),
+}
+
+/// Arms tracking while frozen: registers and protects every trackable VMA
+/// with the tracker's userfaultfd (taken from the running tracker, or the
+/// new one the target just made, handed to a new tracker).
+fn arm_tracking(
+    pid: i32,
+    maps: &[MapsEntry],
+    plan: &TrackPlan,
+    new_fd: Option<std::os::fd::OwnedFd>,
+) -> Result<Tracking> {
+    let pagemap =
+        std::fs::File::open(format!("/proc/{pid}/pagemap")).ctx(|| "open pagemap".into())?;
+    let vmas: Vec<&MapsEntry> = maps.iter().filter(|m| crate::track::trackable(m)).collect();
+    match (&plan.state, new_fd) {
+        (Some(state), _) => {
+            let uffd = Uffd::from_fd(crate::uffd::take_fd(state.tracker_pid, 3)?);
+            crate::track::protect(&uffd, &pagemap, &vmas)?;
+            Ok(Tracking {
+                tracker_pid: state.tracker_pid,
+            })
+        }
+        (None, Some(fd)) => {
+            let uffd = crate::track::new_uffd(fd)?;
+            crate::track::protect(&uffd, &pagemap, &vmas)?;
+            let launch = plan
+                .launch
+                .as_ref()
+                .ok_or_else(|| Error::Restore("no tracker launcher".into()))?;
+            Ok(Tracking {
+                tracker_pid: launch(uffd.fd, pid)?,
+            })
+        }
+        (None, None) => Err(Error::Restore("no userfaultfd for tracking".into())),
+    }
 }
 
 fn report(
@@ -291,7 +427,8 @@ fn collect(
     opts: &DumpOptions,
     cancelled: &dyn Fn() -> bool,
     lazy: bool,
-) -> Result<(Process, Option<Cow>)> {
+    track: Option<&TrackPlan>,
+) -> Result<(Process, Taken)> {
     let pid = frozen.pid;
     let maps = proc::maps(pid)?;
     let (ppid, pgid, sid) = crate::tree::ids(pid)?;
@@ -299,7 +436,8 @@ fn collect(
     let fields = proc::stat_fields(pid)?;
     let mem = ProcMem::open(pid)?;
     let t = Instant::now();
-    let mut injected = inject_queries(frozen, &mem, &maps, &st, lazy)?;
+    let want_uffd = lazy || track.is_some_and(|t| t.state.is_none());
+    let mut injected = inject_queries(frozen, &mem, &maps, &st, want_uffd)?;
     tracing::debug!("injected queries in {:?}", t.elapsed());
     let mut threads = Vec::new();
     for (i, &tid) in frozen.tids.iter().enumerate() {
@@ -311,14 +449,27 @@ fn collect(
         return Err(Error::Interrupted);
     }
     let t = Instant::now();
-    let saved = memory::dump_vmas(pid, &maps, writer, opts.progress, cancelled, lazy)?;
-    tracing::debug!("memory planned in {:?}", t.elapsed());
-    let cow = match injected.uffd.take() {
-        Some(fd) => {
-            let deferred: Vec<&Vma> = saved.deferred.iter().map(|&i| &saved.vmas[i]).collect();
-            Some(Cow::arm(Uffd::from_fd(fd), pid, &deferred)?)
-        }
+    let delta = match track.and_then(|t| t.parent.as_ref()) {
+        Some(parent) => Some(crate::track::Delta::new(pid, parent)?),
         None => None,
+    };
+    let saved = memory::dump_vmas(
+        pid,
+        &maps,
+        writer,
+        opts.progress,
+        cancelled,
+        lazy,
+        delta.as_ref(),
+    )?;
+    tracing::debug!("memory planned in {:?}", t.elapsed());
+    let taken = match (track, injected.uffd.take()) {
+        (Some(plan), fd) => Taken::Tracking(arm_tracking(pid, &maps, plan, fd)?),
+        (None, Some(fd)) => {
+            let deferred: Vec<&Vma> = saved.deferred.iter().map(|&i| &saved.vmas[i]).collect();
+            Taken::Cow(Cow::arm(Uffd::from_fd(fd), pid, &deferred)?)
+        }
+        (None, None) => Taken::Nothing,
     };
     tracing::debug!("memory saved (or protected) in {:?}", t.elapsed());
     let vmas = saved.vmas;
@@ -354,7 +505,7 @@ fn collect(
         posix_timers: injected.timers,
         itimers: injected.itimers,
     };
-    Ok((process, cow))
+    Ok((process, taken))
 }
 
 /// What only the target itself can tell.

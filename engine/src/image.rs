@@ -55,6 +55,17 @@ pub struct Manifest {
     /// The contents and sizes of the pipes and FIFOs the objects refer to.
     #[serde(default)]
     pub pipes: Vec<PipeBuffer>,
+    /// For an incremental snapshot: the image it builds on.
+    #[serde(default)]
+    pub parent: Option<ParentRef>,
+}
+
+/// The parent of an incremental image: where it is, and the checksum its
+/// manifest had, so that a changed or replaced parent is refused.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ParentRef {
+    pub dir: PathBuf,
+    pub manifest_sum: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -201,6 +212,11 @@ pub struct Vma {
     pub kind: VmaKind,
     /// Stored pages: [address, page count, byte offset in pages.img].
     pub pages: Vec<[u64; 3]>,
+    /// Pages unchanged since an ancestor image (incremental snapshots):
+    /// [address, page count, byte offset in that image's pages.img, depth]
+    /// with depth 1 for the parent, 2 for its parent...
+    #[serde(default)]
+    pub inherited: Vec<[u64; 4]>,
 }
 
 impl Vma {
@@ -739,6 +755,8 @@ fn encode_header(body: &[u8]) -> [u8; HEADER_LEN] {
 pub struct Image {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// The checksum of the manifest's body (what children refer to).
+    pub manifest_sum: u64,
 }
 
 impl Image {
@@ -782,6 +800,7 @@ impl Image {
         Ok(Image {
             dir: dir.into(),
             manifest,
+            manifest_sum: sum,
         })
     }
 
@@ -850,6 +869,37 @@ impl Image {
         Ok(())
     }
 
+    /// The images this one builds on, parent first, each checked to be
+    /// the one the child was taken against.
+    pub fn ancestors(&self) -> Result<Vec<Image>> {
+        let mut out: Vec<Image> = Vec::new();
+        let mut next = self.manifest.parent.clone();
+        while let Some(p) = next {
+            let child = out.last().map_or(&self.dir, |i| &i.dir).clone();
+            let img = Image::open(&p.dir).map_err(|e| {
+                Error::bad_image(&child, format!("its parent image {} cannot be used ({e}); flatten images before moving or deleting their parents", p.dir.display()))
+            })?;
+            if img.manifest_sum != p.manifest_sum {
+                return Err(Error::bad_image(
+                    &child,
+                    format!(
+                        "its parent image {} changed since the child was taken",
+                        p.dir.display()
+                    ),
+                ));
+            }
+            if out.len() > 64 {
+                return Err(Error::bad_image(
+                    &self.dir,
+                    "its chain of parent images is too long (a loop?)",
+                ));
+            }
+            next = img.manifest.parent.clone();
+            out.push(img);
+        }
+        Ok(out)
+    }
+
     /// pages.img, mapped read-only.
     pub fn pages(&self) -> Result<Pages> {
         let path = self.dir.join(PAGES_FILE);
@@ -864,6 +914,54 @@ impl Image {
         let map = unsafe { memmap2::Mmap::map(&f) }.ctx(|| "mmap pages.img".into())?;
         Ok(Pages { map: Some(map) })
     }
+}
+
+/// Writes `dir` (an incremental image) with everything its ancestors hold
+/// for it into the new, standalone image `out`. Its own pages.img is
+/// copied first, so that every offset in the manifest stays valid; the
+/// inherited pages follow.
+pub fn flatten(dir: &Path, out: &Path) -> Result<PathBuf> {
+    let img = Image::open(dir)?;
+    img.verify_pages()?;
+    let ancestors = img.ancestors()?;
+    for a in &ancestors {
+        a.verify_pages()?;
+    }
+    let layers = ancestors
+        .iter()
+        .map(|a| a.pages())
+        .collect::<Result<Vec<_>>>()?;
+    let mut writer = ImageWriter::create(out)?;
+    let own = img.pages()?;
+    let mut at = 0;
+    while at < own.len() {
+        let end = (at + (8 << 20)).min(own.len());
+        writer.append(&own[at..end])?;
+        at = end;
+    }
+    let mut manifest = img.manifest.clone();
+    for p in &mut manifest.processes {
+        for v in &mut p.vmas {
+            for r in std::mem::take(&mut v.inherited) {
+                let len = r[1] * 4096;
+                let data = layers
+                    .get((r[3] as usize).wrapping_sub(1))
+                    .and_then(|l| l.get(r[2] as usize..(r[2] + len) as usize))
+                    .ok_or_else(|| {
+                        Error::bad_image(
+                            dir,
+                            format!("inherited pages at {:#x} point outside its parent", r[0]),
+                        )
+                    })?;
+                let off = writer.append(data)?;
+                v.pages.push([r[0], r[1], off]);
+            }
+            v.pages.sort_by_key(|r| r[0]);
+        }
+    }
+    manifest.parent = None;
+    manifest.pages = writer.pages_info()?;
+    writer.finish(&manifest)
 }
 
 /// pages.img mapped in memory (empty images have no mapping).

@@ -17,6 +17,7 @@
 //! - `puppet`: the process a resume starts from, and its scratch pages
 //! - `pager`: lazy resume: serves memory on demand from the image
 //! - `uffd`: userfaultfd ioctls
+//! - `track`: write tracking for incremental snapshots
 //! - `memory`: which pages are saved, and copying them
 //! - `files`: file descriptors, saved and reopened (by path, or as objects)
 //! - `fds`: open file descriptions kept as objects (pipes, sockets, epoll,
@@ -57,6 +58,7 @@ pub mod restore;
 pub mod seccomp;
 pub mod sys;
 pub mod timers;
+pub mod track;
 pub mod tree;
 pub mod uffd;
 

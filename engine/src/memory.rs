@@ -135,6 +135,7 @@ pub fn dump_vmas(
     progress: Option<&dyn Fn(u64, u64)>,
     cancelled: &dyn Fn() -> bool,
     defer: bool,
+    delta: Option<&crate::track::Delta>,
 ) -> Result<Saved> {
     let pagemap =
         File::open(format!("/proc/{pid}/pagemap")).ctx(|| format!("open /proc/{pid}/pagemap"))?;
@@ -162,6 +163,10 @@ pub fn dump_vmas(
             return Err(Error::Interrupted);
         }
         let anonymous = m.inode == 0 && !m.shared && matches!(source, Source::Memory(_));
+        let (runs, inherited) = match delta {
+            Some(d) if anonymous => d.split(m, runs)?,
+            _ => (runs, vec![]),
+        };
         let pages = if defer && anonymous && !runs.is_empty() {
             deferred.push(vmas.len());
             runs.iter()
@@ -187,6 +192,7 @@ pub fn dump_vmas(
             growsdown: m.path == "[stack]",
             kind,
             pages,
+            inherited,
         });
     }
     Ok(Saved { vmas, deferred })

@@ -188,7 +188,12 @@ pub fn pagemap(pagemap: &fs::File, start: u64, end: u64) -> Result<Vec<u64>> {
 /// returns ranges of pages by category, much faster than reading one
 /// pagemap entry per page.
 pub mod scan {
+    pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
     pub const PAGE_IS_FILE: u64 = 1 << 2;
+    /// Write-protect (again) the pages that match, in the same walk.
+    pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+    /// Fail with EPERM unless every VMA is registered with an async-WP userfaultfd.
+    pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
     pub const PAGE_IS_PRESENT: u64 = 1 << 3;
     pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
     /// _IOWR('f', 16, struct pm_scan_arg)
@@ -204,6 +209,18 @@ pub fn scan_pages(
     anyof: u64,
     none: u64,
 ) -> Result<Vec<(u64, u64)>> {
+    scan_pages_flags(pagemap, start, end, anyof, none, 0)
+}
+
+/// `scan_pages` with PAGEMAP_SCAN flags (see `scan`).
+pub fn scan_pages_flags(
+    pagemap: &fs::File,
+    start: u64,
+    end: u64,
+    anyof: u64,
+    none: u64,
+    flags: u64,
+) -> Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut regions = vec![[0u64; 3]; 512];
@@ -213,7 +230,7 @@ pub fn scan_pages(
         // max_pages, category_inverted, category_mask, category_anyof_mask, return_mask
         let mut arg: [u64; 12] = [
             96,
-            0,
+            flags,
             at,
             end,
             0,

@@ -82,11 +82,25 @@ pub struct ResumeReport {
 pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     let t0 = Instant::now();
     let img = Image::open(dir)?;
+    let ancestors = img.ancestors()?;
     if opts.lazy.is_some() {
+        if !ancestors.is_empty() {
+            return Err(Error::bad_image(
+                dir,
+                "is incremental: a lazy resume needs a whole image (umlctl image flatten)",
+            ));
+        }
         img.verify_index()?;
     } else {
         img.verify_pages()?;
+        for a in &ancestors {
+            a.verify_pages()?;
+        }
     }
+    let ancestor_pages = ancestors
+        .iter()
+        .map(|a| a.pages())
+        .collect::<Result<Vec<_>>>()?;
     let procs = &img.manifest.processes;
     if procs.is_empty() {
         return Err(Error::bad_image(dir, "holds no process"));
@@ -129,6 +143,7 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
                 installer: &mut installer,
                 objects: &img.manifest.objects,
                 pids: &pids,
+                ancestors: &ancestor_pages,
             };
             let (tids, go) = build(p, process, ctx)?;
             all_tids.push(tids);
@@ -169,6 +184,8 @@ struct Context<'a> {
     installer: &'a mut crate::fds::Installer,
     objects: &'a [crate::image::FileObject],
     pids: &'a HashMap<i32, i32>,
+    /// pages.img of the parent images of an incremental image, parent first.
+    ancestors: &'a [crate::image::Pages],
 }
 
 /// Is `pid` used? A process killed by `snapshot --kill` may linger a moment
@@ -229,7 +246,13 @@ fn build(p: &mut Puppet, process: &Process, ctx: Context) -> Result<(Vec<i32>, O
     lap("prepare");
     place_specials(p, &process.vmas)?;
     lap("place specials");
-    map_memory(p, &process.vmas, pages, opts.lazy.is_some(), ctx.installer)?;
+    map_memory(
+        p,
+        &process.vmas,
+        (pages, ctx.ancestors),
+        opts.lazy.is_some(),
+        ctx.installer,
+    )?;
     // Closed once the process runs: the pager's go signal.
     let go = match &opts.lazy {
         Some(launch) => Some(arm_pager(p, dir, process, launch)?),
@@ -426,7 +449,7 @@ fn place_specials(p: &mut Puppet, image_vmas: &[Vma]) -> Result<()> {
 fn map_memory(
     p: &mut Puppet,
     vmas: &[Vma],
-    pages: &[u8],
+    (pages, ancestors): (&[u8], &[crate::image::Pages]),
     lazy: bool,
     installer: &mut crate::fds::Installer,
 ) -> Result<()> {
@@ -466,7 +489,8 @@ fn map_memory(
     let mut protects = p.batch();
     let filled =
         |v: &Vma| matches!(v.kind, VmaKind::Shmem { object, .. } if installer.is_filled(object));
-    let fill_now = |v: &Vma| !(v.pages.is_empty() || lazy && crate::pager::is_lazy(v) || filled(v));
+    let has_data = |v: &Vma| !(v.pages.is_empty() && v.inherited.is_empty());
+    let fill_now = |v: &Vma| has_data(v) && !(lazy && crate::pager::is_lazy(v) || filled(v));
     for (v, s) in vmas.iter().zip(&sources) {
         let fill = fill_now(v);
         let prot = v.prot() | if fill { libc::PROT_WRITE } else { 0 };
@@ -526,6 +550,7 @@ fn map_memory(
     p.run(maps)?;
     for v in vmas.iter().filter(|v| fill_now(v)) {
         fill_vma(p.pid, v, pages)?;
+        fill_inherited(p.pid, v, ancestors)?;
     }
     p.run(protects).map(drop)
 }
@@ -625,6 +650,24 @@ fn source_of(v: &Vma, installer: &mut crate::fds::Installer) -> Result<Source> {
 
 /// Writes the stored pages of a VMA, one process_vm_writev per stretch that
 /// is contiguous in pages.img.
+/// Writes the pages an incremental image takes from its ancestors.
+fn fill_inherited(pid: i32, v: &Vma, ancestors: &[crate::image::Pages]) -> Result<()> {
+    for r in &v.inherited {
+        let len = r[1] * PAGE_SIZE;
+        let data = ancestors
+            .get((r[3] as usize).wrapping_sub(1))
+            .and_then(|a| a.get(r[2] as usize..(r[2] + len) as usize))
+            .ok_or_else(|| {
+                Error::Restore(format!(
+                    "inherited pages at {:#x} point outside parent image {}",
+                    r[0], r[3]
+                ))
+            })?;
+        mem::vm_write(pid, &[(r[0], len as usize)], data)?;
+    }
+    Ok(())
+}
+
 fn fill_vma(pid: i32, v: &Vma, pages: &[u8]) -> Result<()> {
     let mut i = 0;
     while i < v.pages.len() {

@@ -60,6 +60,9 @@ enum Command {
     /// Internal: the guarded worker that performs a snapshot (see cmd::process).
     #[command(hide = true, name = "__snapshot-worker")]
     SnapshotWorker(cmd::process::SnapshotArgs),
+    /// Internal: holds a process's write tracking (see cmd::process).
+    #[command(hide = true, name = "__tracker")]
+    Tracker(cmd::process::TrackerArgs),
     /// Internal: the pager of a lazy resume (see cmd::process).
     #[command(hide = true, name = "__pager")]
     Pager(cmd::process::PagerArgs),
@@ -90,6 +93,7 @@ fn run(cli: Cli) -> CliResult {
         Command::SnapshotWorker(a) => cmd::process::snapshot_worker(out, a),
         Command::Resume(a) => cmd::process::resume(out, a),
         Command::Pager(a) => cmd::process::pager(out, a),
+        Command::Tracker(a) => cmd::process::tracker(out, a),
         Command::Image(c) => cmd::image::run(out, c),
         Command::Fs(c) => cmd::fs::run(out, c),
         Command::Vm(c) => cmd::vm::run(out, c),

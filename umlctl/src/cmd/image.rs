@@ -16,10 +16,20 @@ pub enum ImageCmd {
         /// The image directory.
         dir: PathBuf,
     },
-    /// Check an image in full (manifest and every page checksum); resumes nothing.
+    /// Check an image in full (manifest and every page checksum, and those
+    /// of the images it builds on); resumes nothing.
     Verify {
         /// The image directory.
         dir: PathBuf,
+    },
+    /// Merge an incremental image and the images it builds on into one
+    /// standalone image.
+    Flatten {
+        /// The (incremental) image directory.
+        dir: PathBuf,
+        /// The new image directory.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -27,6 +37,13 @@ pub fn run(out: Output, cmd: ImageCmd) -> CliResult {
     match cmd {
         ImageCmd::Inspect { dir } => inspect(out, dir),
         ImageCmd::Verify { dir } => verify(out, dir),
+        ImageCmd::Flatten { dir, out: to } => {
+            let made = engine::image::flatten(&dir, &to).map_err(engine_error)?;
+            out.emit(&serde_json::json!({ "dir": made }), || {
+                format!("{}: a standalone image", made.display())
+            });
+            Ok(())
+        }
     }
 }
 
@@ -40,6 +57,9 @@ struct VerifyJson {
 
 fn verify(out: Output, dir: PathBuf) -> CliResult {
     let img = engine::Image::open_verified(&dir).map_err(engine_error)?;
+    for a in img.ancestors().map_err(engine_error)? {
+        a.verify_pages().map_err(engine_error)?;
+    }
     let j = VerifyJson {
         dir: dir.clone(),
         ok: true,
@@ -64,6 +84,8 @@ struct MappingJson {
     kind: String,
     size: u64,
     stored: u64,
+    /// Bytes taken from parent images (incremental snapshots).
+    inherited: u64,
 }
 
 #[derive(Serialize)]
@@ -94,6 +116,8 @@ struct InspectJson {
     created_unix_ms: u64,
     kernel: String,
     pages_bytes: u64,
+    /// The image an incremental image builds on.
+    parent: Option<PathBuf>,
     processes: Vec<ProcessJson>,
 }
 
@@ -161,6 +185,7 @@ fn inspect(out: Output, dir: PathBuf) -> CliResult {
                     kind: vma_kind(&v.kind),
                     size: v.len(),
                     stored: v.stored_bytes(),
+                    inherited: v.inherited.iter().map(|r| r[1] * 4096).sum(),
                 })
                 .collect(),
             fds: p.fds.iter().map(fd_json).collect(),
@@ -174,6 +199,7 @@ fn inspect(out: Output, dir: PathBuf) -> CliResult {
         created_unix_ms: m.created_unix_ms,
         kernel: m.kernel.clone(),
         pages_bytes: m.pages.len,
+        parent: m.parent.as_ref().map(|p| p.dir.clone()),
         processes,
     };
     out.emit(&j, || human_inspect(&j));
@@ -191,6 +217,9 @@ fn human_inspect(j: &InspectJson) -> String {
         j.kernel,
         j.pages_bytes
     );
+    if let Some(p) = &j.parent {
+        let _ = writeln!(s, "incremental: builds on {}", p.display());
+    }
     for p in &j.processes {
         let _ = writeln!(
             s,

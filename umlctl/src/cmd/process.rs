@@ -33,6 +33,15 @@ pub struct SnapshotArgs {
     /// the snapshot is stop-and-copy.)
     #[arg(long)]
     pub lazy: bool,
+    /// Arm write tracking, so that later snapshots can be incremental
+    /// (`--parent` this image). A small tracker process holds it until the
+    /// process exits.
+    #[arg(long)]
+    pub track: bool,
+    /// Incremental snapshot: store only the pages written since PARENT, the
+    /// process's latest tracked snapshot (taken with --track or --parent).
+    #[arg(long, value_name = "PARENT")]
+    pub parent: Option<PathBuf>,
     /// Snapshot the process and all its descendants, in one instant.
     #[arg(long)]
     pub tree: bool,
@@ -106,6 +115,12 @@ pub fn snapshot(out: Output, a: SnapshotArgs) -> CliResult {
     }
     if a.lazy {
         cmd.arg("--lazy");
+    }
+    if a.track {
+        cmd.arg("--track");
+    }
+    if let Some(p) = &a.parent {
+        cmd.arg("--parent").arg(p);
     }
     if a.tree {
         cmd.arg("--tree");
@@ -192,6 +207,11 @@ pub fn snapshot_worker(out: Output, a: SnapshotArgs) -> CliResult {
         cancel: Some(&CANCEL),
         progress: Some(&progress),
         lazy: a.lazy,
+        parent: a
+            .parent
+            .as_ref()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
+        tracker: (a.track || a.parent.is_some()).then(tracker_process),
         tree: a.tree,
         tcp_established_close,
     };
@@ -332,5 +352,65 @@ pub fn pager(_out: Output, a: PagerArgs) -> CliResult {
     let image = engine::Image::open(&a.dir).map_err(engine_error)?;
     let report = engine::pager::serve(fd, Some(go), &image, a.pid).map_err(engine_error)?;
     tracing::info!("pager for pid {}: {report:?}", a.pid);
+    Ok(())
+}
+
+/// Starts `umlctl __tracker PID` holding the tracking userfaultfd as fd 3,
+/// in a session of its own; returns its pid.
+fn tracker_process() -> engine::track::TrackerLauncher {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    std::sync::Arc::new(|fd: OwnedFd, pid: i32| {
+        let exe = std::env::current_exe().map_err(|e| engine::Error::io("find umlctl", e))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("__tracker").arg(pid.to_string());
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let raw = fd.as_raw_fd();
+        // SAFETY: fcntl, dup2, close and setsid are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let a = libc::fcntl(raw, libc::F_DUPFD, 100);
+                if a < 0 || libc::dup2(a, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(a);
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| engine::Error::io("start the tracker", e))?;
+        Ok(child.id() as i32)
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrackerArgs {
+    pub pid: i32,
+}
+
+/// The tracker: holds fd 3 (the tracking userfaultfd) until `pid` exits.
+pub fn tracker(_out: Output, a: TrackerArgs) -> CliResult {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: fd 3 was set up by tracker_process() for us alone.
+    let _uffd = unsafe { OwnedFd::from_raw_fd(3) };
+    // SAFETY: pidfd_open takes no pointers.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, a.pid, 0) };
+    if pidfd < 0 {
+        return Ok(());
+    }
+    // SAFETY: the descriptor was just returned to us.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a pidfd polls readable when the process exits.
+    while unsafe { libc::poll(&mut p, 1, -1) } == 0 || (p.revents == 0) {}
+    engine::track::State::forget(a.pid, std::process::id() as i32);
     Ok(())
 }
