@@ -112,9 +112,21 @@ impl Pending {
         }
     }
 
-    /// The next background piece: up to `max` bytes of the first extent.
-    fn next(&mut self, max: u64) -> Option<(u64, u64, u64)> {
-        let (&s, &(len, _)) = self.map.iter().next()?;
+    /// The next background piece: up to `max` bytes of the first extent at
+    /// or after `from` (where the program last faulted: copy ahead of it,
+    /// as readahead does), else of the first extent.
+    fn next(&mut self, max: u64, from: u64) -> Option<(u64, u64, u64)> {
+        let (s, len) = match self.find(from) {
+            Some((s, len, _)) => (from, s + len - from),
+            None => {
+                let (&s, &(len, _)) = self
+                    .map
+                    .range(from..)
+                    .next()
+                    .or_else(|| self.map.iter().next())?;
+                (s, len)
+            }
+        };
         self.take(s, s + len.min(max)).into_iter().next()
     }
 }
@@ -123,6 +135,8 @@ impl Pending {
 struct Context {
     uffd: Uffd,
     pending: Pending,
+    /// Where the background copy goes next: just past the last fault.
+    cursor: u64,
 }
 
 /// What a pager did, for its log.
@@ -176,6 +190,7 @@ pub fn serve(fd: OwnedFd, go: Option<OwnedFd>, image: &Image, pid: i32) -> Resul
     let mut contexts = vec![Context {
         uffd: Uffd::from_fd(fd),
         pending: Pending::from_image(&proc0.vmas),
+        cursor: 0,
     }];
     let mut go = go;
     while !contexts.is_empty() {
@@ -218,7 +233,7 @@ impl Pager<'_> {
         if !prefetch {
             return Ok(true);
         }
-        let Some(piece) = ctx.pending.next(PREFETCH_CHUNK) else {
+        let Some(piece) = ctx.pending.next(PREFETCH_CHUNK, ctx.cursor) else {
             return Ok(true);
         };
         let len = piece.1;
@@ -250,10 +265,11 @@ impl Pager<'_> {
                 // SAFETY: the kernel installed this descriptor in our table for us.
                 let fd = unsafe { OwnedFd::from_raw_fd(m.arg[0] as u32 as i32) };
                 set_nonblocking(&fd);
-                let pending = ctx.pending.clone();
+                let (pending, cursor) = (ctx.pending.clone(), ctx.cursor);
                 contexts.push(Context {
                     uffd: Uffd::from_fd(fd),
                     pending,
+                    cursor,
                 });
                 self.report.forks += 1;
             }
@@ -283,6 +299,7 @@ impl Pager<'_> {
         };
         let lo = (page & !(FAULT_WINDOW - 1)).max(s);
         let hi = (lo + FAULT_WINDOW).min(s + len);
+        ctx.cursor = hi;
         for piece in ctx.pending.take(lo, hi) {
             match self.copy(ctx, piece)? {
                 Outcome::Done => {}
@@ -425,7 +442,7 @@ mod tests {
     fn next_hands_out_everything_once() {
         let mut p = pending(&[(0, 5 << 20, 0)]);
         let mut total = 0;
-        while let Some(piece) = p.next(PREFETCH_CHUNK) {
+        while let Some(piece) = p.next(PREFETCH_CHUNK, 3 << 20) {
             assert!(piece.1 <= PREFETCH_CHUNK);
             total += piece.1;
         }
