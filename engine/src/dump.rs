@@ -99,6 +99,7 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     check_target(pid)?;
     let track = tracking_plan(pid, opts, lazy)?;
     let mut writer = ImageWriter::create(out)?;
+    let mut prearm = if lazy && !opts.tree { Some(prearm(pid)?) } else { None };
     // The target stops as its first thread is seized: count from here.
     let t_frozen = Instant::now();
     let opts_ptrace = Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACECLONE;
@@ -122,8 +123,9 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     let mut cows = Vec::new();
     let mut tracking = None;
     for (f, fds) in frozen.iter_mut().zip(fds) {
+        let pre = prearm.take();
         let (process, taken) =
-            collect(f, fds, &mut writer, opts, &cancelled, lazy, track.as_ref())?;
+            collect(f, fds, &mut writer, opts, &cancelled, (lazy, pre), track.as_ref())?;
         processes.push(process);
         match taken {
             Taken::Cow(c) => cows.push(c),
@@ -243,6 +245,30 @@ fn manifest(parts: Parts, writer: &mut ImageWriter) -> Result<Manifest> {
         pipes,
         parent,
     })
+}
+
+/// A lazy snapshot's first, short stop: the target makes a userfaultfd
+/// (taken into ours), then runs on while its memory is write-protected
+/// (see `cow::Prearm`); the real freeze only protects again what changed.
+fn prearm(pid: i32) -> Result<crate::cow::Prearm> {
+    let t = Instant::now();
+    let mut frozen = Frozen::freeze(pid, Options::PTRACE_O_TRACESYSGOOD)?;
+    let maps = proc::maps(pid)?;
+    let mem = ProcMem::open(pid)?;
+    let ip = inject::find_syscall_ip(&mem, &frozen.regs[0], &maps)?;
+    frozen.touched[0] = true;
+    let mut main = Remote::new(pid, ip, frozen.regs[0]);
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+    let fd = main.check("userfaultfd", libc::SYS_userfaultfd, &[flags])?;
+    let taken = crate::uffd::take_fd(pid, fd as i32);
+    let closed = main.check("close the target's userfaultfd", libc::SYS_close, &[fd]);
+    frozen.intercepted[0] = main.intercepted;
+    frozen.release()?;
+    tracing::debug!("pre-arm stop took {:?}", t.elapsed());
+    let uffd = Uffd::from_fd(taken?);
+    closed?;
+    let vmas = maps.iter().filter(|m| crate::track::trackable(m)).map(|m| (m.start, m.end)).collect();
+    crate::cow::Prearm::start(uffd, pid, vmas)
 }
 
 /// What a snapshot does about write tracking, decided before the freeze.
@@ -426,7 +452,7 @@ fn collect(
     writer: &mut ImageWriter,
     opts: &DumpOptions,
     cancelled: &dyn Fn() -> bool,
-    lazy: bool,
+    (lazy, prearmed): (bool, Option<crate::cow::Prearm>),
     track: Option<&TrackPlan>,
 ) -> Result<(Process, Taken)> {
     let pid = frozen.pid;
@@ -436,7 +462,7 @@ fn collect(
     let fields = proc::stat_fields(pid)?;
     let mem = ProcMem::open(pid)?;
     let t = Instant::now();
-    let want_uffd = lazy || track.is_some_and(|t| t.state.is_none());
+    let want_uffd = lazy && prearmed.is_none() || track.is_some_and(|t| t.state.is_none());
     let mut injected = inject_queries(frozen, &mem, &maps, &st, want_uffd)?;
     tracing::debug!("injected queries in {:?}", t.elapsed());
     let mut threads = Vec::new();
@@ -465,6 +491,11 @@ fn collect(
     tracing::debug!("memory planned in {:?}", t.elapsed());
     let taken = match (track, injected.uffd.take()) {
         (Some(plan), fd) => Taken::Tracking(arm_tracking(pid, &maps, plan, fd)?),
+        (None, None) if prearmed.is_some() => {
+            let deferred: Vec<&Vma> = saved.deferred.iter().map(|&i| &saved.vmas[i]).collect();
+            let (uffd, protect) = prearmed.expect("checked").finish(&deferred)?;
+            Taken::Cow(Cow::arm_with(uffd, pid, &deferred, &protect)?)
+        }
         (None, Some(fd)) => {
             let deferred: Vec<&Vma> = saved.deferred.iter().map(|&i| &saved.vmas[i]).collect();
             Taken::Cow(Cow::arm(Uffd::from_fd(fd), pid, &deferred)?)
