@@ -321,6 +321,32 @@ fn lazy_snapshot_under_continuous_writes_is_one_instant() {
     if !root() {
         return;
     }
+    // Large memory (the copy takes long), and small memory with several
+    // writers (each page is written again within milliseconds).
+    lazy_instant(&[
+        "--mib",
+        "256",
+        "--threads",
+        "3",
+        "--sleep-every",
+        "1000000",
+        "--stall",
+    ]);
+    for _ in 0..3 {
+        lazy_instant(&[
+            "--mib",
+            "12",
+            "--threads",
+            "3",
+            "--sleep-every",
+            "1000000",
+            "--stall",
+        ]);
+    }
+}
+
+fn lazy_instant(base: &[&str]) {
+    let threads: usize = base[3].parse().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out.txt");
     let mut args = vec![

@@ -53,7 +53,10 @@ impl Cow {
     /// stored pages. Call while the target is frozen.
     pub fn arm(uffd: Uffd, pid: i32, vmas: &[&Vma]) -> Result<Cow> {
         uffd.api(EVENTS)?;
-        let all: Vec<(u64, u64)> = vmas.iter().flat_map(|v| v.pages.iter().map(|r| (r[0], r[1] * PAGE_SIZE))).collect();
+        let all: Vec<(u64, u64)> = vmas
+            .iter()
+            .flat_map(|v| v.pages.iter().map(|r| (r[0], r[1] * PAGE_SIZE)))
+            .collect();
         Cow::arm_with(uffd, pid, vmas, &all)
     }
 
@@ -76,7 +79,8 @@ impl Cow {
             }
         }
         for &(a, len) in protect {
-            uffd.writeprotect(a, len, true).map_err(|e| Error::sys("UFFDIO_WRITEPROTECT", e))?;
+            uffd.writeprotect(a, len, true)
+                .map_err(|e| Error::sys("UFFDIO_WRITEPROTECT", e))?;
         }
         runs.sort_by_key(|r| r.addr);
         let ranges = vmas.iter().map(|v| (v.start, v.len())).collect();
@@ -261,7 +265,8 @@ impl Cow {
 }
 
 /// The events a lazy snapshot's userfaultfd asks for.
-pub const EVENTS: u64 = uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_EVENT_UNMAP | uffd::FEATURE_EVENT_REMAP;
+pub const EVENTS: u64 =
+    uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_EVENT_UNMAP | uffd::FEATURE_EVENT_REMAP;
 
 /// Write protection armed while the target still runs, so that the freeze
 /// itself only has to protect again what was written meanwhile: protecting
@@ -327,7 +332,13 @@ impl Prearm {
             let _ = uffd.writeprotect(s, e - s, true);
         }
         present_then.sort();
-        Ok(Prearm { uffd, registered, present_then, stop, thread: Some(thread) })
+        Ok(Prearm {
+            uffd,
+            registered,
+            present_then,
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Call once the target is frozen: stops the serving thread and
@@ -336,17 +347,28 @@ impl Prearm {
     pub fn finish(mut self, vmas: &[&Vma]) -> Result<(Uffd, Vec<(u64, u64)>)> {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let thread = self.thread.take().expect("started");
-        let notes = thread.join().map_err(|_| Error::Restore("pre-arm thread panicked".into()))??;
-        let shared = std::mem::replace(&mut self.uffd, std::sync::Arc::new(Uffd::from_fd(dup_null()?)));
-        let uffd = std::sync::Arc::try_unwrap(shared).map_err(|_| Error::Restore("userfaultfd still shared".into()))?;
-        let overlaps = |a: u64, b: u64, list: &[(u64, u64)]| list.iter().any(|&(s, e)| s < b && a < e);
+        let notes = thread
+            .join()
+            .map_err(|_| Error::Restore("pre-arm thread panicked".into()))??;
+        let shared = std::mem::replace(
+            &mut self.uffd,
+            std::sync::Arc::new(Uffd::from_fd(dup_null()?)),
+        );
+        let uffd = std::sync::Arc::try_unwrap(shared)
+            .map_err(|_| Error::Restore("userfaultfd still shared".into()))?;
+        let overlaps =
+            |a: u64, b: u64, list: &[(u64, u64)]| list.iter().any(|&(s, e)| s < b && a < e);
         let mut protect = Vec::new();
         for v in vmas {
-            let known = self.registered.iter().any(|&(s, e)| s <= v.start && v.end <= e);
+            let known = self
+                .registered
+                .iter()
+                .any(|&(s, e)| s <= v.start && v.end <= e);
             if !known || overlaps(v.start, v.end, &notes.changed) {
                 protect.push((v.start, v.len()));
             } else {
-                let now: Vec<(u64, u64)> = v.pages.iter().map(|r| (r[0], r[1] * PAGE_SIZE)).collect();
+                let now: Vec<(u64, u64)> =
+                    v.pages.iter().map(|r| (r[0], r[1] * PAGE_SIZE)).collect();
                 protect.extend(subtract(&now, &self.present_then));
             }
         }
@@ -361,7 +383,9 @@ impl Prearm {
 
 /// A placeholder descriptor (for a moved-out field).
 fn dup_null() -> Result<std::os::fd::OwnedFd> {
-    std::fs::File::open("/dev/null").map(Into::into).map_err(|e| Error::io("open /dev/null", e))
+    std::fs::File::open("/dev/null")
+        .map(Into::into)
+        .map_err(|e| Error::io("open /dev/null", e))
 }
 
 /// The parts of the sorted ranges `a` not covered by the sorted,
@@ -400,7 +424,10 @@ mod tests {
     fn subtract_leaves_the_uncovered_parts() {
         let a = [(0x1000, 0x5000), (0x10000, 0x1000)];
         let b = [(0x2000, 0x1000), (0x4000, 0x4000)];
-        assert_eq!(super::subtract(&a, &b), vec![(0x1000, 0x1000), (0x3000, 0x1000), (0x10000, 0x1000)]);
+        assert_eq!(
+            super::subtract(&a, &b),
+            vec![(0x1000, 0x1000), (0x3000, 0x1000), (0x10000, 0x1000)]
+        );
         assert_eq!(super::subtract(&a, &[]), a.to_vec());
     }
 }
@@ -412,10 +439,16 @@ fn serve(uffd: &Uffd, stop: &std::sync::atomic::AtomicBool) -> Result<Notes> {
     let mut notes = Notes::default();
     loop {
         let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
-        let mut p = libc::pollfd { fd: uffd.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd {
+            fd: uffd.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         unsafe { libc::poll(&mut p, 1, if stopping { 0 } else { 1 }) };
-        let msgs = uffd.read_msgs().map_err(|e| Error::sys("read userfaultfd", e))?;
+        let msgs = uffd
+            .read_msgs()
+            .map_err(|e| Error::sys("read userfaultfd", e))?;
         for m in &msgs {
             match m.event {
                 uffd::EVENT_PAGEFAULT => {

@@ -99,7 +99,11 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     check_target(pid)?;
     let track = tracking_plan(pid, opts, lazy)?;
     let mut writer = ImageWriter::create(out)?;
-    let mut prearm = if lazy && !opts.tree { Some(prearm(pid)?) } else { None };
+    let mut prearm = if lazy && !opts.tree {
+        Some(prearm(pid)?)
+    } else {
+        None
+    };
     // The target stops as its first thread is seized: count from here.
     let t_frozen = Instant::now();
     let opts_ptrace = Options::PTRACE_O_TRACESYSGOOD | Options::PTRACE_O_TRACECLONE;
@@ -124,8 +128,15 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     let mut tracking = None;
     for (f, fds) in frozen.iter_mut().zip(fds) {
         let pre = prearm.take();
-        let (process, taken) =
-            collect(f, fds, &mut writer, opts, &cancelled, (lazy, pre), track.as_ref())?;
+        let (process, taken) = collect(
+            f,
+            fds,
+            &mut writer,
+            opts,
+            &cancelled,
+            (lazy, pre),
+            track.as_ref(),
+        )?;
         processes.push(process);
         match taken {
             Taken::Cow(c) => cows.push(c),
@@ -267,7 +278,11 @@ fn prearm(pid: i32) -> Result<crate::cow::Prearm> {
     tracing::debug!("pre-arm stop took {:?}", t.elapsed());
     let uffd = Uffd::from_fd(taken?);
     closed?;
-    let vmas = maps.iter().filter(|m| crate::track::trackable(m)).map(|m| (m.start, m.end)).collect();
+    let vmas = maps
+        .iter()
+        .filter(|m| crate::track::trackable(m))
+        .map(|m| (m.start, m.end))
+        .collect();
     crate::cow::Prearm::start(uffd, pid, vmas)
 }
 
