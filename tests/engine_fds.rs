@@ -59,13 +59,13 @@ fn roundtrip(mode: &str, snap_args: &[&str]) -> String {
     ok(&snapshot(child.id() as i32, &img, &args));
     kill_child(child);
     let pids = resume(&img, &[]);
+    let _reaper = Reaper::pids(pids.clone());
     fs::write(tmp.path().join("go"), "").unwrap();
     let text = wait_for(
         &out,
         |t| t.contains(&format!("{mode} ok")) || t.contains("BAD"),
         &format!("{mode} checks"),
     );
-    kill_all(&pids);
     assert!(text.contains(&format!("{mode} ok")), "{text}");
     text
 }
@@ -269,8 +269,9 @@ fn redis_server_keeps_its_data_across_snapshot_kill_resume() {
         tmp.path(),
         &out,
     );
-    wait_for(&out, |t| t.contains("Ready to accept"), "redis ready");
     let pid = child.id() as i32;
+    let mut reaper = Reaper::child(child);
+    wait_for(&out, |t| t.contains("Ready to accept"), "redis ready");
     let listening = sockets(pid);
     let script: String = (0..500).map(|i| format!("SET key{i} value{i}\n")).collect();
     let mut cli = Command::new("redis-cli")
@@ -299,8 +300,8 @@ fn redis_server_keeps_its_data_across_snapshot_kill_resume() {
     }
     let img = tmp.path().join("img");
     ok(&snapshot(pid, &img, &["--kill"]));
-    kill_child(child);
     let pids = resume(&img, &[]);
+    reaper.pids = pids;
     assert_eq!(redis_cli(port, &["DBSIZE"]), "501");
     assert_eq!(redis_cli(port, &["GET", "key377"]), "value377");
     assert_eq!(redis_cli(port, &["LRANGE", "list", "0", "-1"]), "a\nb\nc");
@@ -308,5 +309,4 @@ fn redis_server_keeps_its_data_across_snapshot_kill_resume() {
     assert_eq!(redis_cli(port, &["INCR", "counter"]), "1");
     assert_eq!(redis_cli(port, &["GET", "after"]), "resume");
     assert_eq!(redis_cli(port, &["DBSIZE"]), "503");
-    kill_all(&pids);
 }

@@ -64,6 +64,7 @@ fn producer_consumer_tree_loses_and_duplicates_no_byte() {
     );
     assert_eq!(image_pids(&img).len(), 3);
     let pids = resume(&img, &[]);
+    let _reaper = Reaper::pids(pids.clone());
     assert_eq!(pids.len(), 3);
     // The children are the resumed shell's children again.
     for &c in &pids[1..] {
@@ -96,6 +97,7 @@ fn tree_resumed_twice_in_new_pid_namespaces_runs_as_two_copies() {
         resume(&ib, &["--pid-ns", "new", "--stdio", pb.to_str().unwrap()])
     });
     let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    let _reaper = Reaper::pids(a.iter().chain(&b).copied().collect());
     assert_eq!(a.len(), 3);
     assert_eq!(b.len(), 3);
     let inner = |pid: i32| {

@@ -1,10 +1,13 @@
 //! File descriptors: what is saved of each, and how it is reopened.
 //!
-//! Supported now: regular files and directories (path, flags, offset),
-//! deleted files (contents saved, restored unlinked), character devices by
-//! path, and std streams that were pipes, sockets or terminals (the resumer
-//! decides what they become). Anything else is refused at snapshot time,
-//! naming the fd, before any image is written.
+//! Reopened by path here: regular files and directories (path, flags,
+//! offset), deleted files (contents saved, restored unlinked), character
+//! devices, and std streams that were terminals, sockets or pipes leading
+//! out of the snapshot (the resumer decides what they become). Pipes,
+//! sockets, epoll, eventfd, signalfd, timerfd, memfd, and in a tree every
+//! regular file, are open file descriptions kept as objects (`fds`). The
+//! locks held through each fd are in `locks`. Anything else is refused at
+//! snapshot time, naming the fd, before any image is written.
 
 use crate::error::{Error, IoContext, Result};
 use crate::image::{Fd, FdKind, FileId, ImageWriter};
