@@ -523,8 +523,9 @@ fn same_pid_is_restored_or_refused_clearly() {
     signal(new, libc::SIGKILL);
 }
 
-fn count_workloads() -> usize {
-    let exe = fs::canonicalize(common::tool("workload")).unwrap();
+/// Live processes running the program `exe`.
+fn count_running(exe: &Path) -> usize {
+    let exe = fs::canonicalize(exe).unwrap();
     fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
@@ -567,7 +568,12 @@ fn corrupt_images_are_refused_before_anything_runs() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out.txt");
-    let child = workload(&["--mib", "4"], &out);
+    // A private copy of the workload: other tests run theirs meanwhile, and
+    // a process resumed from this image would run this very file.
+    let exe = tmp.path().join("workload-corrupt");
+    fs::copy(common::tool("workload"), &exe).unwrap();
+    let child = spawn(&exe, &["--mib", "4"], &out, None);
+    wait_for(&out, |t| t.contains("ready"), "workload ready");
     let good = tmp.path().join("good");
     ok(&snapshot(child.id() as i32, &good, &["--kill"]));
     kill_and_reap(child);
@@ -629,7 +635,7 @@ fn corrupt_images_are_refused_before_anything_runs() {
         let dir = tmp.path().join(format!("bad{i}"));
         copy_dir(&good, &dir);
         damage(&dir);
-        let before = count_workloads();
+        let before = count_running(&exe);
         for cmd in [&["image", "verify"][..], &["resume"][..]] {
             let mut args = cmd.to_vec();
             args.push(dir.to_str().unwrap());
@@ -651,7 +657,7 @@ fn corrupt_images_are_refused_before_anything_runs() {
             );
         }
         assert_eq!(
-            count_workloads(),
+            count_running(&exe),
             before,
             "{name}: a process was started from a corrupt image"
         );
