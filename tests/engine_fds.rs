@@ -148,6 +148,13 @@ fn unix_connection_between_parent_and_child_keeps_bytes_in_flight() {
 }
 
 #[test]
+fn std_stream_socket_to_the_parent_stays_connected() {
+    if can_trace() {
+        roundtrip("stdsock", &["--tree"]);
+    }
+}
+
+#[test]
 fn o_async_owner_and_signal_come_back() {
     if can_trace() {
         roundtrip("async", &[]);

@@ -349,6 +349,31 @@ static void unix_tree(void) {
     printf("unixtree ok\n");
 }
 
+/* A child whose stdin is a socket to its parent (as UML's stubs have):
+ * a std stream, but one that leads inside the snapshot. */
+static void std_socket(void) {
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    pid_t c = fork();
+    if (c == 0) {
+        CHECK(dup2(sv[1], 0) == 0);
+        close(sv[0]);
+        close(sv[1]);
+        while (access("go", F_OK) != 0) usleep(10000);
+        char b[8] = {0};
+        CHECK(read(0, b, 5) == 5 && memcmp(b, "hello", 5) == 0);
+        CHECK(write(0, "reply", 5) == 5);
+        _exit(0);
+    }
+    CHECK(write(sv[0], "hello", 5) == 5);
+    wait_go();
+    char b[8] = {0};
+    CHECK(read(sv[0], b, 5) == 5 && memcmp(b, "reply", 5) == 0);
+    int st;
+    CHECK(waitpid(c, &st, 0) == c && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    printf("stdsock ok\n");
+}
+
 /* A parent and child sharing anonymous memory and a file offset. */
 static void shared(void) {
     volatile int *shm = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -455,6 +480,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(mode, "locks")) locks();
     else if (!strcmp(mode, "shared")) shared();
     else if (!strcmp(mode, "unixtree")) unix_tree();
+    else if (!strcmp(mode, "stdsock")) std_socket();
     else if (!strcmp(mode, "async")) async_io();
     else if (!strcmp(mode, "seccomp")) seccomp_filter();
     else if (!strcmp(mode, "strict")) strict();

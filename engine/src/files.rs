@@ -69,7 +69,8 @@ pub fn collect(
             flags,
             ft,
         };
-        let kind = if fd <= 2 && (outer_pipe || ft.is_socket() || is_tty(&target, &ft)) {
+        let outer_socket = ft.is_socket() && !objects.inner_socket(&target);
+        let kind = if fd <= 2 && (outer_pipe || outer_socket || is_tty(&target, &ft)) {
             FdKind::Stdio {
                 was: target.clone(),
                 flags: flags & KEEP_FLAGS,

@@ -67,6 +67,8 @@ pub struct Objects {
     seen: Vec<(i32, i32, u64, u32)>,
     /// Pipe inode -> (some process of the snapshot reads it, one writes it).
     pipe_ends: HashMap<u64, (bool, bool)>,
+    /// Inodes of every socket the snapshot's processes hold.
+    sockets: std::collections::HashSet<u64>,
     /// --tcp-established close: save established TCP connections as reset.
     pub tcp_close: bool,
     /// A tree: regular files are objects too, as fork shares their offsets.
@@ -80,6 +82,7 @@ impl Objects {
             pipes: vec![],
             seen: vec![],
             pipe_ends: pipes::ends(pids)?,
+            sockets: sockets::held(pids)?,
             tcp_close,
             tree: pids.len() > 1,
         })
@@ -91,6 +94,16 @@ impl Objects {
             .strip_prefix("pipe:[")
             .and_then(|r| r.trim_end_matches(']').parse::<u64>().ok());
         ino.and_then(|i| self.pipe_ends.get(&i)) == Some(&(true, true))
+    }
+
+    /// True if the socket behind `link` is a unix socket whose peer is held
+    /// inside the snapshot (a std stream connected to a parent, say).
+    pub fn inner_socket(&self, link: &str) -> bool {
+        let ino = link
+            .strip_prefix("socket:[")
+            .and_then(|r| r.trim_end_matches(']').parse::<u64>().ok());
+        ino.and_then(sockets::unix_peer)
+            .is_some_and(|peer| self.sockets.contains(&peer))
     }
 
     /// The object id for this fd, saving the object the first time its open

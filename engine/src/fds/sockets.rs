@@ -279,6 +279,32 @@ fn has_rights(msg: &libc::msghdr) -> bool {
     found
 }
 
+/// Inodes of the sockets the processes hold.
+pub fn held(pids: &[i32]) -> Result<std::collections::HashSet<u64>> {
+    let mut out = std::collections::HashSet::new();
+    for &pid in pids {
+        for fd in crate::proc::fds(pid)? {
+            let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
+            let link = link.to_string_lossy();
+            if let Some(i) = link
+                .strip_prefix("socket:[")
+                .and_then(|r| r.trim_end_matches(']').parse().ok())
+            {
+                out.insert(i);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The peer of a connected unix socket (None for other sockets).
+pub fn unix_peer(ino: u64) -> Option<u64> {
+    unix_diag(ino)
+        .ok()
+        .map(|d| d.peer as u64)
+        .filter(|&p| p != 0)
+}
+
 struct UnixDiag {
     peer: u32,
     rqueue: u32,
