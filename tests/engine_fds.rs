@@ -141,6 +141,13 @@ fn tree_shares_anonymous_memory_and_file_offsets_again() {
 }
 
 #[test]
+fn unix_connection_between_parent_and_child_keeps_bytes_in_flight() {
+    if can_trace() {
+        roundtrip("unixtree", &["--tree"]);
+    }
+}
+
+#[test]
 fn o_async_owner_and_signal_come_back() {
     if can_trace() {
         roundtrip("async", &[]);

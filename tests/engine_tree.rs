@@ -66,9 +66,17 @@ fn producer_consumer_tree_loses_and_duplicates_no_byte() {
     let pids = resume(&img, &[]);
     let _reaper = Reaper::pids(pids.clone());
     assert_eq!(pids.len(), 3);
-    // The children are the resumed shell's children again.
+    // The children are the resumed shell's children again, in its process
+    // group (it leads its session and group, as it did).
+    let stat = |pid: i32, field: usize| -> i32 {
+        let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let rest: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
+        rest[field - 3].parse().unwrap()
+    };
+    assert_eq!((stat(pids[0], 5), stat(pids[0], 6)), (pids[0], pids[0]));
     for &c in &pids[1..] {
         assert_eq!(status_field(c, "PPid"), pids[0].to_string());
+        assert_eq!((stat(c, 5), stat(c, 6)), (pids[0], pids[0]));
     }
     let text = wait_for(&out, |t| t.contains("done") || t.contains("BAD"), "the end");
     assert!(text.contains("done 200000 ok"), "{text}");

@@ -318,6 +318,37 @@ static void locks(void) {
     printf("locks ok\n");
 }
 
+/* A unix stream between a parent (listening on a path) and its child,
+ * with bytes in flight both ways at the snapshot. */
+static void unix_tree(void) {
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strcpy(a.sun_path, "tree.sock");
+    unlink(a.sun_path);
+    int l = unix_listener(&a, sizeof a);
+    pid_t c = fork();
+    if (c == 0) {
+        int s = socket(AF_UNIX, SOCK_STREAM, 0);
+        CHECK(connect(s, (struct sockaddr *)&a, sizeof a) == 0);
+        CHECK(write(s, "to parent", 9) == 9);
+        while (access("go", F_OK) != 0) usleep(10000);
+        char b[16] = {0};
+        CHECK(read(s, b, sizeof b) == 8 && memcmp(b, "to child", 8) == 0); /* after resume */
+        CHECK(write(s, "bye", 3) == 3);
+        _exit(0);
+    }
+    int s = accept(l, NULL, NULL);
+    CHECK(s >= 0);
+    usleep(100000); /* the child's bytes are queued */
+    CHECK(write(s, "to child", 8) == 8);
+    wait_go();
+    char b[16] = {0};
+    CHECK(read(s, b, 9) == 9 && memcmp(b, "to parent", 9) == 0);
+    CHECK(read(s, b, 3) == 3 && memcmp(b, "bye", 3) == 0);
+    int st;
+    CHECK(waitpid(c, &st, 0) == c && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    printf("unixtree ok\n");
+}
+
 /* A parent and child sharing anonymous memory and a file offset. */
 static void shared(void) {
     volatile int *shm = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -423,6 +454,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(mode, "timers")) timers();
     else if (!strcmp(mode, "locks")) locks();
     else if (!strcmp(mode, "shared")) shared();
+    else if (!strcmp(mode, "unixtree")) unix_tree();
     else if (!strcmp(mode, "async")) async_io();
     else if (!strcmp(mode, "seccomp")) seccomp_filter();
     else if (!strcmp(mode, "strict")) strict();
