@@ -174,6 +174,10 @@ static void unixes(void) {
     struct sockaddr_un da = {.sun_family = AF_UNIX};
     strcpy(da.sun_path, "dgram.sock");
     unlink(da.sun_path);
+    int orphan[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, orphan) == 0);
+    CHECK(write(orphan[0], "last words", 10) == 10);
+    close(orphan[0]); /* the peer is gone; its bytes are still to read */
     int d = socket(AF_UNIX, SOCK_DGRAM, 0), sender = socket(AF_UNIX, SOCK_DGRAM, 0);
     CHECK(d >= 0 && bind(d, (struct sockaddr *)&da, sizeof da) == 0);
     CHECK(sendto(sender, "queued dgram", 12, 0, (struct sockaddr *)&da, sizeof da) == 12);
@@ -195,6 +199,8 @@ static void unixes(void) {
     int c2 = socket(AF_UNIX, SOCK_STREAM, 0);
     CHECK(connect(c2, (struct sockaddr *)&aa, alen) == 0 && accept(la, NULL, NULL) >= 0);
     CHECK(recv(d, b, sizeof b, 0) == 12 && memcmp(b, "queued dgram", 12) == 0);
+    CHECK(read(orphan[1], b, sizeof b) == 10 && memcmp(b, "last words", 10) == 0);
+    CHECK(read(orphan[1], b, sizeof b) == 0);
     printf("unix ok\n");
 }
 

@@ -407,6 +407,14 @@ pub fn create_all(objects: &[FileObject], made: &mut HashMap<u32, OwnedFd>) -> R
             made.insert(pid_, b);
             continue;
         }
+        if s.family == libc::AF_UNIX && s.peer == 0 && !bound(s) && !s.queue.is_empty() {
+            // Its peer is gone, leaving bytes to read: a pair whose other
+            // end writes them and closes (the reader then sees end of file).
+            let (a, b) = pair(s)?;
+            refill(&b, &s.queue, s.stype)?;
+            made.insert(id, a);
+            continue;
+        }
         made.insert(id, single(s)?);
     }
     Ok(())
