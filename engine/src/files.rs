@@ -168,45 +168,16 @@ pub fn restore(
         libc::SYS_close_range,
         &[3, installer.base as u64 - 1, 0],
     );
-    // Deleted files are recreated here and reopened by the puppet through
-    // /proc/<us>/fd: they must stay open until the batch has run.
+    // Deleted files recreated for the puppet to open (see `open_spec`).
     let mut keep_alive = Vec::new();
     let mut predicted = Vec::new();
     for f in fds {
-        let (path, flags, mode) = match &f.kind {
-            FdKind::File { path, flags, .. } | FdKind::CharDev { path, flags } => {
-                (path.clone(), *flags | libc::O_NOCTTY, 0)
-            }
-            FdKind::DeletedFile {
-                path,
-                flags,
-                len,
-                offset,
-                ..
-            } => {
-                let data = &pages[*offset as usize..(*offset + *len) as usize];
-                let file = recreate_deleted(path, data)?;
-                let via = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
-                keep_alive.push(file);
-                (via, *flags & !libc::O_CREAT, 0)
-            }
-            FdKind::Object { id } => {
-                let from = installer.fd(*id)?;
-                b.call("dup3", libc::SYS_dup3, &[from as u64, f.fd as u64, 0]);
-                open.insert(f.fd);
-                (String::new(), 0, 0)
-            }
-            FdKind::Stdio { flags, .. } => match stdio {
-                Stdio::Inherit => (String::new(), 0, 0),
-                Stdio::Null => ("/dev/null".into(), *flags & libc::O_ACCMODE, 0),
-                Stdio::Path(path) if f.fd == 0 => (path.clone(), libc::O_RDONLY, 0),
-                Stdio::Path(path) => (
-                    path.clone(),
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
-                    0o600,
-                ),
-            },
-        };
+        if let FdKind::Object { id } = f.kind {
+            let from = installer.fd(id)?;
+            b.call("dup3", libc::SYS_dup3, &[from as u64, f.fd as u64, 0]);
+            open.insert(f.fd);
+        }
+        let (path, flags, mode) = open_spec(f, stdio, pages, &mut keep_alive)?;
         if !path.is_empty() {
             let nfd = (0..).find(|n| !open.contains(n)).expect("a free fd");
             let addr = b.path(&path)?;
@@ -253,6 +224,47 @@ pub fn restore(
     )?;
     objects_after_install(p, process, objects, pids)?;
     crate::locks::restore(p, fds)
+}
+
+/// What the puppet opens for `f`: (path, flags, mode); an empty path for
+/// nothing (inherited std streams, objects). Deleted files are recreated
+/// here and reached through /proc/<us>/fd; `keep_alive` holds them until
+/// the puppet has opened them.
+fn open_spec(
+    f: &Fd,
+    stdio: &Stdio,
+    pages: &[u8],
+    keep_alive: &mut Vec<std::fs::File>,
+) -> Result<(String, i32, u64)> {
+    Ok(match &f.kind {
+        FdKind::File { path, flags, .. } | FdKind::CharDev { path, flags } => {
+            (path.clone(), *flags | libc::O_NOCTTY, 0)
+        }
+        FdKind::DeletedFile {
+            path,
+            flags,
+            len,
+            offset,
+            ..
+        } => {
+            let data = &pages[*offset as usize..(*offset + *len) as usize];
+            let file = recreate_deleted(path, data)?;
+            let via = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
+            keep_alive.push(file);
+            (via, *flags & !libc::O_CREAT, 0)
+        }
+        FdKind::Object { .. } => (String::new(), 0, 0),
+        FdKind::Stdio { flags, .. } => match stdio {
+            Stdio::Inherit => (String::new(), 0, 0),
+            Stdio::Null => ("/dev/null".into(), *flags & libc::O_ACCMODE, 0),
+            Stdio::Path(path) if f.fd == 0 => (path.clone(), libc::O_RDONLY, 0),
+            Stdio::Path(path) => (
+                path.clone(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+                0o600,
+            ),
+        },
+    })
 }
 
 /// What needs every fd at its number: epoll registrations (keyed by fd
