@@ -155,6 +155,13 @@ fn std_stream_socket_to_the_parent_stays_connected() {
 }
 
 #[test]
+fn guard_pages_are_skipped_and_installed_again() {
+    if can_trace() {
+        roundtrip("guard", &[]);
+    }
+}
+
+#[test]
 fn o_async_owner_and_signal_come_back() {
     if can_trace() {
         roundtrip("async", &[]);

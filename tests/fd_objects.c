@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -386,11 +387,19 @@ static void shared(void) {
     CHECK(shm != MAP_FAILED);
     int f = open("shared.txt", O_RDWR | O_CREAT | O_TRUNC, 0600);
     CHECK(f >= 0 && write(f, "start ", 6) == 6);
+    /* A deleted file, held open and mapped shared by both (as UML holds
+     * its guest memory): fd and mappings must stay one object. */
+    int ram = open("ram", O_RDWR | O_CREAT | O_TRUNC, 0600);
+    CHECK(ram >= 0 && ftruncate(ram, 4096) == 0);
+    volatile char *rm = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, ram, 0);
+    CHECK(rm != MAP_FAILED && unlink("ram") == 0);
+    rm[0] = 'p';
     shm[0] = 1;
     pid_t c = fork();
     if (c == 0) {
         while (shm[1] == 0) usleep(1000); /* the parent's go */
         CHECK(write(f, "child ", 6) == 6);
+        rm[1] = 'c';
         shm[2] = 42;
         _exit(0);
     }
@@ -402,6 +411,7 @@ static void shared(void) {
     CHECK(waitpid(c, &st, 0) == c && WIFEXITED(st) && WEXITSTATUS(st) == 0);
     char b[32] = {0};
     CHECK(pread(f, b, sizeof b, 0) == 18 && memcmp(b, "start child parent", 18) == 0);
+    CHECK(pread(ram, b, 2, 0) == 2 && b[0] == 'p' && b[1] == 'c' && rm[1] == 'c');
     printf("shared ok\n");
 }
 
@@ -470,6 +480,34 @@ static void strict(void) {
     syscall(SYS_exit, 0);
 }
 
+static sigjmp_buf fault_jmp;
+
+static void on_segv(int sig) {
+    (void)sig;
+    siglongjmp(fault_jmp, 1);
+}
+
+/* A guard page (MADV_GUARD_INSTALL, as glibc 2.41 puts below thread
+ * stacks) between two pages of data: it must fault again after resume. */
+static void guard_pages(void) {
+    char *m = mmap(NULL, 3 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(m != MAP_FAILED);
+    memset(m, 'a', 4096);
+    memset(m + 8192, 'c', 4096);
+    CHECK(madvise(m + 4096, 4096, 102 /* MADV_GUARD_INSTALL */) == 0);
+    wait_go();
+    CHECK(m[0] == 'a' && m[8191 + 4096] == 'c');
+    signal(SIGSEGV, on_segv);
+    volatile char *g = m + 4096;
+    int faulted = 0;
+    if (sigsetjmp(fault_jmp, 1) == 0)
+        (void)*g;
+    else
+        faulted = 1;
+    CHECK(faulted);
+    printf("guard ok\n");
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     mode = argc > 1 ? argv[1] : "";
@@ -487,6 +525,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(mode, "shared")) shared();
     else if (!strcmp(mode, "unixtree")) unix_tree();
     else if (!strcmp(mode, "stdsock")) std_socket();
+    else if (!strcmp(mode, "guard")) guard_pages();
     else if (!strcmp(mode, "async")) async_io();
     else if (!strcmp(mode, "seccomp")) seccomp_filter();
     else if (!strcmp(mode, "strict")) strict();

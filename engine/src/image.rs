@@ -220,6 +220,10 @@ pub struct Vma {
     /// with depth 1 for the parent, 2 for its parent...
     #[serde(default)]
     pub inherited: Vec<[u64; 4]>,
+    /// Guard pages (MADV_GUARD_INSTALL, as glibc puts below thread stacks):
+    /// [address, page count]; installed again at resume.
+    #[serde(default)]
+    pub guards: Vec<[u64; 2]>,
 }
 
 impl Vma {

@@ -588,6 +588,13 @@ fn map_memory(
                 &[v.start, v.len(), v.prot() as u64],
             );
         }
+        for g in &v.guards {
+            protects.call(
+                "madvise(MADV_GUARD_INSTALL)",
+                libc::SYS_madvise,
+                &[g[0], g[1] * PAGE_SIZE, sys::MADV_GUARD_INSTALL],
+            );
+        }
     }
     p.run(maps)?;
     for v in vmas.iter().filter(|v| fill_now(v)) {

@@ -166,15 +166,16 @@ fn inq(fd: i32) -> i32 {
 /// "1.2.3.4:80" or "[::1]:80" from raw sockaddr bytes.
 pub fn addr_text(raw: &[u8]) -> String {
     let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
-    match raw.len() {
-        16.. if raw[0] as i32 == libc::AF_INET => {
+    let family = raw.first().map_or(-1, |&f| f as i32);
+    match (family, raw.len()) {
+        (libc::AF_INET, 16..) => {
             format!("{}.{}.{}.{}:{}", raw[4], raw[5], raw[6], raw[7], port(raw))
         }
-        28.. => {
+        (libc::AF_INET6, 28..) => {
             let a: [u8; 16] = raw[8..24].try_into().expect("16");
             format!("[{}]:{}", std::net::Ipv6Addr::from(a), port(raw))
         }
-        2.. if raw[0] as i32 == libc::AF_UNIX => {
+        (libc::AF_UNIX, 3..) => {
             let p = &raw[2..];
             match p.first() {
                 Some(0) => format!("@{}", String::from_utf8_lossy(&p[1..])),
