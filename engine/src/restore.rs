@@ -105,6 +105,16 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     if procs.is_empty() {
         return Err(Error::bad_image(dir, "holds no process"));
     }
+    if opts.lazy.is_some() && procs.len() > 1 {
+        // The pager serves one process's memory (pager::serve).
+        return Err(Error::Unsupported {
+            pid: procs[0].pid,
+            what: format!(
+                "the image holds a tree of {} processes, which a lazy resume does not support yet: resume it without --lazy",
+                procs.len()
+            ),
+        });
+    }
     // Processes of a tree know each other's pids (a parent waits for its
     // child by pid): they keep them, here or in a new PID namespace.
     let same_pid = opts.same_pid || opts.new_pid_ns || procs.len() > 1;
