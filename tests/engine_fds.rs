@@ -24,7 +24,8 @@ fn probe() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fd_objects.c");
-        let bin = std::env::temp_dir().join(format!("umlctl-fd-objects-{}", std::process::id()));
+        let bin = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("fd-objects-{}", std::process::id()));
         let st = Command::new("cc")
             .args(["-O1", "-Wall", "-pthread", "-o"])
             .arg(&bin)
