@@ -40,7 +40,7 @@ fn block_copy_up_stores_about_one_block() {
     let base_before = file_hash(&img);
 
     let store = t.path().join("store");
-    ok(&["fs", "create", s(&store), "--base", s(&base)]);
+    support::create(&store, &base, None);
     let m = Mounted::new(&store, &t.path().join("mnt"));
     let before = stored_bytes(&store);
     let off = 512 * MIB - 64 * 1024 + 1000; // inside one 64 KiB block
@@ -137,15 +137,7 @@ fn checkpoint_write_rollback_is_exact() {
     let (_t, base, store, mnt) = support::dirs();
     make_base(&base);
     let base_before = snapshot(&base);
-    ok(&[
-        "fs",
-        "create",
-        s(&store),
-        "--base",
-        s(&base),
-        "--block-size",
-        "4K",
-    ]);
+    support::create(&store, &base, Some("4K"));
     let m = Mounted::new(&store, &mnt);
     fs::write(m.path("before.txt"), "made before the checkpoint").unwrap();
     let snap0 = snapshot(&mnt);
@@ -207,7 +199,7 @@ fn rollback_with_files_open() {
     }
     let (_t, base, store, mnt) = support::dirs();
     fs::write(base.join("f"), pattern(100_000, 7)).unwrap();
-    ok(&["fs", "create", s(&store), "--base", s(&base)]);
+    support::create(&store, &base, None);
     let m = Mounted::new(&store, &mnt);
     let fd = OpenOptions::new()
         .read(true)
@@ -253,8 +245,8 @@ fn two_stores_share_one_base() {
     make_base(&base);
     let base_before = snapshot(&base);
     let (s1, s2) = (t.path().join("s1"), t.path().join("s2"));
-    ok(&["fs", "create", s(&s1), "--base", s(&base)]);
-    ok(&["fs", "create", s(&s2), "--base", s(&base)]);
+    support::create(&s1, &base, None);
+    support::create(&s2, &base, None);
     let m1 = Mounted::new(&s1, &t.path().join("m1"));
     let m2 = Mounted::new(&s2, &t.path().join("m2"));
     fs::write(m1.path("etc/app.conf"), "one").unwrap();
@@ -339,15 +331,7 @@ fn file_data_behaves_like_the_native_filesystem() {
     fs::copy(base.join("f"), &native).unwrap();
     data_ops(&native, &|| {});
 
-    ok(&[
-        "fs",
-        "create",
-        s(&store),
-        "--base",
-        s(&base),
-        "--block-size",
-        "8K",
-    ]);
+    support::create(&store, &base, Some("8K"));
     let m = Mounted::new(&store, &mnt);
     let n = std::cell::Cell::new(0);
     let checkpoint = || {
@@ -395,7 +379,7 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
         ]),
         2
     );
-    ok(&["fs", "create", s(&store), "--base", s(&base)]);
+    support::create(&store, &base, None);
     assert_eq!(code(&["fs", "create", s(&store), "--base", s(&base)]), 6);
     assert_eq!(code(&["fs", "list", s(&missing)]), 7);
     assert_eq!(code(&["fs", "rollback", s(&store), "unknown"]), 7);
@@ -407,7 +391,7 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     let stack = fs::read(store.join("stack.json")).unwrap();
     // The mountpoint is in use; the store is already mounted.
     let other = t.path().join("other");
-    ok(&["fs", "create", s(&other), "--base", s(&base)]);
+    support::create(&other, &base, None);
     let out = umlctl(&["fs", "mount", s(&other), s(&mnt)]);
     assert_eq!(out.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
@@ -464,15 +448,7 @@ fn deleted_checkpoints_layers_are_merged_in_the_background() {
     }
     let (_t, base, store, mnt) = support::dirs();
     make_base(&base);
-    ok(&[
-        "fs",
-        "create",
-        s(&store),
-        "--base",
-        s(&base),
-        "--block-size",
-        "4K",
-    ]);
+    support::create(&store, &base, Some("4K"));
     let m = Mounted::new(&store, &mnt);
     let mut snaps = Vec::new();
     for (round, name) in [(1, "a"), (2, "b"), (3, "c")] {

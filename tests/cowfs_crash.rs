@@ -82,15 +82,7 @@ fn sigkill_during_writes_loses_nothing_fsynced() {
     let (_t, base, store, mnt) = support::dirs();
     fs::write(base.join("big"), pattern(BIG as usize, 99)).unwrap();
     fs::create_dir(&mnt).unwrap();
-    ok(&[
-        "fs",
-        "create",
-        s(&store),
-        "--base",
-        s(&base),
-        "--block-size",
-        "16K",
-    ]);
+    support::create(&store, &base, Some("16K"));
 
     // The checkpoint every round must find intact.
     let pid = mount_json(&store, &mnt);

@@ -55,6 +55,15 @@ pub fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     (t, base, store, mnt)
 }
 
+/// `umlctl fs create STORE --base BASE [--block-size BS]`.
+pub fn create(store: &Path, base: &Path, block_size: Option<&str>) {
+    let mut args = vec!["fs", "create", s(store), "--base", s(base)];
+    if let Some(bs) = block_size {
+        args.extend(["--block-size", bs]);
+    }
+    ok(&args);
+}
+
 /// A mounted store, unmounted when dropped.
 pub struct Mounted {
     pub store: PathBuf,

@@ -24,7 +24,8 @@ fn probe() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fd_objects.c");
-        let bin = std::env::temp_dir().join(format!("umlctl-fd-objects-{}", std::process::id()));
+        let bin = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("fd-objects-{}", std::process::id()));
         let st = Command::new("cc")
             .args(["-O1", "-Wall", "-pthread", "-o"])
             .arg(&bin)
@@ -59,13 +60,13 @@ fn roundtrip(mode: &str, snap_args: &[&str]) -> String {
     ok(&snapshot(child.id() as i32, &img, &args));
     kill_child(child);
     let pids = resume(&img, &[]);
+    let _reaper = Reaper::pids(pids.clone());
     fs::write(tmp.path().join("go"), "").unwrap();
     let text = wait_for(
         &out,
         |t| t.contains(&format!("{mode} ok")) || t.contains("BAD"),
         &format!("{mode} checks"),
     );
-    kill_all(&pids);
     assert!(text.contains(&format!("{mode} ok")), "{text}");
     text
 }
@@ -137,6 +138,27 @@ fn posix_flock_and_ofd_locks_are_held_again() {
 fn tree_shares_anonymous_memory_and_file_offsets_again() {
     if can_trace() {
         roundtrip("shared", &["--tree"]);
+    }
+}
+
+#[test]
+fn unix_connection_between_parent_and_child_keeps_bytes_in_flight() {
+    if can_trace() {
+        roundtrip("unixtree", &["--tree"]);
+    }
+}
+
+#[test]
+fn std_stream_socket_to_the_parent_stays_connected() {
+    if can_trace() {
+        roundtrip("stdsock", &["--tree"]);
+    }
+}
+
+#[test]
+fn guard_pages_are_skipped_and_installed_again() {
+    if can_trace() {
+        roundtrip("guard", &[]);
     }
 }
 
@@ -269,8 +291,9 @@ fn redis_server_keeps_its_data_across_snapshot_kill_resume() {
         tmp.path(),
         &out,
     );
-    wait_for(&out, |t| t.contains("Ready to accept"), "redis ready");
     let pid = child.id() as i32;
+    let mut reaper = Reaper::child(child);
+    wait_for(&out, |t| t.contains("Ready to accept"), "redis ready");
     let listening = sockets(pid);
     let script: String = (0..500).map(|i| format!("SET key{i} value{i}\n")).collect();
     let mut cli = Command::new("redis-cli")
@@ -299,8 +322,8 @@ fn redis_server_keeps_its_data_across_snapshot_kill_resume() {
     }
     let img = tmp.path().join("img");
     ok(&snapshot(pid, &img, &["--kill"]));
-    kill_child(child);
     let pids = resume(&img, &[]);
+    reaper.pids = pids;
     assert_eq!(redis_cli(port, &["DBSIZE"]), "501");
     assert_eq!(redis_cli(port, &["GET", "key377"]), "value377");
     assert_eq!(redis_cli(port, &["LRANGE", "list", "0", "-1"]), "a\nb\nc");
@@ -308,5 +331,4 @@ fn redis_server_keeps_its_data_across_snapshot_kill_resume() {
     assert_eq!(redis_cli(port, &["INCR", "counter"]), "1");
     assert_eq!(redis_cli(port, &["GET", "after"]), "resume");
     assert_eq!(redis_cli(port, &["DBSIZE"]), "503");
-    kill_all(&pids);
 }

@@ -165,3 +165,34 @@ pub fn image_pids(img: &Path) -> Vec<i32> {
         .map(|p| p["pid"].as_i64().unwrap() as i32)
         .collect()
 }
+
+/// Kills the given processes (and the sessions of the children) when
+/// dropped, so that a failing test leaves nothing running.
+pub struct Reaper {
+    pub pids: Vec<i32>,
+    pub children: Vec<std::process::Child>,
+}
+
+impl Reaper {
+    pub fn pids(pids: Vec<i32>) -> Reaper {
+        Reaper {
+            pids,
+            children: vec![],
+        }
+    }
+    pub fn child(c: std::process::Child) -> Reaper {
+        Reaper {
+            pids: vec![],
+            children: vec![c],
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        kill_all(&self.pids);
+        for c in self.children.drain(..) {
+            kill_child(c);
+        }
+    }
+}

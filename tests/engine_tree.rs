@@ -64,13 +64,27 @@ fn producer_consumer_tree_loses_and_duplicates_no_byte() {
     );
     assert_eq!(image_pids(&img).len(), 3);
     let pids = resume(&img, &[]);
+    let _reaper = Reaper::pids(pids.clone());
     assert_eq!(pids.len(), 3);
-    // The children are the resumed shell's children again.
+    // The children are the resumed shell's children again, in its process
+    // group (it leads its session and group, as it did).
+    let stat = |pid: i32, field: usize| -> i32 {
+        let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let rest: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
+        rest[field - 3].parse().unwrap()
+    };
+    assert_eq!((stat(pids[0], 5), stat(pids[0], 6)), (pids[0], pids[0]));
     for &c in &pids[1..] {
         assert_eq!(status_field(c, "PPid"), pids[0].to_string());
+        assert_eq!((stat(c, 5), stat(c, 6)), (pids[0], pids[0]));
     }
     let text = wait_for(&out, |t| t.contains("done") || t.contains("BAD"), "the end");
     assert!(text.contains("done 200000 ok"), "{text}");
+    // A lazy resume of a tree is refused clearly (its pager serves one process).
+    let o = umlctl(&["resume", img.to_str().unwrap(), "--lazy"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(5), "{err}");
+    assert!(err.contains("resume it without --lazy"), "{err}");
     wait_gone(pids[0], "the resumed shell");
 }
 
@@ -96,6 +110,7 @@ fn tree_resumed_twice_in_new_pid_namespaces_runs_as_two_copies() {
         resume(&ib, &["--pid-ns", "new", "--stdio", pb.to_str().unwrap()])
     });
     let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    let _reaper = Reaper::pids(a.iter().chain(&b).copied().collect());
     assert_eq!(a.len(), 3);
     assert_eq!(b.len(), 3);
     let inner = |pid: i32| {

@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -174,6 +175,10 @@ static void unixes(void) {
     struct sockaddr_un da = {.sun_family = AF_UNIX};
     strcpy(da.sun_path, "dgram.sock");
     unlink(da.sun_path);
+    int orphan[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, orphan) == 0);
+    CHECK(write(orphan[0], "last words", 10) == 10);
+    close(orphan[0]); /* the peer is gone; its bytes are still to read */
     int d = socket(AF_UNIX, SOCK_DGRAM, 0), sender = socket(AF_UNIX, SOCK_DGRAM, 0);
     CHECK(d >= 0 && bind(d, (struct sockaddr *)&da, sizeof da) == 0);
     CHECK(sendto(sender, "queued dgram", 12, 0, (struct sockaddr *)&da, sizeof da) == 12);
@@ -195,6 +200,8 @@ static void unixes(void) {
     int c2 = socket(AF_UNIX, SOCK_STREAM, 0);
     CHECK(connect(c2, (struct sockaddr *)&aa, alen) == 0 && accept(la, NULL, NULL) >= 0);
     CHECK(recv(d, b, sizeof b, 0) == 12 && memcmp(b, "queued dgram", 12) == 0);
+    CHECK(read(orphan[1], b, sizeof b) == 10 && memcmp(b, "last words", 10) == 0);
+    CHECK(read(orphan[1], b, sizeof b) == 0);
     printf("unix ok\n");
 }
 
@@ -318,17 +325,81 @@ static void locks(void) {
     printf("locks ok\n");
 }
 
+/* A unix stream between a parent (listening on a path) and its child,
+ * with bytes in flight both ways at the snapshot. */
+static void unix_tree(void) {
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strcpy(a.sun_path, "tree.sock");
+    unlink(a.sun_path);
+    int l = unix_listener(&a, sizeof a);
+    pid_t c = fork();
+    if (c == 0) {
+        int s = socket(AF_UNIX, SOCK_STREAM, 0);
+        CHECK(connect(s, (struct sockaddr *)&a, sizeof a) == 0);
+        CHECK(write(s, "to parent", 9) == 9);
+        while (access("go", F_OK) != 0) usleep(10000);
+        char b[16] = {0};
+        CHECK(read(s, b, sizeof b) == 8 && memcmp(b, "to child", 8) == 0); /* after resume */
+        CHECK(write(s, "bye", 3) == 3);
+        _exit(0);
+    }
+    int s = accept(l, NULL, NULL);
+    CHECK(s >= 0);
+    usleep(100000); /* the child's bytes are queued */
+    CHECK(write(s, "to child", 8) == 8);
+    wait_go();
+    char b[16] = {0};
+    CHECK(read(s, b, 9) == 9 && memcmp(b, "to parent", 9) == 0);
+    CHECK(read(s, b, 3) == 3 && memcmp(b, "bye", 3) == 0);
+    int st;
+    CHECK(waitpid(c, &st, 0) == c && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    printf("unixtree ok\n");
+}
+
+/* A child whose stdin is a socket to its parent (as UML's stubs have):
+ * a std stream, but one that leads inside the snapshot. */
+static void std_socket(void) {
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    pid_t c = fork();
+    if (c == 0) {
+        CHECK(dup2(sv[1], 0) == 0);
+        close(sv[0]);
+        close(sv[1]);
+        while (access("go", F_OK) != 0) usleep(10000);
+        char b[8] = {0};
+        CHECK(read(0, b, 5) == 5 && memcmp(b, "hello", 5) == 0);
+        CHECK(write(0, "reply", 5) == 5);
+        _exit(0);
+    }
+    CHECK(write(sv[0], "hello", 5) == 5);
+    wait_go();
+    char b[8] = {0};
+    CHECK(read(sv[0], b, 5) == 5 && memcmp(b, "reply", 5) == 0);
+    int st;
+    CHECK(waitpid(c, &st, 0) == c && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    printf("stdsock ok\n");
+}
+
 /* A parent and child sharing anonymous memory and a file offset. */
 static void shared(void) {
     volatile int *shm = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     CHECK(shm != MAP_FAILED);
     int f = open("shared.txt", O_RDWR | O_CREAT | O_TRUNC, 0600);
     CHECK(f >= 0 && write(f, "start ", 6) == 6);
+    /* A deleted file, held open and mapped shared by both (as UML holds
+     * its guest memory): fd and mappings must stay one object. */
+    int ram = open("ram", O_RDWR | O_CREAT | O_TRUNC, 0600);
+    CHECK(ram >= 0 && ftruncate(ram, 4096) == 0);
+    volatile char *rm = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, ram, 0);
+    CHECK(rm != MAP_FAILED && unlink("ram") == 0);
+    rm[0] = 'p';
     shm[0] = 1;
     pid_t c = fork();
     if (c == 0) {
         while (shm[1] == 0) usleep(1000); /* the parent's go */
         CHECK(write(f, "child ", 6) == 6);
+        rm[1] = 'c';
         shm[2] = 42;
         _exit(0);
     }
@@ -340,6 +411,7 @@ static void shared(void) {
     CHECK(waitpid(c, &st, 0) == c && WIFEXITED(st) && WEXITSTATUS(st) == 0);
     char b[32] = {0};
     CHECK(pread(f, b, sizeof b, 0) == 18 && memcmp(b, "start child parent", 18) == 0);
+    CHECK(pread(ram, b, 2, 0) == 2 && b[0] == 'p' && b[1] == 'c' && rm[1] == 'c');
     printf("shared ok\n");
 }
 
@@ -408,6 +480,34 @@ static void strict(void) {
     syscall(SYS_exit, 0);
 }
 
+static sigjmp_buf fault_jmp;
+
+static void on_segv(int sig) {
+    (void)sig;
+    siglongjmp(fault_jmp, 1);
+}
+
+/* A guard page (MADV_GUARD_INSTALL, as glibc 2.41 puts below thread
+ * stacks) between two pages of data: it must fault again after resume. */
+static void guard_pages(void) {
+    char *m = mmap(NULL, 3 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(m != MAP_FAILED);
+    memset(m, 'a', 4096);
+    memset(m + 8192, 'c', 4096);
+    CHECK(madvise(m + 4096, 4096, 102 /* MADV_GUARD_INSTALL */) == 0);
+    wait_go();
+    CHECK(m[0] == 'a' && m[8191 + 4096] == 'c');
+    signal(SIGSEGV, on_segv);
+    volatile char *g = m + 4096;
+    int faulted = 0;
+    if (sigsetjmp(fault_jmp, 1) == 0)
+        (void)*g;
+    else
+        faulted = 1;
+    CHECK(faulted);
+    printf("guard ok\n");
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     mode = argc > 1 ? argv[1] : "";
@@ -423,6 +523,9 @@ int main(int argc, char **argv) {
     else if (!strcmp(mode, "timers")) timers();
     else if (!strcmp(mode, "locks")) locks();
     else if (!strcmp(mode, "shared")) shared();
+    else if (!strcmp(mode, "unixtree")) unix_tree();
+    else if (!strcmp(mode, "stdsock")) std_socket();
+    else if (!strcmp(mode, "guard")) guard_pages();
     else if (!strcmp(mode, "async")) async_io();
     else if (!strcmp(mode, "seccomp")) seccomp_filter();
     else if (!strcmp(mode, "strict")) strict();

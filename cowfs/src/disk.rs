@@ -230,10 +230,16 @@ impl Layout {
         if dir.exists() {
             fs::remove_dir_all(&dir).at("remove leftover layer", &dir)?;
         }
-        mkdir(&dir)?;
-        mkdir(&self.data_dir(id))?;
-        create_file(&self.journal(id))?;
-        sync_dir(&dir)?;
+        // Built under another name and renamed, so that it appears whole.
+        let new = dir.with_extension("new");
+        if new.exists() {
+            fs::remove_dir_all(&new).at("remove leftover layer", &new)?;
+        }
+        mkdir(&new)?;
+        mkdir(&new.join("data"))?;
+        create_file(&new.join("journal"))?;
+        sync_dir(&new)?;
+        fs::rename(&new, &dir).at("rename into place", &new)?;
         sync_dir(&self.layers())
     }
 

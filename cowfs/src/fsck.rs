@@ -115,9 +115,16 @@ fn check_leftovers(l: &Layout, stack: &Stack, repair: bool, r: &mut FsckReport) 
         .at("read", &l.layers())?
         .flatten()
     {
-        let id = e.file_name().to_string_lossy().parse::<u32>().ok();
-        let spare = id == Some(stack.next_layer) && l.is_empty_layer(stack.next_layer);
-        if !spare && id.is_none_or(|id| !stack.layers.contains(&id)) {
+        let Ok(id) = e.file_name().to_string_lossy().parse::<u32>() else {
+            // A layer being built by background work (a merge, the next
+            // spare layer) when the daemon stopped: housekeeping.
+            if repair {
+                std::fs::remove_dir_all(e.path()).at("remove", &e.path())?;
+            }
+            continue;
+        };
+        let spare = id == stack.next_layer && l.is_empty_layer(id);
+        if !spare && !stack.layers.contains(&id) {
             r.unfinished.push(format!(
                 "uncommitted layer directory {}",
                 e.path().display()

@@ -185,6 +185,13 @@ fn empty(r: Res<()>, reply: ReplyEmpty) {
     }
 }
 
+fn data(r: Res<Vec<u8>>, reply: ReplyData) {
+    match r {
+        Ok(d) => reply.data(&d),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
 fn xattr_reply(r: Res<Vec<u8>>, size: u32, reply: ReplyXattr) {
     match r {
         Ok(v) if size == 0 => reply.size(v.len() as u32),
@@ -261,10 +268,7 @@ impl Filesystem for CowFuse {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.view.readlink(ino.0) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(err(e)),
-        }
+        data(self.view.readlink(ino.0), reply)
     }
 
     fn mknod(
@@ -386,10 +390,7 @@ impl Filesystem for CowFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.view.read(ino.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(err(e)),
-        }
+        data(self.view.read(ino.0, offset, size), reply)
     }
 
     fn write(

@@ -52,7 +52,7 @@ pub struct View {
     files: Mutex<HashMap<(u32, Ino), Arc<File>>>,
     /// Held while the next layer directory is made ahead of time, so that
     /// a checkpoint or rollback finds it ready.
-    spare: Mutex<()>,
+    spare: Arc<Mutex<()>>,
     /// Layers merged into another one: block maps still name the old ids.
     alias: RwLock<HashMap<u32, u32>>,
 }
@@ -107,7 +107,7 @@ impl View {
                 touched,
             }),
             files: Mutex::default(),
-            spare: Mutex::default(),
+            spare: Arc::default(),
             alias: RwLock::default(),
         };
         view.prepare_spare();
@@ -864,16 +864,20 @@ impl View {
         g.journal.sync()
     }
 
-    /// Make the next layer directory now, off the checkpoint's clock. Only
-    /// ever creates: by the time it runs the id may already be in use.
+    /// Make the next layer directory in the background, off the clock of
+    /// the next checkpoint. Only ever creates: by the time it runs the id
+    /// may already be in use.
     fn prepare_spare(&self) {
         let next = self.inner.read().unwrap().stack.next_layer;
-        let _hold = self.spare.lock().unwrap();
-        if !self.layout.layer(next).exists() {
-            if let Err(e) = self.layout.make_layer(next) {
-                tracing::warn!("cannot prepare layer {next}: {e}");
+        let (layout, spare) = (self.layout.clone(), self.spare.clone());
+        std::thread::spawn(move || {
+            let _hold = spare.lock().unwrap();
+            if !layout.layer(next).exists() {
+                if let Err(e) = layout.make_layer(next) {
+                    tracing::warn!("cannot prepare layer {next}: {e}");
+                }
             }
-        }
+        });
     }
 
     /// Use the spare layer directory (or make it now).

@@ -1,10 +1,13 @@
 //! File descriptors: what is saved of each, and how it is reopened.
 //!
-//! Supported now: regular files and directories (path, flags, offset),
-//! deleted files (contents saved, restored unlinked), character devices by
-//! path, and std streams that were pipes, sockets or terminals (the resumer
-//! decides what they become). Anything else is refused at snapshot time,
-//! naming the fd, before any image is written.
+//! Reopened by path here: regular files and directories (path, flags,
+//! offset), deleted files (contents saved, restored unlinked), character
+//! devices, and std streams that were terminals, sockets or pipes leading
+//! out of the snapshot (the resumer decides what they become). Pipes,
+//! sockets, epoll, eventfd, signalfd, timerfd, memfd, and in a tree every
+//! regular file, are open file descriptions kept as objects (`fds`). The
+//! locks held through each fd are in `locks`. Anything else is refused at
+//! snapshot time, naming the fd, before any image is written.
 
 use crate::error::{Error, IoContext, Result};
 use crate::image::{Fd, FdKind, FileId, ImageWriter};
@@ -66,7 +69,8 @@ pub fn collect(
             flags,
             ft,
         };
-        let kind = if fd <= 2 && (outer_pipe || ft.is_socket() || is_tty(&target, &ft)) {
+        let outer_socket = ft.is_socket() && !objects.inner_socket(&target);
+        let kind = if fd <= 2 && (outer_pipe || outer_socket || is_tty(&target, &ft)) {
             FdKind::Stdio {
                 was: target.clone(),
                 flags: flags & KEEP_FLAGS,
@@ -164,45 +168,16 @@ pub fn restore(
         libc::SYS_close_range,
         &[3, installer.base as u64 - 1, 0],
     );
-    // Deleted files are recreated here and reopened by the puppet through
-    // /proc/<us>/fd: they must stay open until the batch has run.
+    // Deleted files recreated for the puppet to open (see `open_spec`).
     let mut keep_alive = Vec::new();
     let mut predicted = Vec::new();
     for f in fds {
-        let (path, flags, mode) = match &f.kind {
-            FdKind::File { path, flags, .. } | FdKind::CharDev { path, flags } => {
-                (path.clone(), *flags | libc::O_NOCTTY, 0)
-            }
-            FdKind::DeletedFile {
-                path,
-                flags,
-                len,
-                offset,
-                ..
-            } => {
-                let data = &pages[*offset as usize..(*offset + *len) as usize];
-                let file = recreate_deleted(path, data)?;
-                let via = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
-                keep_alive.push(file);
-                (via, *flags & !libc::O_CREAT, 0)
-            }
-            FdKind::Object { id } => {
-                let from = installer.fd(*id)?;
-                b.call("dup3", libc::SYS_dup3, &[from as u64, f.fd as u64, 0]);
-                open.insert(f.fd);
-                (String::new(), 0, 0)
-            }
-            FdKind::Stdio { flags, .. } => match stdio {
-                Stdio::Inherit => (String::new(), 0, 0),
-                Stdio::Null => ("/dev/null".into(), *flags & libc::O_ACCMODE, 0),
-                Stdio::Path(path) if f.fd == 0 => (path.clone(), libc::O_RDONLY, 0),
-                Stdio::Path(path) => (
-                    path.clone(),
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
-                    0o600,
-                ),
-            },
-        };
+        if let FdKind::Object { id } = f.kind {
+            let from = installer.fd(id)?;
+            b.call("dup3", libc::SYS_dup3, &[from as u64, f.fd as u64, 0]);
+            open.insert(f.fd);
+        }
+        let (path, flags, mode) = open_spec(f, stdio, pages, &mut keep_alive)?;
         if !path.is_empty() {
             let nfd = (0..).find(|n| !open.contains(n)).expect("a free fd");
             let addr = b.path(&path)?;
@@ -249,6 +224,47 @@ pub fn restore(
     )?;
     objects_after_install(p, process, objects, pids)?;
     crate::locks::restore(p, fds)
+}
+
+/// What the puppet opens for `f`: (path, flags, mode); an empty path for
+/// nothing (inherited std streams, objects). Deleted files are recreated
+/// here and reached through /proc/<us>/fd; `keep_alive` holds them until
+/// the puppet has opened them.
+fn open_spec(
+    f: &Fd,
+    stdio: &Stdio,
+    pages: &[u8],
+    keep_alive: &mut Vec<std::fs::File>,
+) -> Result<(String, i32, u64)> {
+    Ok(match &f.kind {
+        FdKind::File { path, flags, .. } | FdKind::CharDev { path, flags } => {
+            (path.clone(), *flags | libc::O_NOCTTY, 0)
+        }
+        FdKind::DeletedFile {
+            path,
+            flags,
+            len,
+            offset,
+            ..
+        } => {
+            let data = &pages[*offset as usize..(*offset + *len) as usize];
+            let file = recreate_deleted(path, data)?;
+            let via = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
+            keep_alive.push(file);
+            (via, *flags & !libc::O_CREAT, 0)
+        }
+        FdKind::Object { .. } => (String::new(), 0, 0),
+        FdKind::Stdio { flags, .. } => match stdio {
+            Stdio::Inherit => (String::new(), 0, 0),
+            Stdio::Null => ("/dev/null".into(), *flags & libc::O_ACCMODE, 0),
+            Stdio::Path(path) if f.fd == 0 => (path.clone(), libc::O_RDONLY, 0),
+            Stdio::Path(path) => (
+                path.clone(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+                0o600,
+            ),
+        },
+    })
 }
 
 /// What needs every fd at its number: epoll registrations (keyed by fd

@@ -6,9 +6,12 @@
 //! ├── manifest               0600
 //! │   ├── header (32 bytes)  magic "UMLCTLIM" | version u32 | 0 u32
 //! │   │                      | body length u64 | xxh3-64 of the body u64
-//! │   └── body               JSON: the `Manifest` below (processes,
-//! │                          threads, registers, VMAs, fds, page index,
-//! │                          checksums of pages.img)
+//! │   └── body               JSON: the `Manifest` below (processes of
+//! │                          the tree, threads, registers, VMAs, fds,
+//! │                          timers, page index, checksums of pages.img;
+//! │                          `objects`: open file descriptions shared by
+//! │                          id (pipes, sockets, epoll...); `pipes`:
+//! │                          their buffered bytes)
 //! └── pages.img              0600: page-aligned raw memory pages (and the
 //!                            contents of deleted files), so it can be
 //!                            mmapped; each VMA lists its runs of stored
@@ -217,6 +220,10 @@ pub struct Vma {
     /// with depth 1 for the parent, 2 for its parent...
     #[serde(default)]
     pub inherited: Vec<[u64; 4]>,
+    /// Guard pages (MADV_GUARD_INSTALL, as glibc puts below thread stacks):
+    /// [address, page count]; installed again at resume.
+    #[serde(default)]
+    pub guards: Vec<[u64; 2]>,
 }
 
 impl Vma {

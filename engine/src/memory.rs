@@ -193,6 +193,7 @@ pub fn dump_vmas(
             kind,
             pages,
             inherited,
+            guards: guard_runs(&pagemap, m)?,
         });
     }
     Ok(Saved { vmas, deferred })
@@ -213,11 +214,24 @@ fn memory_runs(pagemap: &File, m: &MapsEntry, filter: Filter) -> Result<Vec<(u64
         return Ok(vec![]);
     }
     let any = scan::PAGE_IS_PRESENT | scan::PAGE_IS_SWAPPED;
+    // Guard pages show as swapped, but reading one faults: never saved.
+    let guard = scan::PAGE_IS_GUARD;
     match filter {
-        Filter::Present => proc::scan_pages(pagemap, m.start, m.end, any, 0),
-        Filter::PrivateCopy => proc::scan_pages(pagemap, m.start, m.end, any, scan::PAGE_IS_FILE),
+        Filter::Present => proc::scan_pages(pagemap, m.start, m.end, any, guard),
+        Filter::PrivateCopy => {
+            proc::scan_pages(pagemap, m.start, m.end, any, scan::PAGE_IS_FILE | guard)
+        }
         Filter::All => Ok(vec![(m.start, m.len() / PAGE_SIZE)]),
     }
+}
+
+/// Guard pages of the VMA, as [address, page count].
+fn guard_runs(pagemap: &File, m: &MapsEntry) -> Result<Vec<[u64; 2]>> {
+    if m.path == "[vsyscall]" {
+        return Ok(vec![]);
+    }
+    let runs = proc::scan_pages(pagemap, m.start, m.end, scan::PAGE_IS_GUARD, 0)?;
+    Ok(runs.into_iter().map(|(a, n)| [a, n]).collect())
 }
 
 /// Runs of allocated pages of a shared object, found with SEEK_DATA/SEEK_HOLE

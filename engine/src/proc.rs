@@ -196,6 +196,8 @@ pub mod scan {
     pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
     pub const PAGE_IS_PRESENT: u64 = 1 << 3;
     pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+    /// A guard page (MADV_GUARD_INSTALL, Linux 6.13): faults, holds nothing.
+    pub const PAGE_IS_GUARD: u64 = 1 << 8;
     /// _IOWR('f', 16, struct pm_scan_arg)
     pub const PAGEMAP_SCAN: u64 = (3 << 30) | (96 << 16) | ((b'f' as u64) << 8) | 16;
 }

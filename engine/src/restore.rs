@@ -105,6 +105,16 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     if procs.is_empty() {
         return Err(Error::bad_image(dir, "holds no process"));
     }
+    if opts.lazy.is_some() && procs.len() > 1 {
+        // The pager serves one process's memory (pager::serve).
+        return Err(Error::Unsupported {
+            pid: procs[0].pid,
+            what: format!(
+                "the image holds a tree of {} processes, which a lazy resume does not support yet: resume it without --lazy",
+                procs.len()
+            ),
+        });
+    }
     // Processes of a tree know each other's pids (a parent waits for its
     // child by pid): they keep them, here or in a new PID namespace.
     let same_pid = opts.same_pid || opts.new_pid_ns || procs.len() > 1;
@@ -124,38 +134,15 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     tracing::debug!("resume: puppet ready at {:?}", t0.elapsed());
     let root_pid = root.pid;
     let mut made = vec![root_pid];
-    let result = (|| {
-        let mut puppets = crate::tree::spawn_children(root, procs, same_pid, &mut made)?;
-        crate::tree::set_groups(&mut puppets, procs)?;
-        let pids: HashMap<i32, i32> = procs
-            .iter()
-            .zip(&puppets)
-            .map(|(a, b)| (a.pid, b.pid))
-            .collect();
-        let mut all_tids = Vec::new();
-        let mut pager_go = Vec::new();
-        for (p, process) in puppets.iter_mut().zip(procs) {
-            let ctx = Context {
-                dir,
-                pages: &pages,
-                opts,
-                same_pid,
-                installer: &mut installer,
-                objects: &img.manifest.objects,
-                pids: &pids,
-                ancestors: &ancestor_pages,
-            };
-            let (tids, go) = build(p, process, ctx)?;
-            all_tids.push(tids);
-            pager_go.push(go);
-        }
-        for (process, tids) in procs.iter().zip(&all_tids).rev() {
-            start(process, tids)?;
-        }
-        // Closing the "go" pipes tells the pagers the processes run.
-        drop(pager_go);
-        Ok((puppets.iter().map(|p| p.pid).collect(), all_tids))
-    })();
+    let common = Common {
+        dir,
+        pages: &pages,
+        ancestors: &ancestor_pages,
+        opts,
+        same_pid,
+        objects: &img.manifest.objects,
+    };
+    let result = build_all(root, procs, &common, &mut installer, &mut made);
     match result {
         Ok((pids, all_tids)) => Ok(ResumeReport {
             pid: root_pid,
@@ -173,6 +160,58 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
             Err(e)
         }
     }
+}
+
+/// Forks the puppets of every process from `root`, builds each and lets
+/// them all run; returns their pids and each one's thread ids. `made`
+/// collects every puppet, to be killed if anything fails.
+fn build_all(
+    root: Puppet,
+    procs: &[Process],
+    common: &Common,
+    installer: &mut crate::fds::Installer,
+    made: &mut Vec<i32>,
+) -> Result<(Vec<i32>, Vec<Vec<i32>>)> {
+    let mut puppets = crate::tree::spawn_children(root, procs, common.same_pid, made)?;
+    crate::tree::set_groups(&mut puppets, procs)?;
+    let pids: HashMap<i32, i32> = procs
+        .iter()
+        .zip(&puppets)
+        .map(|(a, b)| (a.pid, b.pid))
+        .collect();
+    let mut all_tids = Vec::new();
+    let mut pager_go = Vec::new();
+    for (p, process) in puppets.iter_mut().zip(procs) {
+        let ctx = Context {
+            dir: common.dir,
+            pages: common.pages,
+            opts: common.opts,
+            same_pid: common.same_pid,
+            installer,
+            objects: common.objects,
+            pids: &pids,
+            ancestors: common.ancestors,
+        };
+        let (tids, go) = build(p, process, ctx)?;
+        all_tids.push(tids);
+        pager_go.push(go);
+    }
+    for (process, tids) in procs.iter().zip(&all_tids).rev() {
+        start(process, tids)?;
+    }
+    // Closing the "go" pipes tells the pagers the processes run.
+    drop(pager_go);
+    Ok((puppets.iter().map(|p| p.pid).collect(), all_tids))
+}
+
+/// What every process of an image is built from.
+struct Common<'a> {
+    dir: &'a Path,
+    pages: &'a [u8],
+    ancestors: &'a [crate::image::Pages],
+    opts: &'a ResumeOptions,
+    same_pid: bool,
+    objects: &'a [crate::image::FileObject],
 }
 
 /// What building one process of an image needs besides its puppet.
@@ -295,6 +334,25 @@ fn build(p: &mut Puppet, process: &Process, ctx: Context) -> Result<(Vec<i32>, O
         );
     }
     p.run(b)?;
+    clocks_and_filters(p, process, &mut remotes, &tids)?;
+    p.sys(
+        "munmap the restorer's pages",
+        libc::SYS_munmap,
+        &[p.area, CODE_LEN + SCRATCH_LEN],
+    )?;
+    lap("built");
+    Ok((tids, go))
+}
+
+/// The last steps before the scratch pages go: timers are armed (so that
+/// they tick from now), then seccomp filters are installed (so that nothing
+/// before them is filtered; they act once the threads are detached).
+fn clocks_and_filters(
+    p: &mut Puppet,
+    process: &Process,
+    remotes: &mut [Remote],
+    tids: &[i32],
+) -> Result<()> {
     let tid_map: HashMap<i32, i32> = process
         .threads
         .iter()
@@ -313,7 +371,7 @@ fn build(p: &mut Puppet, process: &Process, ctx: Context) -> Result<(Vec<i32>, O
     if process.threads.iter().any(|t| !t.seccomp.is_empty()) {
         // Last: filters, suspended (for this and every later injection)
         // until the threads are detached.
-        for &tid in &tids {
+        for &tid in tids {
             crate::seccomp::suspend(tid)?;
         }
         for (i, t) in process.threads.iter().enumerate() {
@@ -325,13 +383,7 @@ fn build(p: &mut Puppet, process: &Process, ctx: Context) -> Result<(Vec<i32>, O
             crate::seccomp::install(r, &p.mem, scratch, &t.seccomp)?;
         }
     }
-    p.sys(
-        "munmap the restorer's pages",
-        libc::SYS_munmap,
-        &[p.area, CODE_LEN + SCRATCH_LEN],
-    )?;
-    lap("built");
-    Ok((tids, go))
+    Ok(())
 }
 
 /// Gives every thread its registers back and lets the process run.
@@ -544,6 +596,13 @@ fn map_memory(
                 "mprotect",
                 libc::SYS_mprotect,
                 &[v.start, v.len(), v.prot() as u64],
+            );
+        }
+        for g in &v.guards {
+            protects.call(
+                "madvise(MADV_GUARD_INSTALL)",
+                libc::SYS_madvise,
+                &[g[0], g[1] * PAGE_SIZE, sys::MADV_GUARD_INSTALL],
             );
         }
     }

@@ -16,6 +16,8 @@ pub const PR_GET_TID_ADDRESS: libc::c_int = 40;
 pub const RLIMIT_NLIMITS: u32 = 16;
 /// rseq.h.
 pub const RSEQ_FLAG_UNREGISTER: libc::c_int = 1;
+/// mman-common.h (6.13+): make pages guard pages (any access faults).
+pub const MADV_GUARD_INSTALL: u64 = 102;
 /// mman.h (4.17+).
 pub const MAP_FIXED_NOREPLACE: libc::c_int = 0x100000;
 /// Errno values the kernel uses to ask for a syscall restart; never seen by

@@ -67,6 +67,11 @@ pub struct Objects {
     seen: Vec<(i32, i32, u64, u32)>,
     /// Pipe inode -> (some process of the snapshot reads it, one writes it).
     pipe_ends: HashMap<u64, (bool, bool)>,
+    /// Inodes of every socket the snapshot's processes hold.
+    sockets: std::collections::HashSet<u64>,
+    /// Inodes the snapshot's processes map shared (deleted files among them
+    /// must be one object with their mappings).
+    mapped: std::collections::HashSet<u64>,
     /// --tcp-established close: save established TCP connections as reset.
     pub tcp_close: bool,
     /// A tree: regular files are objects too, as fork shares their offsets.
@@ -80,6 +85,8 @@ impl Objects {
             pipes: vec![],
             seen: vec![],
             pipe_ends: pipes::ends(pids)?,
+            sockets: sockets::held(pids)?,
+            mapped: shared_mapped(pids)?,
             tcp_close,
             tree: pids.len() > 1,
         })
@@ -93,10 +100,25 @@ impl Objects {
         ino.and_then(|i| self.pipe_ends.get(&i)) == Some(&(true, true))
     }
 
+    /// True if the socket behind `link` is a unix socket whose peer is held
+    /// inside the snapshot (a std stream connected to a parent, say).
+    pub fn inner_socket(&self, link: &str) -> bool {
+        let ino = link
+            .strip_prefix("socket:[")
+            .and_then(|r| r.trim_end_matches(']').parse::<u64>().ok());
+        ino.and_then(sockets::unix_peer)
+            .is_some_and(|peer| self.sockets.contains(&peer))
+    }
+
     /// The object id for this fd, saving the object the first time its open
     /// file description is seen; None if the fd is not of an object kind.
     pub fn object(&mut self, t: &Target, writer: &mut ImageWriter) -> Result<Option<u32>> {
         let is_pipe = t.link.starts_with("pipe:") || t.ft.is_fifo();
+        let ino: u64 = t.info.get("ino").and_then(|i| i.parse().ok()).unwrap_or(0);
+        // A deleted file that is also mapped shared (UML's guest memory):
+        // one memfd for the fd and the mappings.
+        let mapped_deleted =
+            t.ft.is_file() && t.link.ends_with(" (deleted)") && self.mapped.contains(&ino);
         let shared_file = self.tree
             && (t.ft.is_file() || t.ft.is_dir())
             && t.link.starts_with('/')
@@ -104,6 +126,7 @@ impl Objects {
             && !t.link.starts_with("/memfd:");
         let kind_known = is_pipe
             || shared_file
+            || mapped_deleted
             || t.link.starts_with("socket:")
             || t.link.starts_with("/memfd:")
             || matches!(
@@ -116,7 +139,6 @@ impl Objects {
         if !kind_known {
             return Ok(None);
         }
-        let ino: u64 = t.info.get("ino").and_then(|i| i.parse().ok()).unwrap_or(0);
         for &(pid, fd, i, id) in &self.seen {
             if i == ino && same_file(pid, fd, t.pid, t.fd)? {
                 self.seen.push((t.pid, t.fd, ino, id));
@@ -134,7 +156,7 @@ impl Objects {
             pipes::dump(t, &mut self.pipes)?
         } else if t.link.starts_with("socket:") {
             ObjectKind::Socket(sockets::dump(t, self.tcp_close)?)
-        } else if t.link.starts_with("/memfd:") {
+        } else if t.link.starts_with("/memfd:") || mapped_deleted {
             memfd::dump(t, writer)?
         } else {
             match t.link {
@@ -190,6 +212,20 @@ impl Objects {
         }
         Ok(())
     }
+}
+
+/// Inodes of the shared mappings of the processes.
+fn shared_mapped(pids: &[i32]) -> Result<std::collections::HashSet<u64>> {
+    let mut out = std::collections::HashSet::new();
+    for &pid in pids {
+        out.extend(
+            crate::proc::maps(pid)?
+                .iter()
+                .filter(|m| m.shared && m.inode != 0)
+                .map(|m| m.inode),
+        );
+    }
+    Ok(out)
 }
 
 /// kcmp(KCMP_FILE): do the two fds share one open file description?

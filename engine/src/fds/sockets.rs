@@ -166,15 +166,16 @@ fn inq(fd: i32) -> i32 {
 /// "1.2.3.4:80" or "[::1]:80" from raw sockaddr bytes.
 pub fn addr_text(raw: &[u8]) -> String {
     let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
-    match raw.len() {
-        16.. if raw[0] as i32 == libc::AF_INET => {
+    let family = raw.first().map_or(-1, |&f| f as i32);
+    match (family, raw.len()) {
+        (libc::AF_INET, 16..) => {
             format!("{}.{}.{}.{}:{}", raw[4], raw[5], raw[6], raw[7], port(raw))
         }
-        28.. => {
+        (libc::AF_INET6, 28..) => {
             let a: [u8; 16] = raw[8..24].try_into().expect("16");
             format!("[{}]:{}", std::net::Ipv6Addr::from(a), port(raw))
         }
-        2.. if raw[0] as i32 == libc::AF_UNIX => {
+        (libc::AF_UNIX, 3..) => {
             let p = &raw[2..];
             match p.first() {
                 Some(0) => format!("@{}", String::from_utf8_lossy(&p[1..])),
@@ -279,6 +280,32 @@ fn has_rights(msg: &libc::msghdr) -> bool {
     found
 }
 
+/// Inodes of the sockets the processes hold.
+pub fn held(pids: &[i32]) -> Result<std::collections::HashSet<u64>> {
+    let mut out = std::collections::HashSet::new();
+    for &pid in pids {
+        for fd in crate::proc::fds(pid)? {
+            let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
+            let link = link.to_string_lossy();
+            if let Some(i) = link
+                .strip_prefix("socket:[")
+                .and_then(|r| r.trim_end_matches(']').parse().ok())
+            {
+                out.insert(i);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The peer of a connected unix socket (None for other sockets).
+pub fn unix_peer(ino: u64) -> Option<u64> {
+    unix_diag(ino)
+        .ok()
+        .map(|d| d.peer as u64)
+        .filter(|&p| p != 0)
+}
+
 struct UnixDiag {
     peer: u32,
     rqueue: u32,
@@ -379,6 +406,14 @@ pub fn create_all(objects: &[FileObject], made: &mut HashMap<u32, OwnedFd>) -> R
             shutdown(&b, p.shutdown)?;
             made.insert(id, a);
             made.insert(pid_, b);
+            continue;
+        }
+        if s.family == libc::AF_UNIX && s.peer == 0 && !bound(s) && !s.queue.is_empty() {
+            // Its peer is gone, leaving bytes to read: a pair whose other
+            // end writes them and closes (the reader then sees end of file).
+            let (a, b) = pair(s)?;
+            refill(&b, &s.queue, s.stype)?;
+            made.insert(id, a);
             continue;
         }
         made.insert(id, single(s)?);
