@@ -386,7 +386,7 @@ fn lazy_instant(base: &[&str]) {
     unsafe { libc::kill(pid, libc::SIGUSR1) };
     let text = wait_for(
         &out,
-        |t| verified(&t[len..]) == 3 && t[len..].contains("stall"),
+        |t| verified(&t[len..]) == threads && t[len..].contains("stall"),
         "the original's check",
     );
     assert!(!text.contains("zmm BAD"));
@@ -409,7 +409,7 @@ fn lazy_instant(base: &[&str]) {
     // Its fd 1 is the same file (reopened at its offset), so it appends there.
     wait_for(
         &out,
-        |t| verified(&t[len..]) == 3,
+        |t| verified(&t[len..]) == threads,
         "the resumed copy's check",
     );
     // SAFETY: as above.

@@ -418,20 +418,6 @@ fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn subtract_leaves_the_uncovered_parts() {
-        let a = [(0x1000, 0x5000), (0x10000, 0x1000)];
-        let b = [(0x2000, 0x1000), (0x4000, 0x4000)];
-        assert_eq!(
-            super::subtract(&a, &b),
-            vec![(0x1000, 0x1000), (0x3000, 0x1000), (0x10000, 0x1000)]
-        );
-        assert_eq!(super::subtract(&a, &[]), a.to_vec());
-    }
-}
-
 /// Serves write faults (dirty + unprotect) and notes address-space changes
 /// until `stop`; then drains what is left.
 fn serve(uffd: &Uffd, stop: &std::sync::atomic::AtomicBool) -> Result<Notes> {
@@ -467,5 +453,19 @@ fn serve(uffd: &Uffd, stop: &std::sync::atomic::AtomicBool) -> Result<Notes> {
         if stopping && msgs.is_empty() {
             return Ok(notes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn subtract_leaves_the_uncovered_parts() {
+        let a = [(0x1000, 0x5000), (0x10000, 0x1000)];
+        let b = [(0x2000, 0x1000), (0x4000, 0x4000)];
+        assert_eq!(
+            super::subtract(&a, &b),
+            vec![(0x1000, 0x1000), (0x3000, 0x1000), (0x10000, 0x1000)]
+        );
+        assert_eq!(super::subtract(&a, &[]), a.to_vec());
     }
 }
