@@ -59,7 +59,14 @@ fn roundtrip(mode: &str, snap_args: &[&str]) -> String {
     args.extend_from_slice(snap_args);
     ok(&snapshot(child.id() as i32, &img, &args));
     kill_child(child);
-    let pids = resume(&img, &[]);
+    // A tree keeps its pids; in the host's namespace they may have been
+    // reused meanwhile (pid_max is 32768 here), so trees get a namespace.
+    let ns: &[&str] = if snap_args.contains(&"--tree") {
+        &["--pid-ns", "new"]
+    } else {
+        &[]
+    };
+    let pids = resume(&img, ns);
     let _reaper = Reaper::pids(pids.clone());
     fs::write(tmp.path().join("go"), "").unwrap();
     let text = wait_for(

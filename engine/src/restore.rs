@@ -228,19 +228,28 @@ struct Context<'a> {
 }
 
 /// Is `pid` used? A process killed by `snapshot --kill` may linger a moment
-/// as a zombie until its parent reaps it: wait for that (up to 2 s).
+/// as a zombie until its parent reaps it (init here takes a second or
+/// more): wait for that, up to 5 s.
 fn pid_taken(pid: i32) -> bool {
     let t0 = Instant::now();
     loop {
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        // A zombie, or a process on its way out (PF_EXITING in the flags,
+        // field 9: a killed process takes a moment to tear its memory down).
+        const PF_EXITING: u64 = 0x4;
         let dying = state.as_deref().is_some_and(|s| {
             let st = s.rsplit(')').next().unwrap_or("").trim_start();
-            st.starts_with('Z') || st.starts_with('X')
+            let flags: u64 = st
+                .split_whitespace()
+                .nth(6)
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(0);
+            st.starts_with('Z') || st.starts_with('X') || flags & PF_EXITING != 0
         });
         if state.is_none() {
             return false;
         }
-        if !dying || t0.elapsed() > Duration::from_secs(2) {
+        if !dying || t0.elapsed() > Duration::from_secs(5) {
             return true;
         }
         std::thread::sleep(Duration::from_millis(5));

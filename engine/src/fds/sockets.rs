@@ -579,18 +579,27 @@ fn bind(fd: &OwnedFd, s: &Socket) -> Result<()> {
     if path_socket {
         remove_stale_socket(&s.local);
     }
-    // SAFETY: local holds a sockaddr of its length.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            s.local.as_ptr().cast(),
-            s.local.len() as libc::socklen_t,
-        )
+    // A process killed by `snapshot --kill` may still be closing its
+    // sockets: retry a taken address for up to two seconds.
+    let t0 = std::time::Instant::now();
+    let e = loop {
+        // SAFETY: local holds a sockaddr of its length.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                s.local.as_ptr().cast(),
+                s.local.len() as libc::socklen_t,
+            )
+        };
+        let e = nix::errno::Errno::last();
+        if r == 0 {
+            return Ok(());
+        }
+        if e != nix::errno::Errno::EADDRINUSE || t0.elapsed() > std::time::Duration::from_secs(2) {
+            break e;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    let e = nix::errno::Errno::last();
-    if r == 0 {
-        return Ok(());
-    }
     let addr = addr_text(&s.local);
     if e != nix::errno::Errno::EADDRINUSE {
         return Err(Error::sys(format!("bind {addr}"), e));
