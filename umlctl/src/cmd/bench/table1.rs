@@ -12,7 +12,9 @@
 //! - a lazy resume (time until the process runs), then the time the
 //!   resumed process takes to read one word of every page (every page
 //!   comes through the pager), beside writing one byte per page of fresh
-//!   memory.
+//!   memory;
+//! - a tracked full snapshot, 50 ms of writing, an incremental snapshot:
+//!   its time stopped and its size as a share of the full image.
 //!
 //! Medians of `--runs`. The paper's figures (766 MHz Pentium III) are
 //! printed for reference; `--svg` writes the figures against size.
@@ -64,6 +66,8 @@ struct Row {
     touch_after_lazy_ms: f64,
     touch_fresh_ms: f64,
     touch_vs_fresh: f64,
+    incremental_stopped_ms: f64,
+    incremental_image_pct: f64,
     paper_snapshot_s: Option<f64>,
 }
 
@@ -79,6 +83,12 @@ impl Samples {
             .entry(col)
             .or_default()
             .push(d.as_secs_f64() * 1e3);
+    }
+    fn add_raw(&mut self, col: &'static str, v: f64) {
+        self.cols.entry(col).or_default().push(v);
+    }
+    fn median_raw(&self, col: &str) -> f64 {
+        self.median(col)
     }
     fn median(&self, col: &str) -> f64 {
         let mut v = self.cols.get(col).cloned().unwrap_or_default();
@@ -163,6 +173,7 @@ fn measure(base: &Path, mib: u64, runs: usize, out: &Output) -> CliResult<Row> {
     for i in 0..runs {
         image = eager_run(pid, &base.join(format!("img-{mib}-{i}")), base, &mut s)?;
         lazy_run(pid, &base.join(format!("lazy-{mib}-{i}")), &mut s)?;
+        incremental_run(pid, &base.join(format!("inc-{mib}-{i}")), &mut s)?;
         s.add("fork", fork_time(mib)?);
         s.add("fresh", touch_fresh(mib));
         bar.inc(1);
@@ -189,6 +200,8 @@ fn measure(base: &Path, mib: u64, runs: usize, out: &Output) -> CliResult<Row> {
         touch_after_lazy_ms: m("touch"),
         touch_fresh_ms: m("fresh"),
         touch_vs_fresh: m("touch") / m("fresh"),
+        incremental_stopped_ms: m("inc_stopped"),
+        incremental_image_pct: s.median_raw("inc_pct"),
         paper_snapshot_s: PAPER.iter().find(|p| p.0 == mib).map(|p| p.1),
     })
 }
@@ -254,6 +267,41 @@ fn lazy_run(pid: i32, dir: &Path, s: &mut Samples) -> CliResult {
     std::thread::sleep(Duration::from_millis(50));
     std::fs::remove_dir_all(dir)?;
     let _ = std::fs::remove_file(&log);
+    Ok(())
+}
+
+/// A tracked full snapshot, 50 ms of the workload writing, then an
+/// incremental one: time stopped and its size against the full image.
+/// The tracking userfaultfd is held by this process for the run.
+fn incremental_run(pid: i32, dir: &Path, s: &mut Samples) -> CliResult {
+    static HELD: std::sync::Mutex<Vec<std::os::fd::OwnedFd>> = std::sync::Mutex::new(Vec::new());
+    let holder: engine::track::TrackerLauncher = std::sync::Arc::new(|fd, _pid| {
+        HELD.lock().expect("fd list").push(fd);
+        Ok(std::process::id() as i32)
+    });
+    let full = dir.with_extension("full");
+    let opts = engine::DumpOptions {
+        tracker: Some(holder.clone()),
+        ..Default::default()
+    };
+    let f = engine::dump(pid, &full, &opts).map_err(engine_error)?;
+    std::thread::sleep(Duration::from_millis(50));
+    let opts = engine::DumpOptions {
+        tracker: Some(holder),
+        parent: Some(full.clone()),
+        ..Default::default()
+    };
+    let d = engine::dump(pid, dir, &opts).map_err(engine_error)?;
+    s.add("inc_stopped", d.frozen);
+    s.add_raw(
+        "inc_pct",
+        100.0 * d.image_bytes as f64 / f.image_bytes.max(1) as f64,
+    );
+    std::fs::remove_dir_all(dir)?;
+    std::fs::remove_dir_all(&full)?;
+    // Stop tracking: the next run arms it afresh.
+    HELD.lock().expect("fd list").clear();
+    engine::track::State::forget(pid, std::process::id() as i32);
     Ok(())
 }
 
@@ -363,11 +411,11 @@ fn table(rows: &[Row], runs: usize) -> String {
     }
     s += "\nLazy modes: lazy snapshot stopped vs fork() of a process of the same size; lazy resume to running;\n\
           reading every page after a lazy resume vs writing every page of fresh memory\n\n\
-          | MiB | lazy stopped | fork() | stopped/fork | lazy complete on disk | lazy resume | touch after lazy | touch fresh | touch/fresh |\n\
-          |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+          | MiB | lazy stopped | fork() | stopped/fork | lazy complete on disk | lazy resume | touch after lazy | touch fresh | touch/fresh | incremental stopped | incremental image % of full |\n\
+          |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for r in rows {
         s += &format!(
-            "| {} | {:.2} | {:.2} | {:.2}x | {:.1} | {:.2} | {:.1} | {:.1} | {:.2}x |\n",
+            "| {} | {:.2} | {:.2} | {:.2}x | {:.1} | {:.2} | {:.1} | {:.1} | {:.2}x | {:.2} | {:.2}% |\n",
             r.size_mib,
             r.lazy_stopped_ms,
             r.fork_ms,
@@ -377,6 +425,8 @@ fn table(rows: &[Row], runs: usize) -> String {
             r.touch_after_lazy_ms,
             r.touch_fresh_ms,
             r.touch_vs_fresh,
+            r.incremental_stopped_ms,
+            r.incremental_image_pct,
         );
     }
     s += "\npaper: 766 MHz Pentium III, resume < 10 ms at every size; CRIU: not run (none installed)";
