@@ -25,6 +25,9 @@ struct Durable {
     files: Vec<(PathBuf, u64)>,
     /// region index -> seed of its last fsynced content
     regions: std::collections::BTreeMap<u64, u64>,
+    /// The region write in flight when the daemon died (region, seed): it
+    /// was not fsynced, so either content is right for that region.
+    pending: Option<(u64, u64)>,
 }
 
 /// Write small files and overwrite regions of a big base file, fsyncing
@@ -49,6 +52,7 @@ fn workload(mnt: &Path, round: u64, durable: Arc<Mutex<Durable>>) {
         }
         durable.lock().unwrap().files.push((path, seed));
         let region = (seed * 7919) % (BIG / REGION);
+        durable.lock().unwrap().pending = Some((region, seed));
         if big
             .write_all_at(&pattern(REGION as usize, seed), region * REGION)
             .is_err()
@@ -56,7 +60,9 @@ fn workload(mnt: &Path, round: u64, durable: Arc<Mutex<Durable>>) {
         {
             return;
         }
-        durable.lock().unwrap().regions.insert(region, seed);
+        let mut d = durable.lock().unwrap();
+        d.regions.insert(region, seed);
+        d.pending = None;
     }
 }
 
@@ -123,7 +129,7 @@ fn sigkill_during_writes_loses_nothing_fsynced() {
         );
 
         mount_json(&store, &mnt);
-        let d = durable.lock().unwrap();
+        let mut d = durable.lock().unwrap();
         assert!(
             !d.files.is_empty(),
             "round {round}: the workload wrote nothing"
@@ -140,10 +146,21 @@ fn sigkill_during_writes_loses_nothing_fsynced() {
         for (region, seed) in &d.regions {
             let mut buf = vec![0u8; REGION as usize];
             big.read_exact_at(&mut buf, region * REGION).unwrap();
+            let in_flight = d.pending.filter(|p| p.0 == *region).map(|p| p.1);
             assert!(
-                buf == pattern(REGION as usize, *seed),
+                buf == pattern(REGION as usize, *seed)
+                    || in_flight.is_some_and(|s| buf == pattern(REGION as usize, s)),
                 "region {region} lost its fsynced content"
             );
+        }
+        // The in-flight write is settled now: whichever content it left is
+        // what the next round must find.
+        if let Some((r, s)) = d.pending.take() {
+            let mut buf = vec![0u8; REGION as usize];
+            big.read_exact_at(&mut buf, r * REGION).unwrap();
+            if buf == pattern(REGION as usize, s) {
+                d.regions.insert(r, s);
+            }
         }
         drop((d, big));
         ok(&["fs", "umount", s(&mnt)]);
