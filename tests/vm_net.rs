@@ -88,12 +88,24 @@ fn guests_serve_the_host_and_each_other() {
     );
 }
 
+/// The guest's httpd starts with its start script, which may still be
+/// running when the VM answers `vm exec`: a refused connection is retried
+/// for a few seconds.
 fn http_get(ip: &str) -> String {
-    let mut s = TcpStream::connect_timeout(
-        &format!("{ip}:80").parse().unwrap(),
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("connect {ip}:80: {e}"));
+    let addr = format!("{ip}:80").parse().unwrap();
+    let t0 = std::time::Instant::now();
+    let mut s = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => break s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && t0.elapsed() < Duration::from_secs(10) =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("connect {ip}:80: {e}"),
+        }
+    };
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
     let mut reply = String::new();
