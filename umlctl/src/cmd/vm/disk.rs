@@ -215,16 +215,11 @@ pub fn release_base(base: &Path, still_used: bool) {
     }
 }
 
+/// cowfs errors with their exit codes (`fs::cli`), named as the VM's disk.
 fn cowfs_error(e: cowfs::Error) -> CliError {
-    let code = match &e {
-        cowfs::Error::NotFound(_) => Code::NotFound,
-        cowfs::Error::Conflict(_) => Code::Conflict,
-        cowfs::Error::BadStore(_) => Code::BadImage,
-        cowfs::Error::Invalid(_) => Code::Usage,
-        cowfs::Error::Environment(_) => Code::Environment,
-        cowfs::Error::Io { .. } => Code::Internal,
-    };
-    CliError::new(code, format!("VM disk (cowfs): {e}"))
+    let mut err = crate::cmd::fs::cli(e);
+    err.message = format!("VM disk (cowfs): {}", err.message);
+    err
 }
 
 /// Bytes allocated to a file (sparse files count only their data).
