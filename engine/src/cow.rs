@@ -279,7 +279,8 @@ pub const EVENTS: u64 =
 /// changed or new VMAs are protected again; the rest is still protected
 /// and unchanged since, so it holds the contents of the freeze instant.
 pub struct Prearm {
-    uffd: std::sync::Arc<Uffd>,
+    /// Shared with the serving thread; taken back by `finish`.
+    uffd: Option<std::sync::Arc<Uffd>>,
     /// Private anonymous VMAs registered before the freeze.
     registered: Vec<(u64, u64)>,
     /// Their pages that were present when protected, as (address, bytes),
@@ -333,7 +334,7 @@ impl Prearm {
         }
         present_then.sort();
         Ok(Prearm {
-            uffd,
+            uffd: Some(uffd),
             registered,
             present_then,
             stop,
@@ -350,10 +351,7 @@ impl Prearm {
         let notes = thread
             .join()
             .map_err(|_| Error::Restore("pre-arm thread panicked".into()))??;
-        let shared = std::mem::replace(
-            &mut self.uffd,
-            std::sync::Arc::new(Uffd::from_fd(dup_null()?)),
-        );
+        let shared = self.uffd.take().expect("started");
         let uffd = std::sync::Arc::try_unwrap(shared)
             .map_err(|_| Error::Restore("userfaultfd still shared".into()))?;
         let overlaps =
@@ -379,13 +377,6 @@ impl Prearm {
         }
         Ok((uffd, protect))
     }
-}
-
-/// A placeholder descriptor (for a moved-out field).
-fn dup_null() -> Result<std::os::fd::OwnedFd> {
-    std::fs::File::open("/dev/null")
-        .map(Into::into)
-        .map_err(|e| Error::io("open /dev/null", e))
 }
 
 /// The parts of the sorted ranges `a` not covered by the sorted,
