@@ -15,6 +15,7 @@
 //! - `cow`: lazy snapshots: copy-before-write with userfaultfd write-protect
 //! - `restore`: resume flow: build the process inside a puppet
 //! - `puppet`: the process a resume starts from, and its scratch pages
+//! - `clones`: many processes from one image, sharing unwritten memory
 //! - `pager`: lazy resume: serves memory on demand from the image
 //! - `uffd`: userfaultfd ioctls
 //! - `track`: write tracking for incremental snapshots
@@ -39,6 +40,7 @@
 //! See [`image`]: a directory with `manifest` (magic, version, checksum,
 //! JSON body) and `pages.img` (page-aligned pages, checksummed per MiB).
 
+pub mod clones;
 pub mod cow;
 pub mod dump;
 pub mod error;
@@ -62,6 +64,7 @@ pub mod track;
 pub mod tree;
 pub mod uffd;
 
+pub use clones::{clone_image, CloneOptions, CloneReport};
 pub use dump::{dump, DumpOptions, DumpReport};
 pub use error::{Error, ErrorKind, Result};
 pub use files::Stdio;

@@ -76,6 +76,20 @@ impl Puppet {
         }
     }
 
+    /// The puppet a fork of this one made (`pid`, stopped and traced): it
+    /// has the same memory, so the same injection area.
+    pub fn forked(&self, pid: i32) -> Result<Puppet> {
+        Ok(Puppet {
+            pid,
+            mem: ProcMem::open(pid)?,
+            main: Remote::new(pid, self.main.ip, ptrace::getregs(pid)?),
+            area: self.area,
+            injection: Area {
+                addr: self.injection.addr,
+            },
+        })
+    }
+
     pub fn scratch(&self) -> u64 {
         self.area + CODE_LEN
     }

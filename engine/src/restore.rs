@@ -215,16 +215,16 @@ struct Common<'a> {
 }
 
 /// What building one process of an image needs besides its puppet.
-struct Context<'a> {
-    dir: &'a Path,
-    pages: &'a [u8],
-    opts: &'a ResumeOptions,
-    same_pid: bool,
-    installer: &'a mut crate::fds::Installer,
-    objects: &'a [crate::image::FileObject],
-    pids: &'a HashMap<i32, i32>,
+pub(crate) struct Context<'a> {
+    pub dir: &'a Path,
+    pub pages: &'a [u8],
+    pub opts: &'a ResumeOptions,
+    pub same_pid: bool,
+    pub installer: &'a mut crate::fds::Installer,
+    pub objects: &'a [crate::image::FileObject],
+    pub pids: &'a HashMap<i32, i32>,
     /// pages.img of the parent images of an incremental image, parent first.
-    ancestors: &'a [crate::image::Pages],
+    pub ancestors: &'a [crate::image::Pages],
 }
 
 /// Is `pid` used? A process killed by `snapshot --kill` may linger a moment
@@ -257,7 +257,12 @@ fn pid_taken(pid: i32) -> bool {
 }
 
 /// Checks that the image can be resumed here, before any process is made.
-fn precheck(dir: &Path, process: &Process, opts: &ResumeOptions, same_pid: bool) -> Result<()> {
+pub(crate) fn precheck(
+    dir: &Path,
+    process: &Process,
+    opts: &ResumeOptions,
+    same_pid: bool,
+) -> Result<()> {
     for v in &process.vmas {
         if let VmaKind::File { path, id, .. } = &v.kind {
             if crate::image::FileId::of(Path::new(path)).ok().as_ref() != Some(id) {
@@ -286,34 +291,51 @@ fn precheck(dir: &Path, process: &Process, opts: &ResumeOptions, same_pid: bool)
 
 /// Builds one process in its puppet, up to (not including) letting it run;
 /// returns its thread ids and, for a lazy resume, the pager's "go" pipe.
-fn build(p: &mut Puppet, process: &Process, ctx: Context) -> Result<(Vec<i32>, Option<OwnedFd>)> {
-    let (dir, pages, opts) = (ctx.dir, ctx.pages, ctx.opts);
+fn build(
+    p: &mut Puppet,
+    process: &Process,
+    mut ctx: Context,
+) -> Result<(Vec<i32>, Option<OwnedFd>)> {
+    build_memory(p, process, &mut ctx)?;
+    // Closed once the process runs: the pager's go signal.
+    let go = match &ctx.opts.lazy {
+        Some(launch) => Some(arm_pager(p, ctx.dir, process, launch)?),
+        None => None,
+    };
+    let tids = build_rest(p, process, ctx)?;
+    Ok((tids, go))
+}
+
+/// The first half of a build: the puppet's own memory goes, the image's
+/// memory is mapped and (unless lazy) filled. A clone template stops here.
+pub(crate) fn build_memory(p: &mut Puppet, process: &Process, ctx: &mut Context) -> Result<()> {
     let t = Instant::now();
-    let lap = |what: &str| tracing::debug!("resume: {what} done at {:?}", t.elapsed());
     prepare(p, &process.vmas)?;
-    lap("prepare");
     place_specials(p, &process.vmas)?;
-    lap("place specials");
     map_memory(
         p,
         &process.vmas,
-        (pages, ctx.ancestors),
-        opts.lazy.is_some(),
+        (ctx.pages, ctx.ancestors),
+        ctx.opts.lazy.is_some(),
         ctx.installer,
     )?;
-    // Closed once the process runs: the pager's go signal.
-    let go = match &opts.lazy {
-        Some(launch) => Some(arm_pager(p, dir, process, launch)?),
-        None => None,
-    };
-    lap("map memory");
+    tracing::debug!("resume: memory mapped in {:?}", t.elapsed());
+    Ok(())
+}
+
+/// The second half of a build, on a puppet whose memory is in place: files,
+/// attributes, mm fields, threads and their credentials, timers, filters;
+/// the scratch pages go last. Returns the thread ids, image order.
+pub(crate) fn build_rest(p: &mut Puppet, process: &Process, ctx: Context) -> Result<Vec<i32>> {
+    let t = Instant::now();
+    let lap = |what: &str| tracing::debug!("resume: {what} done at {:?}", t.elapsed());
     files::restore(
         p,
         process,
         ctx.objects,
         ctx.installer,
-        pages,
-        &opts.stdio,
+        ctx.pages,
+        &ctx.opts.stdio,
         ctx.pids,
     )?;
     process_attributes(p, process)?;
@@ -350,7 +372,7 @@ fn build(p: &mut Puppet, process: &Process, ctx: Context) -> Result<(Vec<i32>, O
         &[p.area, CODE_LEN + SCRATCH_LEN],
     )?;
     lap("built");
-    Ok((tids, go))
+    Ok(tids)
 }
 
 /// The last steps before the scratch pages go: timers are armed (so that
@@ -396,7 +418,7 @@ fn clocks_and_filters(
 }
 
 /// Gives every thread its registers back and lets the process run.
-fn start(process: &Process, tids: &[i32]) -> Result<()> {
+pub(crate) fn start(process: &Process, tids: &[i32]) -> Result<()> {
     for (i, t) in process.threads.iter().enumerate().rev() {
         let tid = tids[i];
         ptrace::setregs(tid, &ptrace::restartable(t.regs.to_user_regs()))?;

@@ -43,6 +43,9 @@ enum Command {
     Snapshot(cmd::process::SnapshotArgs),
     /// Resume a process from an image directory; prints the new pid.
     Resume(cmd::process::ResumeArgs),
+    /// Start several processes from one image that share its memory until
+    /// they write it; prints their pids, one per line.
+    Clone(cmd::process::CloneArgs),
     /// Inspect and check snapshot images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
@@ -92,6 +95,7 @@ fn run(cli: Cli) -> CliResult {
         Command::Snapshot(a) => cmd::process::snapshot(out, a),
         Command::SnapshotWorker(a) => cmd::process::snapshot_worker(out, a),
         Command::Resume(a) => cmd::process::resume(out, a),
+        Command::Clone(a) => cmd::process::clone(out, a),
         Command::Pager(a) => cmd::process::pager(out, a),
         Command::Tracker(a) => cmd::process::tracker(out, a),
         Command::Image(c) => cmd::image::run(out, c),

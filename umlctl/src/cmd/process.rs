@@ -76,6 +76,21 @@ pub struct ResumeArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct CloneArgs {
+    /// The image directory written by `umlctl snapshot` (one process, no
+    /// pipes, sockets or shared memory: those clones would share).
+    pub dir: PathBuf,
+    /// How many clones to start. They share the image's memory until they
+    /// write it: ten clones take about the memory of one.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    pub count: usize,
+    /// What std streams that were pipes or terminals become in each clone:
+    /// inherit (this command's), null, or a file path (appended to).
+    #[arg(long, default_value = "inherit", value_name = "inherit|null|PATH")]
+    pub stdio: String,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct PagerArgs {
     pub dir: PathBuf,
     pub pid: i32,
@@ -289,6 +304,52 @@ pub fn resume(out: Output, a: ResumeArgs) -> CliResult {
         elapsed_ms: r.elapsed.as_secs_f64() * 1e3,
     };
     out.emit(&j, || j.pid.to_string());
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct CloneJson {
+    pids: Vec<i32>,
+    clones: Vec<ResumeJson>,
+    template_ms: f64,
+    elapsed_ms: f64,
+}
+
+pub fn clone(out: Output, a: CloneArgs) -> CliResult {
+    if a.count == 0 {
+        return Err(CliError::new(
+            Code::Usage,
+            "--count 0: ask for 1 or more clones",
+        ));
+    }
+    let opts = engine::CloneOptions {
+        count: a.count,
+        stdio: parse_stdio(&a.stdio),
+    };
+    let r = engine::clone_image(&a.dir, &opts).map_err(engine_error)?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let j = CloneJson {
+        pids: r.clones.iter().map(|c| c.pid).collect(),
+        clones: r
+            .clones
+            .into_iter()
+            .map(|c| ResumeJson {
+                pid: c.pid,
+                tids: c.tids,
+                pids: c.pids,
+                elapsed_ms: ms(c.elapsed),
+            })
+            .collect(),
+        template_ms: ms(r.template),
+        elapsed_ms: ms(r.elapsed),
+    };
+    out.emit(&j, || {
+        j.pids
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! `umlctl bench ...`: each benchmark in its own module. Every figure is
 //! printed beside a baseline measured in the same run, as a ratio.
 
+pub mod clones;
 pub mod fs;
 pub mod table1;
 pub mod vm;

@@ -42,6 +42,12 @@ pub struct Table1Args {
     /// Also write the figures against size as an SVG chart here.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Clones to start from one image for the memory-sharing figure (0: skip).
+    #[arg(long, default_value_t = 10)]
+    pub clones: usize,
+    /// Size in MiB of the process the clones are made from.
+    #[arg(long, default_value_t = 256)]
+    pub clone_mib: u64,
 }
 
 /// The paper's Table 1 snapshot times in seconds, by MiB.
@@ -108,15 +114,20 @@ pub fn run(out: Output, a: Table1Args) -> CliResult {
         .iter()
         .map(|&mib| measure(&base, mib, a.runs.max(1), &out))
         .collect::<CliResult<Vec<Row>>>();
+    let clones = match result {
+        Ok(_) if a.clones > 0 => super::clones::measure(&base, a.clone_mib, a.clones).map(Some),
+        _ => Ok(None),
+    };
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&base);
     }
-    let rows = result?;
+    let (rows, clones) = (result?, clones?);
     if let Some(svg) = &a.svg {
         std::fs::write(svg, chart(&rows))?;
     }
-    out.emit(&serde_json::json!({ "runs": a.runs, "rows": rows }), || {
-        table(&rows, a.runs)
+    let json = serde_json::json!({ "runs": a.runs, "rows": rows, "clones": clones });
+    out.emit(&json, || {
+        table(&rows, a.runs) + &clones.as_ref().map_or(String::new(), super::clones::table)
     });
     Ok(())
 }
@@ -138,9 +149,15 @@ fn workload_binary() -> CliResult<PathBuf> {
 
 /// Starts a workload of `mib` MiB and waits until its memory is filled.
 fn start_workload(mib: u64) -> CliResult<Child> {
+    start_workload_with(mib, &[])
+}
+
+/// `start_workload` with more workload arguments.
+pub(super) fn start_workload_with(mib: u64, extra: &[&str]) -> CliResult<Child> {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(workload_binary()?);
     cmd.args(["--mib", &mib.to_string()])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
