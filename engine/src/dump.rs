@@ -160,6 +160,7 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     let parts = (processes, objects.list, objects.pipes, parent);
     if opts.kill {
         // Publish while frozen, then kill: no instruction runs after the instant saved.
+        write_staged(track.as_ref(), &writer)?;
         let manifest = manifest(parts, &mut writer)?;
         let dir = writer.finish(&manifest)?;
         let frozen_for = t_frozen.elapsed();
@@ -180,6 +181,7 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
         f.release()?;
     }
     let frozen_for = t_frozen.elapsed();
+    write_staged(track.as_ref(), &writer)?;
     let write_faults = copy_lazily(cows, &writer, opts, &cancelled)?;
     if cancelled() {
         return Err(Error::Interrupted);
@@ -286,6 +288,14 @@ fn prearm(pid: i32) -> Result<crate::cow::Prearm> {
     crate::cow::Prearm::start(uffd, pid, vmas)
 }
 
+/// Writes the pages an incremental snapshot staged in memory.
+fn write_staged(track: Option<&TrackPlan>, writer: &ImageWriter) -> Result<()> {
+    match track {
+        Some(t) => t.stage.take().write(writer),
+        None => Ok(()),
+    }
+}
+
 /// What a snapshot does about write tracking, decided before the freeze.
 struct TrackPlan {
     /// The parent image of an incremental snapshot.
@@ -293,6 +303,9 @@ struct TrackPlan {
     /// A tracker already holds this target's tracking userfaultfd.
     state: Option<crate::track::State>,
     launch: Option<crate::track::TrackerLauncher>,
+    /// Where an incremental snapshot stages the pages written since its
+    /// parent, sized before the freeze from what tracking saw so far.
+    stage: std::cell::RefCell<memory::Staged>,
 }
 
 fn tracking_plan(pid: i32, opts: &DumpOptions, lazy: bool) -> Result<Option<TrackPlan>> {
@@ -324,10 +337,17 @@ fn tracking_plan(pid: i32, opts: &DumpOptions, lazy: bool) -> Result<Option<Trac
         }
         None => None,
     };
+    let stage = match &parent {
+        // Room for what was written so far, and as much again: the target
+        // runs on until the freeze.
+        Some(_) => memory::Staged::with_room(crate::track::written_bytes(pid)? * 2 + (4 << 20))?,
+        None => memory::Staged::default(),
+    };
     Ok(Some(TrackPlan {
         parent,
         state: crate::track::State::load(pid),
         launch: opts.tracker.clone(),
+        stage: stage.into(),
     }))
 }
 
@@ -364,10 +384,16 @@ fn arm_tracking(
     maps: &[MapsEntry],
     plan: &TrackPlan,
     new_fd: Option<std::os::fd::OwnedFd>,
+    delta: Option<&crate::track::Delta>,
 ) -> Result<Tracking> {
     let pagemap =
         std::fs::File::open(format!("/proc/{pid}/pagemap")).ctx(|| "open pagemap".into())?;
-    let vmas: Vec<&MapsEntry> = maps.iter().filter(|m| crate::track::trackable(m)).collect();
+    // VMAs the incremental walk protected again need nothing more; new or
+    // changed ones are registered and protected whole.
+    let vmas: Vec<&MapsEntry> = maps
+        .iter()
+        .filter(|m| crate::track::trackable(m) && !delta.is_some_and(|d| d.rearmed(m.start)))
+        .collect();
     match (&plan.state, new_fd) {
         (Some(state), _) => {
             let uffd = Uffd::from_fd(crate::uffd::take_fd(state.tracker_pid, 3)?);
@@ -494,18 +520,24 @@ fn collect(
         Some(parent) => Some(crate::track::Delta::new(pid, parent)?),
         None => None,
     };
+    let mut stage = track.map(|t| t.stage.borrow_mut());
+    let mode = match (lazy, &delta, stage.as_deref_mut()) {
+        (true, _, _) => memory::Mode::Defer,
+        (false, Some(_), Some(s)) => memory::Mode::Stage(s),
+        _ => memory::Mode::Copy,
+    };
     let saved = memory::dump_vmas(
         pid,
         &maps,
         writer,
         opts.progress,
         cancelled,
-        lazy,
+        mode,
         delta.as_ref(),
     )?;
     tracing::debug!("memory planned in {:?}", t.elapsed());
     let taken = match (track, injected.uffd.take()) {
-        (Some(plan), fd) => Taken::Tracking(arm_tracking(pid, &maps, plan, fd)?),
+        (Some(plan), fd) => Taken::Tracking(arm_tracking(pid, &maps, plan, fd, delta.as_ref())?),
         (None, None) if prearmed.is_some() => {
             let deferred: Vec<&Vma> = saved.deferred.iter().map(|&i| &saved.vmas[i]).collect();
             let (uffd, protect) = prearmed.expect("checked").finish(&deferred)?;

@@ -128,13 +128,30 @@ fn on_tmpfs(path: &str) -> bool {
 /// With `defer`, the pages of private anonymous VMAs are not copied: space
 /// is reserved for them in pages.img, and their indexes are returned in
 /// `deferred` for a lazy snapshot to fill (see `cow`).
+/// How `dump_vmas` saves private anonymous memory.
+pub enum Mode<'a> {
+    /// Copied into the image now, while the target is frozen.
+    Copy,
+    /// Space reserved in the image; copy-before-write saves it later
+    /// (lazy snapshots, `cow`).
+    Defer,
+    /// Read into our memory now, written to the image once the target runs
+    /// again: an incremental snapshot's few written pages cost the frozen
+    /// target a memory copy, not a file write. Up to `STAGE_LIMIT` bytes;
+    /// the rest is copied as in `Copy`.
+    Stage(&'a mut Staged),
+}
+
+/// The most memory a snapshot stages in RAM (see `Mode::Stage`).
+pub const STAGE_LIMIT: u64 = 256 << 20;
+
 pub fn dump_vmas(
     pid: i32,
     maps: &[MapsEntry],
     writer: &mut ImageWriter,
     progress: Option<&dyn Fn(u64, u64)>,
     cancelled: &dyn Fn() -> bool,
-    defer: bool,
+    mut mode: Mode,
     delta: Option<&crate::track::Delta>,
 ) -> Result<Saved> {
     let pagemap =
@@ -167,16 +184,21 @@ pub fn dump_vmas(
             Some(d) if anonymous => d.split(m, runs)?,
             _ => (runs, vec![]),
         };
-        let pages = if defer && anonymous && !runs.is_empty() {
-            deferred.push(vmas.len());
-            runs.iter()
-                .map(|&(a, n)| Ok([a, n, writer.reserve(n * PAGE_SIZE)?]))
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            match source {
+        let bytes: u64 = runs.iter().map(|r| r.1 * PAGE_SIZE).sum();
+        let pages = match &mut mode {
+            Mode::Defer if anonymous && !runs.is_empty() => {
+                deferred.push(vmas.len());
+                runs.iter()
+                    .map(|&(a, n)| Ok([a, n, writer.reserve(n * PAGE_SIZE)?]))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            Mode::Stage(staged) if anonymous && staged.bytes + bytes <= STAGE_LIMIT => {
+                staged.read(pid, &runs, writer)?
+            }
+            _ => match source {
                 Source::Object => copy_object(pid, m, &runs, writer, &mut buf)?,
                 _ => copy_memory(pid, &runs, writer, &mut buf)?,
-            }
+            },
         };
         done += pages.iter().map(|r| r[1] * PAGE_SIZE).sum::<u64>();
         if let Some(p) = progress {
@@ -204,6 +226,100 @@ pub fn dump_vmas(
 pub struct Saved {
     pub vmas: Vec<Vma>,
     pub deferred: Vec<usize>,
+}
+
+/// Pages read from the target into our memory, each run with the offset
+/// reserved for it in pages.img (see `Mode::Stage`).
+#[derive(Default)]
+pub struct Staged {
+    /// Memory faulted in before the freeze, used first: a fresh page costs
+    /// a fault (~0.3 us here), which the frozen target should not wait for.
+    arena: Option<memmap2::MmapMut>,
+    used: usize,
+    /// (offset in pages.img, where the bytes are).
+    runs: Vec<(u64, Bytes)>,
+    bytes: u64,
+}
+
+enum Bytes {
+    Arena(std::ops::Range<usize>),
+    Own(memmap2::MmapMut),
+}
+
+impl Staged {
+    /// A stage with `room` bytes of memory faulted in now.
+    pub fn with_room(room: u64) -> Result<Staged> {
+        let room = room.min(STAGE_LIMIT) as usize;
+        if room == 0 {
+            return Ok(Staged::default());
+        }
+        let mut arena =
+            memmap2::MmapMut::map_anon(room).ctx(|| "map memory to stage pages in".into())?;
+        for i in (0..room).step_by(PAGE_SIZE as usize) {
+            arena[i] = 1;
+        }
+        Ok(Staged {
+            arena: Some(arena),
+            ..Default::default()
+        })
+    }
+
+    /// Reserves image space for `runs` and reads them into memory; returns
+    /// their page index entries.
+    fn read(
+        &mut self,
+        pid: i32,
+        runs: &[(u64, u64)],
+        writer: &mut ImageWriter,
+    ) -> Result<Vec<[u64; 3]>> {
+        let total: u64 = runs.iter().map(|r| r.1 * PAGE_SIZE).sum();
+        if total == 0 {
+            return Ok(vec![]);
+        }
+        let at = writer.reserve(total)?;
+        let ranges: Vec<(u64, usize)> = runs
+            .iter()
+            .map(|&(a, n)| (a, (n * PAGE_SIZE) as usize))
+            .collect();
+        let (from, to) = (self.used, self.used + total as usize);
+        let bytes = match &mut self.arena {
+            Some(arena) if to <= arena.len() => {
+                mem::vm_read(pid, &ranges, &mut arena[from..to])?;
+                self.used = to;
+                Bytes::Arena(from..to)
+            }
+            _ => {
+                let mut own = memmap2::MmapMut::map_anon(total as usize)
+                    .ctx(|| "map memory to stage pages in".into())?;
+                mem::vm_read(pid, &ranges, &mut own)?;
+                Bytes::Own(own)
+            }
+        };
+        let mut off = at;
+        let index = runs
+            .iter()
+            .map(|&(a, n)| {
+                let e = [a, n, off];
+                off += n * PAGE_SIZE;
+                e
+            })
+            .collect();
+        self.runs.push((at, bytes));
+        self.bytes += total;
+        Ok(index)
+    }
+
+    /// Writes the staged pages to the image (the target may run by now).
+    pub fn write(self, writer: &ImageWriter) -> Result<()> {
+        for (at, bytes) in &self.runs {
+            let data: &[u8] = match bytes {
+                Bytes::Arena(r) => &self.arena.as_ref().expect("arena")[r.clone()],
+                Bytes::Own(m) => m,
+            };
+            writer.write_at(*at, data)?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs (address, pages) of the VMA that pass `filter`, found by the

@@ -98,6 +98,22 @@ pub fn protect(uffd: &Uffd, pagemap: &File, vmas: &[&MapsEntry]) -> Result<()> {
     Ok(())
 }
 
+/// Bytes written since tracking was last reset (the pages an incremental
+/// snapshot taken now would store), without resetting anything.
+pub fn written_bytes(pid: i32) -> Result<u64> {
+    let pagemap = File::open(format!("/proc/{pid}/pagemap")).ctx(|| "open pagemap".into())?;
+    let mut total = 0;
+    for m in proc::maps(pid)?.iter().filter(|m| trackable(m)) {
+        let flags = scan::PM_SCAN_CHECK_WPASYNC;
+        if let Ok(runs) =
+            proc::scan_pages_flags(&pagemap, m.start, m.end, scan::PAGE_IS_WRITTEN, 0, flags)
+        {
+            total += runs.iter().map(|r| r.1 * PAGE_SIZE).sum::<u64>();
+        }
+    }
+    Ok(total)
+}
+
 pub fn new_uffd(fd: OwnedFd) -> Result<Uffd> {
     let u = Uffd::from_fd(fd);
     u.api(uffd::FEATURE_WP_ASYNC | uffd::FEATURE_WP_UNPOPULATED)?;
@@ -113,6 +129,9 @@ pub type Split = (Vec<(u64, u64)>, Vec<[u64; 4]>);
 pub struct Delta {
     pagemap: File,
     parent: Vec<Vma>,
+    /// Starts of the VMAs whose written pages `split` found and protected
+    /// again: tracking there is armed for the next snapshot already.
+    rearmed: std::cell::RefCell<std::collections::HashSet<u64>>,
 }
 
 impl Delta {
@@ -141,7 +160,14 @@ impl Delta {
         Ok(Delta {
             pagemap,
             parent: vmas,
+            rearmed: Default::default(),
         })
+    }
+
+    /// Did `split` protect the VMA at `start` again (so that arming
+    /// tracking for the next snapshot can skip it)?
+    pub fn rearmed(&self, start: u64) -> bool {
+        self.rearmed.borrow().contains(&start)
     }
 
     /// Of the `present` runs of `m`: (runs to store, runs inherited).
@@ -169,46 +195,139 @@ impl Delta {
             // Not registered (tracking lost for this VMA): store it all.
             Err(_) => return Ok((present, vec![])),
         };
-        let n = (m.len() / PAGE_SIZE) as usize;
-        let idx = |a: u64| ((a - m.start) / PAGE_SIZE) as usize;
-        let mut is_written = vec![false; n];
-        for (a, k) in written {
-            is_written[idx(a)..idx(a) + k as usize].fill(true);
-        }
-        // Where the parent chain holds each page: (depth, offset).
-        let mut source: Vec<Option<(u64, u64)>> = vec![None; n];
-        for r in &pv.pages {
-            for i in 0..r[1] {
-                source[idx(r[0]) + i as usize] = Some((1, r[2] + i * PAGE_SIZE));
-            }
-        }
-        for r in &pv.inherited {
-            for i in 0..r[1] {
-                source[idx(r[0]) + i as usize] = Some((r[3] + 1, r[2] + i * PAGE_SIZE));
-            }
-        }
-        let (mut store, mut inherit): (Vec<(u64, u64)>, Vec<[u64; 4]>) = (vec![], vec![]);
+        self.rearmed.borrow_mut().insert(m.start);
+        // Byte intervals, sorted: pages written since the parent, and where
+        // the parent chain holds each page (its start, offset, depth).
+        let written: Vec<(u64, u64, ())> = written
+            .into_iter()
+            .map(|(a, k)| (a, a + k * PAGE_SIZE, ()))
+            .collect();
+        let mut sources: Vec<(u64, u64, [u64; 3])> = pv
+            .pages
+            .iter()
+            .map(|r| (r[0], r[0] + r[1] * PAGE_SIZE, [r[0], r[2], 1]))
+            .chain(
+                pv.inherited
+                    .iter()
+                    .map(|r| (r[0], r[0] + r[1] * PAGE_SIZE, [r[0], r[2], r[3] + 1])),
+            )
+            .collect();
+        sources.sort_unstable_by_key(|r| r.0);
+        let mut out = Runs::default();
         for (a, k) in present {
-            for p in idx(a)..idx(a) + k as usize {
-                let addr = m.start + p as u64 * PAGE_SIZE;
-                match (is_written[p], source[p]) {
-                    (false, Some((depth, off))) => match inherit.last_mut() {
-                        Some(l)
-                            if l[3] == depth
-                                && l[0] + l[1] * PAGE_SIZE == addr
-                                && l[2] + l[1] * PAGE_SIZE == off =>
-                        {
-                            l[1] += 1
-                        }
-                        _ => inherit.push([addr, 1, off, depth]),
-                    },
-                    _ => match store.last_mut() {
-                        Some(l) if l.0 + l.1 * PAGE_SIZE == addr => l.1 += 1,
-                        _ => store.push((addr, 1)),
-                    },
+            for (lo, hi, w) in cut(a, a + k * PAGE_SIZE, &written) {
+                if w.is_some() {
+                    out.store(lo, hi);
+                    continue;
+                }
+                for (lo, hi, src) in cut(lo, hi, &sources) {
+                    match src {
+                        Some(&[from, off, depth]) => out.inherit(lo, hi, off + (lo - from), depth),
+                        // Present now, absent from the parent: stored.
+                        None => out.store(lo, hi),
+                    }
                 }
             }
         }
+        let (store, inherit) = (out.store, out.inherit);
         Ok((store, inherit))
+    }
+}
+
+/// The runs `Delta::split` builds, each merged with the previous one when
+/// they continue each other.
+#[derive(Default)]
+struct Runs {
+    store: Vec<(u64, u64)>,
+    inherit: Vec<[u64; 4]>,
+}
+
+impl Runs {
+    fn store(&mut self, lo: u64, hi: u64) {
+        let n = (hi - lo) / PAGE_SIZE;
+        match self.store.last_mut() {
+            Some(l) if l.0 + l.1 * PAGE_SIZE == lo => l.1 += n,
+            _ => self.store.push((lo, n)),
+        }
+    }
+
+    fn inherit(&mut self, lo: u64, hi: u64, off: u64, depth: u64) {
+        let n = (hi - lo) / PAGE_SIZE;
+        match self.inherit.last_mut() {
+            Some(l)
+                if l[3] == depth
+                    && l[0] + l[1] * PAGE_SIZE == lo
+                    && l[2] + l[1] * PAGE_SIZE == off =>
+            {
+                l[1] += n
+            }
+            _ => self.inherit.push([lo, n, off, depth]),
+        }
+    }
+}
+
+/// Cuts [lo, hi) by `by` (sorted, disjoint [start, end) intervals): the
+/// pieces in order, each with the value of the interval covering it.
+fn cut<T>(lo: u64, hi: u64, by: &[(u64, u64, T)]) -> Vec<(u64, u64, Option<&T>)> {
+    let mut out = Vec::new();
+    let mut at = lo;
+    let mut i = by.partition_point(|r| r.1 <= lo);
+    while at < hi {
+        match by.get(i) {
+            Some(r) if r.0 < hi => {
+                if r.0 > at {
+                    out.push((at, r.0, None));
+                    at = r.0;
+                }
+                let end = r.1.min(hi);
+                out.push((at, end, Some(&r.2)));
+                at = end;
+                i += 1;
+            }
+            _ => {
+                out.push((at, hi, None));
+                at = hi;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_splits_a_range_by_intervals() {
+        let by = [(10, 20, 'a'), (20, 25, 'b'), (40, 50, 'c')];
+        let got = cut(5, 45, &by);
+        let want = vec![
+            (5, 10, None),
+            (10, 20, Some(&'a')),
+            (20, 25, Some(&'b')),
+            (25, 40, None),
+            (40, 45, Some(&'c')),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(cut(12, 15, &by), vec![(12, 15, Some(&'a'))]);
+        assert_eq!(cut(60, 70, &by), vec![(60, 70, None)]);
+        assert_eq!(cut(0, 5, &by), vec![(0, 5, None)]);
+    }
+
+    #[test]
+    fn runs_merge_only_what_continues() {
+        let mut r = Runs::default();
+        r.store(0, 4096);
+        r.store(4096, 8192);
+        r.store(16384, 20480);
+        assert_eq!(r.store, vec![(0, 2), (16384, 1)]);
+        r.inherit(0, 4096, 0, 1);
+        r.inherit(4096, 8192, 4096, 1);
+        r.inherit(8192, 12288, 8192, 2);
+        r.inherit(12288, 16384, 0, 2);
+        assert_eq!(
+            r.inherit,
+            vec![[0, 2, 0, 1], [8192, 1, 8192, 2], [12288, 1, 0, 2]]
+        );
     }
 }
