@@ -24,6 +24,7 @@ use nix::errno::Errno;
 
 /// Pages copied per background step (faults are served between steps).
 const STEP: u64 = 2 << 20;
+const _: () = assert!(STEP.is_multiple_of(crate::image::CHUNK_SIZE));
 /// Pages saved around a write fault.
 const FAULT_WINDOW: u64 = 64 * 1024;
 
@@ -35,6 +36,8 @@ struct Run {
     saved: Vec<bool>,
     /// Pages of the run not saved yet.
     left: u64,
+    /// No page before this one is unsaved (where the next step looks).
+    next: usize,
 }
 
 /// Write-protected memory of a running target, being saved.
@@ -75,6 +78,7 @@ impl Cow {
                     offset: r[2],
                     saved,
                     left: r[1],
+                    next: 0,
                 });
             }
         }
@@ -246,12 +250,21 @@ impl Cow {
         while self.cursor < self.runs.len() && self.runs[self.cursor].left == 0 {
             self.cursor += 1;
         }
-        let Some(r) = self.runs.get(self.cursor) else {
+        let Some(r) = self.runs.get_mut(self.cursor) else {
             return Ok(false);
         };
-        let first = r.saved.iter().position(|s| !s).expect("a page left") as u64;
+        let first = r.next
+            + r.saved[r.next..]
+                .iter()
+                .position(|s| !s)
+                .expect("a page left");
+        r.next = first;
+        let first = first as u64;
         let at = r.addr + first * PAGE_SIZE;
-        let len = (r.pages - first).min(STEP / PAGE_SIZE) * PAGE_SIZE;
+        // Steps end at STEP boundaries of pages.img, so that each writes
+        // whole checksum chunks (hashed as they are written).
+        let off = r.offset + first * PAGE_SIZE;
+        let len = ((r.pages - first) * PAGE_SIZE).min(STEP - off % STEP);
         self.save_range(self.cursor, at, len, writer, buf)?;
         Ok(true)
     }
@@ -370,11 +383,22 @@ impl Prearm {
                 protect.extend(subtract(&now, &self.present_then));
             }
         }
-        for &p in &notes.dirty {
-            if !protect.iter().any(|&(s, l)| s <= p && p < s + l) {
-                protect.push((p, PAGE_SIZE));
+        // Pages written while armed, as runs (a writer moving through memory
+        // dirties neighbours: one ioctl per run, not per page), less those
+        // inside ranges protected whole already.
+        let mut dirty = notes.dirty;
+        dirty.sort_unstable();
+        dirty.dedup();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for p in dirty {
+            match runs.last_mut() {
+                Some(r) if r.0 + r.1 == p => r.1 += PAGE_SIZE,
+                _ => runs.push((p, PAGE_SIZE)),
             }
         }
+        let mut covered = protect.clone();
+        covered.sort_unstable();
+        protect.extend(subtract(&runs, &covered));
         Ok((uffd, protect))
     }
 }

@@ -183,6 +183,7 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     let frozen_for = t_frozen.elapsed();
     write_staged(track.as_ref(), &writer)?;
     let write_faults = copy_lazily(cows, &writer, opts, &cancelled)?;
+    tracing::debug!("lazy copy done at {:?}", t0.elapsed());
     if cancelled() {
         return Err(Error::Interrupted);
     }

@@ -30,7 +30,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use xxhash_rust::xxh3::xxh3_64;
 
 pub const MAGIC: [u8; 8] = *b"UMLCTLIM";
 /// Bump on any incompatible change; readers refuse other versions.
@@ -575,12 +575,9 @@ pub struct ImageWriter {
     partial: PathBuf,
     pages: File,
     len: u64,
-    chunk: Xxh3,
-    chunk_fill: u64,
-    checksums: Vec<u64>,
-    /// Set once pages were written out of order (`reserve`/`write_at`):
-    /// the checksums are then computed from the file at the end.
-    out_of_order: bool,
+    /// Checksums of what was written, in any order (see `sums`); behind a
+    /// lock because `write_at` is shared by the threads of a lazy snapshot.
+    sums: std::sync::Mutex<sums::Sums>,
     finished: bool,
 }
 
@@ -615,10 +612,7 @@ impl ImageWriter {
             partial,
             pages,
             len: 0,
-            chunk: Xxh3::new(),
-            chunk_fill: 0,
-            checksums: vec![],
-            out_of_order: false,
+            sums: Default::default(),
             finished: false,
         })
     }
@@ -631,22 +625,8 @@ impl ImageWriter {
     pub fn append(&mut self, data: &[u8]) -> Result<u64> {
         debug_assert_eq!(data.len() % 4096, 0, "pages.img holds whole pages");
         let off = self.len;
-        self.pages
-            .write_all(data)
-            .ctx(|| "write pages.img".into())?;
         self.len += data.len() as u64;
-        let mut rest = data;
-        while !rest.is_empty() {
-            let take = rest.len().min((CHUNK_SIZE - self.chunk_fill) as usize);
-            self.chunk.update(&rest[..take]);
-            self.chunk_fill += take as u64;
-            rest = &rest[take..];
-            if self.chunk_fill == CHUNK_SIZE {
-                self.checksums.push(self.chunk.digest());
-                self.chunk.reset();
-                self.chunk_fill = 0;
-            }
-        }
+        self.write_at(off, data)?;
         Ok(off)
     }
 
@@ -658,11 +638,6 @@ impl ImageWriter {
         self.pages
             .set_len(self.len)
             .ctx(|| "extend pages.img".into())?;
-        use std::io::Seek;
-        self.pages
-            .seek(std::io::SeekFrom::Start(self.len))
-            .ctx(|| "seek pages.img".into())?;
-        self.out_of_order = true;
         Ok(off)
     }
 
@@ -672,7 +647,32 @@ impl ImageWriter {
         debug_assert!(off + data.len() as u64 <= self.len);
         self.pages
             .write_all_at(data, off)
-            .ctx(|| "write pages.img".into())
+            .ctx(|| "write pages.img".into())?;
+        self.sums.lock().expect("sums").note(off, data);
+        self.write_behind(off, data.len() as u64);
+        Ok(())
+    }
+
+    /// Starts writing back the dirty pages of whole 8 MiB stretches of
+    /// pages.img that `[off, off+len)` completes, so that the disk works
+    /// while we copy and the final fsync waits only for the tail. (No crate
+    /// wraps sync_file_range; it is advice, so its failure is ignored.)
+    fn write_behind(&self, off: u64, len: u64) {
+        const STRETCH: u64 = 8 << 20;
+        let (from, to) = (off / STRETCH, (off + len) / STRETCH);
+        if from == to {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: sync_file_range on our own open file; no memory is passed.
+        unsafe {
+            libc::sync_file_range(
+                self.pages.as_raw_fd(),
+                (from * STRETCH) as i64,
+                ((to - from) * STRETCH) as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
     }
 
     /// Appends bytes padded with zeros to a whole page.
@@ -683,27 +683,16 @@ impl ImageWriter {
     }
 
     pub fn pages_info(&mut self) -> Result<PagesInfo> {
-        let mut sums = self.checksums.clone();
-        if self.chunk_fill > 0 {
-            sums.push(self.chunk.digest());
-        }
-        if self.out_of_order {
-            sums = self.checksums_from_file()?;
-        }
+        let sums = self
+            .sums
+            .lock()
+            .expect("sums")
+            .finish(self.len, &self.pages)?;
         Ok(PagesInfo {
             len: self.len,
             chunk_size: CHUNK_SIZE,
             chunk_checksums: sums,
         })
-    }
-
-    fn checksums_from_file(&self) -> Result<Vec<u64>> {
-        if self.len == 0 {
-            return Ok(vec![]);
-        }
-        // SAFETY: our own file, not resized while mapped.
-        let map = unsafe { memmap2::Mmap::map(&self.pages) }.ctx(|| "map pages.img".into())?;
-        Ok(map.chunks(CHUNK_SIZE as usize).map(xxh3_64).collect())
     }
 
     /// Writes the manifest, makes everything durable and publishes DIR.
@@ -985,3 +974,5 @@ impl std::ops::Deref for Pages {
 
 #[cfg(test)]
 mod tests;
+
+mod sums;
