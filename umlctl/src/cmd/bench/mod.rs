@@ -2,6 +2,7 @@
 //! printed beside a baseline measured in the same run, as a ratio.
 
 pub mod clones;
+pub mod criu;
 pub mod fs;
 pub mod table1;
 pub mod vm;
