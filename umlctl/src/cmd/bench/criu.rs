@@ -20,6 +20,7 @@
 //! during the runs, the report says so and why, and has no figures.
 
 use super::table1::{workload_binary, Samples};
+use super::ChartLine;
 use crate::output::Output;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -431,12 +432,20 @@ fn fsync_all(dir: &Path) -> Result<Duration, String> {
     Ok(t0.elapsed())
 }
 
-/// Ok if `pid` exists and is not a zombie.
+/// The state letter and parent of `pid`, from /proc/PID/stat.
+fn state_and_parent(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // They follow the command name, which is in parentheses.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.next()?.parse().ok()?))
+}
+
+/// Ok if `pid` is a running child of ours (criu has exited, so what it
+/// restored was handed to us as the subreaper).
 fn is_running(pid: i32) -> Result<(), String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The state follows the command name, which is in parentheses.
-    match stat.rsplit_once(')').map(|(_, rest)| rest.trim_start()) {
-        Some(rest) if !rest.starts_with('Z') => Ok(()),
+    match state_and_parent(pid) {
+        Some((state, parent)) if state != 'Z' && parent == std::process::id() as i32 => Ok(()),
         _ => Err(format!(
             "criu restore returned but process {pid} is not running"
         )),
@@ -444,12 +453,14 @@ fn is_running(pid: i32) -> Result<(), String> {
 }
 
 fn kill_and_reap(pid: i32) {
-    // SAFETY: the process is ours (restored by criu, reparented to us as
-    // the subreaper); killing and reaping it.
+    // Only our own child: after a failed restore the PID may be anyone's.
+    if state_and_parent(pid).is_none_or(|(_, parent)| parent != std::process::id() as i32) {
+        return;
+    }
+    // SAFETY: killing and reaping a child of ours.
     unsafe {
-        if libc::kill(pid, libc::SIGKILL) == 0 {
-            libc::waitpid(pid, std::ptr::null_mut(), 0);
-        }
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
     }
 }
 
@@ -522,6 +533,30 @@ fn row(o: &Ours, s: &Samples, lazy: bool) -> Row {
         lazy_resume_vs_lazy_restore: lazy_m("lazy_restore").map(|c| o.lazy_resume_ms / c),
         touch_vs_criu_touch: lazy_m("touch").map(|c| o.touch_after_lazy_ms / c),
     }
+}
+
+/// CRIU's lines for the chart (dashed, in the colours of ours they compare
+/// with); none without figures.
+pub fn series(report: &Report) -> Vec<ChartLine> {
+    let Report::Measured { rows, .. } = report else {
+        return Vec::new();
+    };
+    type Figure = (&'static str, &'static str, fn(&Row) -> Option<f64>);
+    let figures: [Figure; 4] = [
+        ("CRIU dump + fsync", "#1f77b4", |r| Some(r.dump_fsync_ms)),
+        ("CRIU frozen", "#aec7e8", |r| Some(r.frozen_ms)),
+        ("CRIU restore", "#2ca02c", |r| Some(r.restore_ms)),
+        ("CRIU lazy restore", "#ff7f0e", |r| r.lazy_restore_ms),
+    ];
+    figures
+        .iter()
+        .map(|&(name, color, f)| ChartLine {
+            name,
+            color,
+            dashed: true,
+            ms: rows.iter().map(|r| f(r).unwrap_or(f64::NAN)).collect(),
+        })
+        .collect()
 }
 
 /// The CRIU part of the human report.

@@ -21,6 +21,15 @@ pub enum BenchCmd {
     Vm(vm::VmBenchArgs),
 }
 
+/// A line of a benchmark's SVG chart: ms by size, in the order of its rows.
+#[derive(Clone)]
+pub struct ChartLine {
+    pub name: &'static str,
+    pub color: &'static str,
+    pub dashed: bool,
+    pub ms: Vec<f64>,
+}
+
 pub fn run(out: Output, cmd: BenchCmd) -> CliResult {
     match cmd {
         BenchCmd::Table1(a) => table1::run(out, a),

@@ -19,7 +19,7 @@
 //! Medians of `--runs`. The paper's figures (766 MHz Pentium III) are
 //! printed for reference; `--svg` writes the figures against size.
 
-use super::criu;
+use super::{criu, ChartLine};
 use crate::cmd::process::engine_error;
 use crate::exit::{CliError, CliResult, Code};
 use crate::output::Output;
@@ -145,7 +145,8 @@ pub fn run(out: Output, a: Table1Args) -> CliResult {
     }
     let (rows, clones) = (result?, clones?);
     if let Some(svg) = &a.svg {
-        std::fs::write(svg, chart(&rows))?;
+        let criu_lines = criu.as_ref().map_or(Vec::new(), criu::series);
+        std::fs::write(svg, chart(&rows, &criu_lines))?;
     }
     let json = serde_json::json!({ "runs": a.runs, "rows": rows, "clones": clones, "criu": criu });
     out.emit(&json, || {
@@ -478,7 +479,7 @@ fn table(rows: &[Row], runs: usize) -> String {
 
 /// A log-log chart of the main figures against size, as SVG (hand-written:
 /// a few lines and labels need no plotting crate).
-fn chart(rows: &[Row]) -> String {
+fn chart(rows: &[Row], criu: &[ChartLine]) -> String {
     type Series = (&'static str, &'static str, fn(&Row) -> f64);
     let series: [Series; 6] = [
         ("stop-and-copy snapshot", "#1f77b4", |r| r.snapshot_ms),
@@ -513,14 +514,25 @@ fn chart(rows: &[Row]) -> String {
             r.size_mib
         );
     }
-    for (i, (name, color, f)) in series.iter().enumerate() {
-        let pts: Vec<String> = rows
-            .iter()
-            .zip(&xs)
-            .map(|(r, x)| format!("{:.1},{:.1}", px(*x), py(f(r))))
+    let ours = series.iter().map(|&(name, color, f)| ChartLine {
+        name,
+        color,
+        dashed: false,
+        ms: rows.iter().map(f).collect(),
+    });
+    for (i, line) in ours.chain(criu.iter().cloned()).enumerate() {
+        let (name, color) = (line.name, line.color);
+        let pts: Vec<String> = (line.ms.iter().zip(&xs))
+            .filter(|(ms, _)| ms.is_finite())
+            .map(|(ms, x)| format!("{:.1},{:.1}", px(*x), py(*ms)))
             .collect();
+        let dash = if line.dashed {
+            " stroke-dasharray='6,4'"
+        } else {
+            ""
+        };
         svg += &format!(
-            "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>\n",
+            "<polyline fill='none' stroke='{color}' stroke-width='2'{dash} points='{}'/>\n",
             pts.join(" ")
         );
         svg += &format!(
