@@ -391,10 +391,13 @@ fn start_workload(mib: u64, report: &Path) -> Result<Child, String> {
         if text.starts_with("ready") && text.ends_with('\n') {
             return Ok(child);
         }
-        if !matches!(child.try_wait(), Ok(None)) || t0.elapsed() > Duration::from_secs(60) {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("the workload ended ({status}) before it was ready"));
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!("workload did not start: {text}"));
+            return Err(format!("the workload was not ready after 60 s: {text}"));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
