@@ -622,7 +622,7 @@ pub fn table(report: &Report, runs: usize) -> String {
         );
     }
     if let Some(why) = lazy_unavailable {
-        s += &format!("\nCRIU lazy restore: not measured ({why})\n");
+        s += &format!("\nCRIU lazy restore: not measured ({why})");
     }
-    s
+    s.trim_end().to_string()
 }
