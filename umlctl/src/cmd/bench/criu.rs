@@ -241,9 +241,16 @@ impl Criu {
         s.add("memory_dump", stat(&stats, "Memory dump time")?);
         s.add("memory_write", stat(&stats, "Memory write time")?);
 
-        let restore = ["restore", "-D", &d, "-d", "--display-stats", "-o"];
         let restored = self.run(
-            &[&restore[..], &["restore.log"]].concat(),
+            &[
+                "restore",
+                "-D",
+                &d,
+                "-d",
+                "--display-stats",
+                "-o",
+                "restore.log",
+            ],
             Some(&dir.join("restore.log")),
         );
         let running = restored.and_then(|r| is_running(pid).map(|()| r));
