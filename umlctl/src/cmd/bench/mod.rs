@@ -2,6 +2,7 @@
 //! printed beside a baseline measured in the same run, as a ratio.
 
 pub mod clones;
+pub mod criu;
 pub mod fs;
 pub mod table1;
 pub mod vm;
@@ -18,6 +19,15 @@ pub enum BenchCmd {
     Fs(fs::FsBenchArgs),
     /// UML VMs: boot, exec, checkpoint, rollback, memory and disk per VM.
     Vm(vm::VmBenchArgs),
+}
+
+/// A line of a benchmark's SVG chart: ms by size, in the order of its rows.
+#[derive(Clone)]
+pub struct ChartLine {
+    pub name: &'static str,
+    pub color: &'static str,
+    pub dashed: bool,
+    pub ms: Vec<f64>,
 }
 
 pub fn run(out: Output, cmd: BenchCmd) -> CliResult {

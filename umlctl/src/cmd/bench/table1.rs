@@ -19,6 +19,7 @@
 //! Medians of `--runs`. The paper's figures (766 MHz Pentium III) are
 //! printed for reference; `--svg` writes the figures against size.
 
+use super::{criu, ChartLine};
 use crate::cmd::process::engine_error;
 use crate::exit::{CliError, CliResult, Code};
 use crate::output::Output;
@@ -48,6 +49,8 @@ pub struct Table1Args {
     /// Size in MiB of the process the clones are made from.
     #[arg(long, default_value_t = 256)]
     pub clone_mib: u64,
+    #[command(flatten)]
+    pub criu: criu::CriuArgs,
 }
 
 /// The paper's Table 1 snapshot times in seconds, by MiB.
@@ -77,14 +80,29 @@ struct Row {
     paper_snapshot_s: Option<f64>,
 }
 
+impl Row {
+    /// The figures CRIU's are compared with.
+    fn ours(&self) -> criu::Ours {
+        criu::Ours {
+            size_mib: self.size_mib,
+            snapshot_ms: self.snapshot_ms,
+            stopped_ms: self.stopped_ms,
+            lazy_stopped_ms: self.lazy_stopped_ms,
+            resume_ms: self.resume_ms,
+            lazy_resume_ms: self.lazy_resume_ms,
+            touch_after_lazy_ms: self.touch_after_lazy_ms,
+        }
+    }
+}
+
 /// Per-run figures of one size, in milliseconds, by column.
 #[derive(Default)]
-struct Samples {
+pub(super) struct Samples {
     cols: std::collections::BTreeMap<&'static str, Vec<f64>>,
 }
 
 impl Samples {
-    fn add(&mut self, col: &'static str, d: Duration) {
+    pub(super) fn add(&mut self, col: &'static str, d: Duration) {
         self.cols
             .entry(col)
             .or_default()
@@ -96,7 +114,7 @@ impl Samples {
     fn median_raw(&self, col: &str) -> f64 {
         self.median(col)
     }
-    fn median(&self, col: &str) -> f64 {
+    pub(super) fn median(&self, col: &str) -> f64 {
         let mut v = self.cols.get(col).cloned().unwrap_or_default();
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -118,21 +136,30 @@ pub fn run(out: Output, a: Table1Args) -> CliResult {
         Ok(_) if a.clones > 0 => super::clones::measure(&base, a.clone_mib, a.clones).map(Some),
         _ => Ok(None),
     };
+    let criu = result.as_ref().ok().map(|rows| {
+        let ours: Vec<criu::Ours> = rows.iter().map(Row::ours).collect();
+        criu::compare(&a.criu, &base, &ours, a.runs.max(1), &out)
+    });
     if a.dir.is_none() {
         let _ = std::fs::remove_dir_all(&base);
     }
     let (rows, clones) = (result?, clones?);
     if let Some(svg) = &a.svg {
-        std::fs::write(svg, chart(&rows))?;
+        let criu_lines = criu.as_ref().map_or(Vec::new(), criu::series);
+        std::fs::write(svg, chart(&rows, &criu_lines))?;
     }
-    let json = serde_json::json!({ "runs": a.runs, "rows": rows, "clones": clones });
+    let json = serde_json::json!({ "runs": a.runs, "rows": rows, "clones": clones, "criu": criu });
     out.emit(&json, || {
-        table(&rows, a.runs) + &clones.as_ref().map_or(String::new(), super::clones::table)
+        table(&rows, a.runs)
+            + &clones.as_ref().map_or(String::new(), super::clones::table)
+            + &criu
+                .as_ref()
+                .map_or(String::new(), |c| criu::table(c, a.runs))
     });
     Ok(())
 }
 
-fn workload_binary() -> CliResult<PathBuf> {
+pub(super) fn workload_binary() -> CliResult<PathBuf> {
     let exe = std::env::current_exe()?;
     let w = exe.with_file_name("workload");
     if !w.exists() {
@@ -446,13 +473,13 @@ fn table(rows: &[Row], runs: usize) -> String {
             r.incremental_image_pct,
         );
     }
-    s += "\npaper: 766 MHz Pentium III, resume < 10 ms at every size; CRIU: not run (none installed)";
+    s += "\npaper: 766 MHz Pentium III, resume < 10 ms at every size";
     s
 }
 
 /// A log-log chart of the main figures against size, as SVG (hand-written:
 /// a few lines and labels need no plotting crate).
-fn chart(rows: &[Row]) -> String {
+fn chart(rows: &[Row], criu: &[ChartLine]) -> String {
     type Series = (&'static str, &'static str, fn(&Row) -> f64);
     let series: [Series; 6] = [
         ("stop-and-copy snapshot", "#1f77b4", |r| r.snapshot_ms),
@@ -487,14 +514,25 @@ fn chart(rows: &[Row]) -> String {
             r.size_mib
         );
     }
-    for (i, (name, color, f)) in series.iter().enumerate() {
-        let pts: Vec<String> = rows
-            .iter()
-            .zip(&xs)
-            .map(|(r, x)| format!("{:.1},{:.1}", px(*x), py(f(r))))
+    let ours = series.iter().map(|&(name, color, f)| ChartLine {
+        name,
+        color,
+        dashed: false,
+        ms: rows.iter().map(f).collect(),
+    });
+    for (i, line) in ours.chain(criu.iter().cloned()).enumerate() {
+        let (name, color) = (line.name, line.color);
+        let pts: Vec<String> = (line.ms.iter().zip(&xs))
+            .filter(|(ms, _)| ms.is_finite())
+            .map(|(ms, x)| format!("{:.1},{:.1}", px(*x), py(*ms)))
             .collect();
+        let dash = if line.dashed {
+            " stroke-dasharray='6,4'"
+        } else {
+            ""
+        };
         svg += &format!(
-            "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>\n",
+            "<polyline fill='none' stroke='{color}' stroke-width='2'{dash} points='{}'/>\n",
             pts.join(" ")
         );
         svg += &format!(
