@@ -27,6 +27,7 @@ fn table1(args: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(common::umlctl())
         .args(["--json", "bench", "table1", "--sizes", "16", "--runs", "1"])
+        .args(["--clones", "2", "--clone-mib", "16"])
         .arg("--dir")
         .arg(dir.path())
         .args(args)
@@ -53,6 +54,11 @@ fn criu_is_measured_beside_ours() {
     assert_eq!(c["status"], "measured", "{c}");
     assert!(c["lazy_unavailable"].is_null(), "{c}");
     let ours = &report["rows"][0];
+    // The clones row: two clones of 16 MiB hold about one copy.
+    let clones = report["clones"]["clones_vs_one"]
+        .as_f64()
+        .expect("clones row");
+    assert!(clones > 0.5 && clones < 1.5, "{}", report["clones"]);
     let row = &c["rows"][0];
     assert_eq!(row["size_mib"], 16);
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k}: {v}"));
