@@ -479,10 +479,21 @@ fn three_deep_incremental_chain_resumes_and_flattens() {
     let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     assert_eq!(v["parent"], dir("b"));
     ok(&umlctl(&["image", "verify", &dir("c")]));
-    for (image, extra) in [(dir("c"), None), (dir("flat"), Some("--lazy"))] {
-        if extra.is_some() {
-            ok(&umlctl(&["image", "flatten", &dir("c"), "--out", &image]));
-        }
+    ok(&umlctl(&[
+        "image",
+        "flatten",
+        &dir("c"),
+        "--out",
+        &dir("flat"),
+    ]));
+    // Through the chain eagerly and lazily (the pager reads each page from
+    // the image that holds it), and flattened.
+    let cases = [
+        (dir("c"), None),
+        (dir("c"), Some("--lazy")),
+        (dir("flat"), Some("--lazy")),
+    ];
+    for (image, extra) in cases {
         let mut args = vec!["resume", image.as_str(), "--stdio", "null"];
         args.extend(extra);
         let new: i32 = ok(&umlctl(&args)).trim().parse().unwrap();

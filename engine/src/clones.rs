@@ -80,6 +80,7 @@ pub fn clone_image(dir: &Path, opts: &CloneOptions) -> Result<CloneReport> {
     let mut installer = crate::fds::Installer::create(&img.manifest, &pages)?;
     let no_pids = HashMap::new();
     let mut ctx = Context {
+        index: 0,
         dir,
         pages: &pages,
         opts: &ropts,

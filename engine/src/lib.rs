@@ -69,4 +69,4 @@ pub use dump::{dump, DumpOptions, DumpReport};
 pub use error::{Error, ErrorKind, Result};
 pub use files::Stdio;
 pub use image::Image;
-pub use restore::{pager_thread, resume, PagerLauncher, ResumeOptions, ResumeReport};
+pub use restore::{pager_thread, resume, PagerFor, PagerLauncher, ResumeOptions, ResumeReport};

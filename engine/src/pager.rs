@@ -45,22 +45,30 @@ pub const FEATURES: u64 = uffd::FEATURE_EVENT_FORK
 /// memory with stored pages (file and shared mappings are filled eagerly:
 /// userfaultfd cannot catch missing pages of file mappings).
 pub fn is_lazy(v: &Vma) -> bool {
-    matches!(v.kind, VmaKind::Anon { .. }) && !v.shared && !v.pages.is_empty()
+    matches!(v.kind, VmaKind::Anon { .. })
+        && !v.shared
+        && !(v.pages.is_empty() && v.inherited.is_empty())
 }
 
 /// Image pages not yet placed in one address space: start address ->
-/// (length, offset in pages.img). Extents never overlap.
+/// (length, source offset: see `Source`). Extents never overlap.
 #[derive(Clone, Default, Debug)]
 pub struct Pending {
     map: BTreeMap<u64, (u64, u64)>,
 }
 
 impl Pending {
-    pub fn from_image(vmas: &[Vma]) -> Pending {
+    /// The lazy pages of `vmas`; `bases[d]` is where the pages.img of the
+    /// image's ancestor at depth d starts among the sources (0: its own).
+    pub fn from_image(vmas: &[Vma], bases: &[u64]) -> Pending {
         let mut p = Pending::default();
         for v in vmas.iter().filter(|v| is_lazy(v)) {
             for r in &v.pages {
                 p.map.insert(r[0], (r[1] * PAGE_SIZE, r[2]));
+            }
+            for r in &v.inherited {
+                p.map
+                    .insert(r[0], (r[1] * PAGE_SIZE, bases[r[3] as usize] + r[2]));
             }
         }
         p
@@ -158,11 +166,33 @@ enum Outcome {
     Gone,
 }
 
-struct Pager<'a> {
-    pages: &'a [u8],
-    checksums: &'a [u64],
+/// One pages.img served from: the image's own, or an ancestor's (an
+/// incremental image inherits pages from its parents). The sources are laid
+/// end to end: a source offset `base + off` is byte `off` of this one.
+struct Source {
+    base: u64,
+    pages: Pages,
+    checksums: Vec<u64>,
     chunk: u64,
     verified: Vec<bool>,
+}
+
+impl Source {
+    fn of(img: &Image, base: u64) -> Result<Source> {
+        let info = &img.manifest.pages;
+        Ok(Source {
+            base,
+            pages: img.pages()?,
+            checksums: info.chunk_checksums.clone(),
+            chunk: info.chunk_size.max(1),
+            verified: vec![false; info.chunk_checksums.len()],
+        })
+    }
+}
+
+struct Pager {
+    /// The image's pages, then its ancestors', parent first.
+    sources: Vec<Source>,
     pid: i32,
     report: PagerReport,
 }
@@ -171,25 +201,32 @@ struct Pager<'a> {
 /// page is in or the process is gone. Until `go` reads end-of-file (the
 /// resumer closes it once the process runs), only faults are served: the
 /// background copy would slow the resume itself down.
-pub fn serve(fd: OwnedFd, go: Option<OwnedFd>, image: &Image, pid: i32) -> Result<PagerReport> {
-    let pages: Pages = image.pages()?;
+pub fn serve(
+    fd: OwnedFd,
+    go: Option<OwnedFd>,
+    image: &Image,
+    pid: i32,
+    process: usize,
+) -> Result<PagerReport> {
+    let mut sources = vec![Source::of(image, 0)?];
+    for a in image.ancestors()? {
+        let base = sources.last().map_or(0, |s| s.base + s.pages.len() as u64);
+        sources.push(Source::of(&a, base)?);
+    }
+    let bases: Vec<u64> = sources.iter().map(|s| s.base).collect();
     let proc0 = image
         .manifest
         .processes
-        .first()
-        .ok_or_else(|| Error::bad_image(&image.dir, "no process"))?;
-    let info = &image.manifest.pages;
+        .get(process)
+        .ok_or_else(|| Error::bad_image(&image.dir, format!("has no process {process}")))?;
     let mut pager = Pager {
-        pages: &pages,
-        checksums: &info.chunk_checksums,
-        chunk: info.chunk_size.max(1),
-        verified: vec![false; info.chunk_checksums.len()],
+        sources,
         pid,
         report: PagerReport::default(),
     };
     let mut contexts = vec![Context {
         uffd: Uffd::from_fd(fd),
-        pending: Pending::from_image(&proc0.vmas),
+        pending: Pending::from_image(&proc0.vmas, &bases),
         cursor: 0,
     }];
     let mut go = go;
@@ -216,7 +253,7 @@ pub fn serve(fd: OwnedFd, go: Option<OwnedFd>, image: &Image, pid: i32) -> Resul
     Ok(pager.report)
 }
 
-impl Pager<'_> {
+impl Pager {
     /// Reads and handles the events of context `i`, then copies one
     /// background piece. Returns false once its address space is gone.
     fn step(&mut self, contexts: &mut Vec<Context>, i: usize, prefetch: bool) -> Result<bool> {
@@ -312,13 +349,22 @@ impl Pager<'_> {
         Ok(true)
     }
 
-    /// Places one piece (address, length, offset in pages.img).
+    /// Places one piece (address, length, source offset). A piece never
+    /// spans two sources: extents come from one image's page runs.
     fn copy(&mut self, ctx: &mut Context, piece: (u64, u64, u64)) -> Result<Outcome> {
         let (mut addr, mut len, mut src) = piece;
-        self.verify(src, len)?;
+        let i = self.sources.partition_point(|s| s.base <= src) - 1;
+        self.verify(i, src - self.sources[i].base, len)?;
+        let base = self.sources[i].base;
+        let pages: &[u8] = &self.sources[i].pages;
+        if src - base + len > pages.len() as u64 {
+            return Err(Error::Restore(format!(
+                "pages at {addr:#x} point outside their image's pages.img"
+            )));
+        }
         while len > 0 {
-            // SAFETY: src + len lies inside pages.img (checked when the image was opened).
-            let from = unsafe { self.pages.as_ptr().add(src as usize) };
+            // SAFETY: src - base + len lies inside this source's pages (checked above).
+            let from = unsafe { pages.as_ptr().add((src - base) as usize) };
             match ctx.uffd.copy(addr, from, len) {
                 Ok(()) => return Ok(Outcome::Done),
                 Err((Errno::EAGAIN, done)) => {
@@ -348,16 +394,17 @@ impl Pager<'_> {
         Ok(Outcome::Done)
     }
 
-    /// Checks the chunks of pages.img under [src, src+len) once each.
-    fn verify(&mut self, src: u64, len: u64) -> Result<()> {
-        for c in src / self.chunk..(src + len).div_ceil(self.chunk) {
+    /// Checks the chunks of source `i` under [off, off+len) once each.
+    fn verify(&mut self, i: usize, off: u64, len: u64) -> Result<()> {
+        let s = &mut self.sources[i];
+        for c in off / s.chunk..(off + len).div_ceil(s.chunk) {
             let c = c as usize;
-            if self.verified.get(c).copied().unwrap_or(true) {
+            if s.verified.get(c).copied().unwrap_or(true) {
                 continue;
             }
-            let lo = c * self.chunk as usize;
-            let hi = (lo + self.chunk as usize).min(self.pages.len());
-            if xxh3_64(&self.pages[lo..hi]) != self.checksums[c] {
+            let lo = c * s.chunk as usize;
+            let hi = (lo + s.chunk as usize).min(s.pages.len());
+            if xxh3_64(&s.pages[lo..hi]) != s.checksums[c] {
                 // SAFETY: kill has no memory preconditions.
                 unsafe { libc::kill(self.pid, libc::SIGKILL) };
                 return Err(Error::Restore(format!(
@@ -365,7 +412,7 @@ impl Pager<'_> {
                     self.pid
                 )));
             }
-            self.verified[c] = true;
+            s.verified[c] = true;
         }
         Ok(())
     }

@@ -36,10 +36,19 @@ pub struct ResumeOptions {
     pub lazy: Option<PagerLauncher>,
 }
 
-/// Starts a pager: (userfaultfd, "go" pipe, image directory, pid). The pipe
+/// Starts a pager: (userfaultfd, "go" pipe, what it serves). The pipe
 /// reads end-of-file once the process runs (see `pager::serve`).
 pub type PagerLauncher =
-    std::sync::Arc<dyn Fn(OwnedFd, OwnedFd, &Path, i32) -> Result<()> + Send + Sync>;
+    std::sync::Arc<dyn Fn(OwnedFd, OwnedFd, PagerFor) -> Result<()> + Send + Sync>;
+
+/// What one pager serves: process `process` (its index in the image) of the
+/// image in `dir`, resumed as `pid`.
+#[derive(Clone, Copy, Debug)]
+pub struct PagerFor<'a> {
+    pub dir: &'a Path,
+    pub pid: i32,
+    pub process: usize,
+}
 
 impl std::fmt::Debug for ResumeOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -55,10 +64,11 @@ impl std::fmt::Debug for ResumeOptions {
 /// A pager launcher that serves from a thread of this process (for library
 /// users whose process outlives the resumed one's loading).
 pub fn pager_thread() -> PagerLauncher {
-    std::sync::Arc::new(|fd: OwnedFd, go: OwnedFd, dir: &Path, pid: i32| {
-        let image = Image::open(dir)?;
+    std::sync::Arc::new(|fd: OwnedFd, go: OwnedFd, job: PagerFor| {
+        let image = Image::open(job.dir)?;
+        let (pid, process) = (job.pid, job.process);
         std::thread::spawn(move || {
-            if let Err(e) = crate::pager::serve(fd, Some(go), &image, pid) {
+            if let Err(e) = crate::pager::serve(fd, Some(go), &image, pid, process) {
                 tracing::error!("pager for pid {pid}: {e}");
             }
         });
@@ -84,13 +94,11 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     let img = Image::open(dir)?;
     let ancestors = img.ancestors()?;
     if opts.lazy.is_some() {
-        if !ancestors.is_empty() {
-            return Err(Error::bad_image(
-                dir,
-                "is incremental: a lazy resume needs a whole image (umlctl image flatten)",
-            ));
-        }
+        // Each chunk is checked when the pager first reads it.
         img.verify_index()?;
+        for a in &ancestors {
+            a.verify_index()?;
+        }
     } else {
         img.verify_pages()?;
         for a in &ancestors {
@@ -104,16 +112,6 @@ pub fn resume(dir: &Path, opts: &ResumeOptions) -> Result<ResumeReport> {
     let procs = &img.manifest.processes;
     if procs.is_empty() {
         return Err(Error::bad_image(dir, "holds no process"));
-    }
-    if opts.lazy.is_some() && procs.len() > 1 {
-        // The pager serves one process's memory (pager::serve).
-        return Err(Error::Unsupported {
-            pid: procs[0].pid,
-            what: format!(
-                "the image holds a tree of {} processes, which a lazy resume does not support yet: resume it without --lazy",
-                procs.len()
-            ),
-        });
     }
     // Processes of a tree know each other's pids (a parent waits for its
     // child by pid): they keep them, here or in a new PID namespace.
@@ -181,8 +179,9 @@ fn build_all(
         .collect();
     let mut all_tids = Vec::new();
     let mut pager_go = Vec::new();
-    for (p, process) in puppets.iter_mut().zip(procs) {
+    for (index, (p, process)) in puppets.iter_mut().zip(procs).enumerate() {
         let ctx = Context {
+            index,
             dir: common.dir,
             pages: common.pages,
             opts: common.opts,
@@ -216,6 +215,8 @@ struct Common<'a> {
 
 /// What building one process of an image needs besides its puppet.
 pub(crate) struct Context<'a> {
+    /// The process's index in the image.
+    pub index: usize,
     pub dir: &'a Path,
     pub pages: &'a [u8],
     pub opts: &'a ResumeOptions,
@@ -299,7 +300,14 @@ fn build(
     build_memory(p, process, &mut ctx)?;
     // Closed once the process runs: the pager's go signal.
     let go = match &ctx.opts.lazy {
-        Some(launch) => Some(arm_pager(p, ctx.dir, process, launch)?),
+        Some(launch) => {
+            let job = PagerFor {
+                dir: ctx.dir,
+                pid: p.pid,
+                process: ctx.index,
+            };
+            Some(arm_pager(p, process, launch, job)?)
+        }
         None => None,
     };
     let tids = build_rest(p, process, ctx)?;
@@ -650,9 +658,9 @@ fn map_memory(
 /// The puppet's own copy of the descriptor goes with its other fds.
 fn arm_pager(
     p: &mut Puppet,
-    dir: &Path,
     process: &Process,
     launch: &PagerLauncher,
+    job: PagerFor,
 ) -> Result<OwnedFd> {
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
     let fd = p.sys("userfaultfd", libc::SYS_userfaultfd, &[flags])?;
@@ -663,7 +671,7 @@ fn arm_pager(
     }
     let (go_read, go_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", e))?;
-    launch(uffd.fd, go_read, dir, p.pid)?;
+    launch(uffd.fd, go_read, job)?;
     Ok(go_write)
 }
 

@@ -94,6 +94,9 @@ pub struct CloneArgs {
 pub struct PagerArgs {
     pub dir: PathBuf,
     pub pid: i32,
+    /// The process's index in the image (a tree holds several).
+    #[arg(default_value_t = 0)]
+    pub process: usize,
 }
 
 /// Maps engine errors to exit codes.
@@ -360,44 +363,45 @@ pub fn clone(out: Output, a: CloneArgs) -> CliResult {
 fn pager_process() -> engine::PagerLauncher {
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::os::unix::process::CommandExt;
-    std::sync::Arc::new(
-        |fd: OwnedFd, go: OwnedFd, dir: &std::path::Path, pid: i32| {
-            let exe = std::env::current_exe().map_err(|e| engine::Error::io("find umlctl", e))?;
-            let log = std::env::var_os("UMLCTL_PAGER_LOG").and_then(|p| {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .ok()
+    std::sync::Arc::new(|fd: OwnedFd, go: OwnedFd, job: engine::PagerFor| {
+        let exe = std::env::current_exe().map_err(|e| engine::Error::io("find umlctl", e))?;
+        let log = std::env::var_os("UMLCTL_PAGER_LOG").and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        });
+        let mut cmd = Command::new(exe);
+        cmd.arg("__pager")
+            .arg(job.dir)
+            .arg(job.pid.to_string())
+            .arg(job.process.to_string());
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        cmd.stderr(log.map_or(std::process::Stdio::null(), std::process::Stdio::from));
+        let (raw, raw_go) = (fd.as_raw_fd(), go.as_raw_fd());
+        // SAFETY: dup2 and setsid are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Out of the way first: either may already be 3 or 4.
+                let (a, g) = (
+                    libc::fcntl(raw, libc::F_DUPFD, 100),
+                    libc::fcntl(raw_go, libc::F_DUPFD, 100),
+                );
+                if a < 0 || g < 0 || libc::dup2(a, 3) < 0 || libc::dup2(g, 4) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(a);
+                libc::close(g);
+                libc::setsid();
+                Ok(())
             });
-            let mut cmd = Command::new(exe);
-            cmd.arg("__pager").arg(dir).arg(pid.to_string());
-            cmd.stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null());
-            cmd.stderr(log.map_or(std::process::Stdio::null(), std::process::Stdio::from));
-            let (raw, raw_go) = (fd.as_raw_fd(), go.as_raw_fd());
-            // SAFETY: dup2 and setsid are async-signal-safe.
-            unsafe {
-                cmd.pre_exec(move || {
-                    // Out of the way first: either may already be 3 or 4.
-                    let (a, g) = (
-                        libc::fcntl(raw, libc::F_DUPFD, 100),
-                        libc::fcntl(raw_go, libc::F_DUPFD, 100),
-                    );
-                    if a < 0 || g < 0 || libc::dup2(a, 3) < 0 || libc::dup2(g, 4) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    libc::close(a);
-                    libc::close(g);
-                    libc::setsid();
-                    Ok(())
-                });
-            }
-            cmd.spawn()
-                .map_err(|e| engine::Error::io("start the pager", e))?;
-            Ok(())
-        },
-    )
+        }
+        cmd.spawn()
+            .map_err(|e| engine::Error::io("start the pager", e))?;
+        Ok(())
+    })
 }
 
 /// The pager process: serves the lazily resumed process until it is loaded.
@@ -411,7 +415,8 @@ pub fn pager(_out: Output, a: PagerArgs) -> CliResult {
         )
     };
     let image = engine::Image::open(&a.dir).map_err(engine_error)?;
-    let report = engine::pager::serve(fd, Some(go), &image, a.pid).map_err(engine_error)?;
+    let report =
+        engine::pager::serve(fd, Some(go), &image, a.pid, a.process).map_err(engine_error)?;
     tracing::info!("pager for pid {}: {report:?}", a.pid);
     Ok(())
 }
