@@ -36,7 +36,9 @@ pub struct KernelCache {
     generations: Mutex<HashMap<Ino, u64>>,
     /// Inodes renewed that way. An open racing with the rollback may still
     /// reach the old kernel inode: opens of these do not keep the cache, so
-    /// the kernel drops whatever pages that inode holds at the open.
+    /// the kernel drops whatever pages that inode holds at the open. The set
+    /// only grows while mounted: the price is a cold cache at each open of a
+    /// file some rollback changed.
     renewed: Mutex<HashSet<Ino>>,
 }
 
@@ -76,9 +78,15 @@ impl KernelCache {
     ///   about 90 ms the caller does not wait for);
     /// - an open file has its pages dropped now, and its size raised where it
     ///   grew (with the writeback cache the kernel ignores the size in
-    ///   attributes; a shrunk size is corrected by the first read past the
-    ///   new end, which comes back short);
+    ///   attributes). A size that shrank stays the kernel's larger one until
+    ///   the file is closed: the kernel takes short reads for holes, and only
+    ///   a truncate through the mount lowers it (a known limit);
     /// - anything else (directories, links) has its attributes dropped.
+    ///
+    /// Whether a file is open is decided under the view's lock, but an open
+    /// racing with the rollback can still reach the old kernel inode; that
+    /// is why opens of renewed inodes never keep the cache (the kernel then
+    /// drops the inode's pages at the open, so its bytes are right).
     ///
     /// Must not be called with the view locked: the kernel may call back.
     pub fn after_rollback(
