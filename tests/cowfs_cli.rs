@@ -388,7 +388,7 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     assert_eq!(code(&["fs", "checkpoint", s(&store), "a"]), 6);
 
     let m = Mounted::new(&store, &mnt);
-    let stack = fs::read(store.join("stack.json")).unwrap();
+    let stack = fs::read(store.join("stack")).unwrap();
     // The mountpoint is in use; the store is already mounted.
     let other = t.path().join("other");
     support::create(&other, &base, None);
@@ -401,7 +401,7 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     );
     assert_eq!(code(&["fs", "rollback", s(&store), "unknown"]), 7);
     assert_eq!(code(&["fs", "fsck", s(&store)]), 6);
-    assert_eq!(fs::read(store.join("stack.json")).unwrap(), stack);
+    assert_eq!(fs::read(store.join("stack")).unwrap(), stack);
     drop(m);
 
     // A store written by a newer cowfs.
@@ -424,9 +424,7 @@ fn cowfs_mounted(mnt: &Path) -> bool {
 }
 
 fn layer_count(store: &Path) -> usize {
-    let v: serde_json::Value =
-        serde_json::from_slice(&fs::read(store.join("stack.json")).unwrap()).unwrap();
-    v["layers"].as_array().unwrap().len()
+    support::stack(store)["layers"].as_array().unwrap().len()
 }
 
 fn wait_for_layers(store: &Path, n: usize) {
@@ -435,7 +433,7 @@ fn wait_for_layers(store: &Path, n: usize) {
         assert!(
             std::time::Instant::now() < deadline,
             "layers were not merged: {}",
-            fs::read_to_string(store.join("stack.json")).unwrap()
+            support::stack(store)
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

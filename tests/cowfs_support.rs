@@ -232,3 +232,16 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The committed stack of a store: of the two slots of `STORE/stack`, the
+/// valid one with the higher sequence number.
+pub fn stack(store: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(store.join("stack")).unwrap();
+    let (a, b) = bytes.split_at(bytes.len() / 2);
+    [a, b]
+        .into_iter()
+        .filter_map(|s| serde_json::from_slice::<serde_json::Value>(s.trim_ascii_end()).ok())
+        .max_by_key(|v| v["seq"].as_u64())
+        .expect("a valid slot")["stack"]
+        .clone()
+}

@@ -105,6 +105,9 @@ impl Live {
     pub fn handle(&self, req: Request) -> Result<()> {
         match req {
             Request::Checkpoint(name) => {
+                // Writes the kernel still holds (writeback cache) were made
+                // before the checkpoint: they belong in it.
+                self.write_back();
                 self.view.checkpoint(&name)?;
                 crate::merge::spawn(self.view.clone());
                 Ok(())
@@ -119,19 +122,24 @@ impl Live {
         }
     }
 
+    /// Have the kernel send the daemon every write it still holds.
+    fn write_back(&self) {
+        if let Ok(f) = std::fs::File::open(&self.mountpoint) {
+            let _ = nix::unistd::syncfs(&f);
+        }
+    }
+
     fn rollback(&self, name: &str) -> Result<()> {
         let t = std::time::Instant::now();
         // Write back what the kernel still holds dirty, so that it lands
         // before the switch and not after.
-        if let Ok(f) = std::fs::File::open(&self.mountpoint) {
-            let _ = nix::unistd::syncfs(&f);
-        }
+        self.write_back();
         let synced = t.elapsed();
         let changed = self.view.rollback(name)?;
         let switched = t.elapsed();
         use std::os::fd::AsFd;
         self.kernel
-            .after_rollback(&self.notifier, self.fuse_fd.as_fd(), &changed);
+            .after_rollback(&self.view, &self.notifier, self.fuse_fd.as_fd(), &changed);
         tracing::debug!(
             "rollback {name}: writeback {synced:?}, switch {switched:?}, invalidation done {:?} ({} changed inodes)",
             t.elapsed(),

@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! STORE/store.json        magic, format version, base path, block size (written once)
-//! STORE/stack.json        layer ids bottom to top, checkpoints (the commit point
-//!                         of checkpoint and rollback)
+//! STORE/stack             layer ids bottom to top, checkpoints: the commit point
+//!                         of checkpoint and rollback (see `commit`; stores made
+//!                         by older versions have `stack.json` until their
+//!                         first commit)
 //! STORE/layers/ID/journal metadata records of layer ID (see `journal`)
 //! STORE/layers/ID/data/INO the blocks of inode INO written in layer ID (sparse)
 //! STORE/trash/            dropped layers, deleted in the background
@@ -13,6 +15,7 @@
 //! ```
 //! Files are created 0600 and directories 0700.
 
+use crate::commit;
 use crate::error::{Context, Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
@@ -43,7 +46,7 @@ pub struct Checkpoint {
     pub created: u64,
 }
 
-/// `stack.json`: which layers make up the view, and the checkpoints.
+/// The stack: which layers make up the view, and the checkpoints.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Stack {
     /// Layer ids, bottom first; the last one is the writable top.
@@ -140,7 +143,7 @@ impl Layout {
         self.dir.join("store.json")
     }
     pub fn stack(&self) -> PathBuf {
-        self.dir.join("stack.json")
+        self.dir.join("stack")
     }
     pub fn layers(&self) -> PathBuf {
         self.dir.join("layers")
@@ -200,28 +203,42 @@ impl Layout {
         Ok(cfg)
     }
 
+    /// The stack as last committed. Stores made before the `stack` commit
+    /// file have only `stack.json`.
     pub fn read_stack(&self) -> Result<Stack> {
-        let path = self.stack();
-        let text = fs::read(&path).at("read", &path)?;
-        let stack: Stack = serde_json::from_slice(&text).map_err(|e| {
-            Error::BadStore(format!(
-                "{} is corrupt: {e}; run `umlctl fs fsck`",
-                path.display()
-            ))
-        })?;
+        let stack = if commit::exists(&self.stack()) {
+            commit::read(&self.stack())?
+        } else {
+            self.read_old_stack()?
+        };
         if stack.layers.is_empty() {
             return Err(Error::BadStore(format!(
                 "{} lists no layers",
-                path.display()
+                self.stack().display()
             )));
         }
         Ok(stack)
     }
 
-    /// The commit point of checkpoint and rollback.
+    fn read_old_stack(&self) -> Result<Stack> {
+        let path = self.dir.join("stack.json");
+        let text = fs::read(&path).at("read", &path)?;
+        serde_json::from_slice(&text).map_err(|e| {
+            Error::BadStore(format!(
+                "{} is corrupt: {e}; run `umlctl fs fsck`",
+                path.display()
+            ))
+        })
+    }
+
+    /// The commit point of checkpoint, rollback, delete and merge.
     pub fn write_stack(&self, stack: &Stack) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(stack).expect("serializable stack");
-        write_atomic(&self.stack(), &bytes)
+        commit::write(&self.stack(), stack)?;
+        let old = self.dir.join("stack.json");
+        if old.exists() {
+            fs::remove_file(&old).at("remove", &old)?;
+        }
+        Ok(())
     }
 
     /// Make an empty layer directory (removing a leftover of a crash first).
@@ -266,6 +283,24 @@ impl Layout {
         }
         let to = self.trash().join(format!("{id:08}-{}", std::process::id()));
         fs::rename(&from, &to).at("move to trash", &from)
+    }
+
+    /// Move to the trash the layer directories `stack` does not list (a
+    /// rollback commits before it moves its dropped layers away), keeping
+    /// the spare. Only while nothing else works on the store.
+    pub fn trash_unlisted(&self, stack: &Stack) -> Result<()> {
+        for e in fs::read_dir(self.layers())
+            .at("read", &self.layers())?
+            .flatten()
+        {
+            let id = e.file_name().to_string_lossy().parse::<u32>();
+            if let Ok(id) = id {
+                if id < stack.next_layer && !stack.layers.contains(&id) {
+                    self.trash_layer(id)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn empty_trash(&self) {

@@ -4,7 +4,7 @@
 
 use crate::base::Listing;
 use crate::state::{Ino, Kind, ROOT};
-use crate::view::{Attr, NewNode, Res, SetAttr, View};
+use crate::view::{Attr, Changed, NewNode, Res, SetAttr, View};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
@@ -23,12 +23,23 @@ use std::time::{Duration, SystemTime};
 /// How long the kernel may cache entries and attributes.
 const TTL: Duration = Duration::from_secs(3600);
 
-/// The names the kernel may have cached, so that a rollback can
-/// invalidate what changed.
+/// What the kernel may have cached, so that a rollback can invalidate
+/// what changed.
 #[derive(Default)]
 pub struct KernelCache {
     /// (directory, name) -> inode, as told to the kernel.
     entries: Mutex<HashMap<(Ino, OsString), Ino>>,
+    /// Inode generations other than 0: a rollback gives a changed file that
+    /// no one has open a new one, so that the kernel takes its cached inode
+    /// for a stale one and makes a fresh one (no pages, the right size) at
+    /// the next lookup, instead of dropping its pages now.
+    generations: Mutex<HashMap<Ino, u64>>,
+    /// Inodes renewed that way. An open racing with the rollback may still
+    /// reach the old kernel inode: opens of these do not keep the cache, so
+    /// the kernel drops whatever pages that inode holds at the open. The set
+    /// only grows while mounted: the price is a cold cache at each open of a
+    /// file some rollback changed.
+    renewed: Mutex<HashSet<Ino>>,
 }
 
 impl KernelCache {
@@ -39,15 +50,65 @@ impl KernelCache {
             .insert((dir, name.to_owned()), ino);
     }
 
+    fn generation(&self, ino: Ino) -> Generation {
+        Generation(
+            self.generations
+                .lock()
+                .unwrap()
+                .get(&ino)
+                .copied()
+                .unwrap_or(0),
+        )
+    }
+
+    fn keep_cache(&self, ino: Ino) -> FopenFlags {
+        if self.renewed.lock().unwrap().contains(&ino) {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        }
+    }
+
     /// After a rollback: make every cached name stale (one FUSE epoch
-    /// increment where the kernel has it, else one by one), drop the names
-    /// of changed inodes so that the kernel evicts them (with the writeback
-    /// cache it trusts its own idea of their size), and drop their cached
-    /// data and attributes. Must not be called with the view locked: the
-    /// kernel may call back into us.
-    pub fn after_rollback(&self, notifier: &Notifier, fuse_fd: BorrowedFd<'_>, changed: &[Ino]) {
-        let changed: HashSet<Ino> = changed.iter().copied().collect();
-        let mut entries = self.entries.lock().unwrap();
+    /// increment where the kernel has it, else one by one) and make the
+    /// kernel's idea of each changed inode right before returning:
+    /// - a changed file no one has open gets a new generation: the next
+    ///   lookup replaces the kernel's inode, whose pages are dropped when its
+    ///   names are invalidated, in the background (for a 1 GiB file that is
+    ///   about 90 ms the caller does not wait for);
+    /// - an open file has its pages dropped now, and its size raised where it
+    ///   grew (with the writeback cache the kernel ignores the size in
+    ///   attributes). A size that shrank stays the kernel's larger one until
+    ///   the file is closed: the kernel takes short reads for holes, and only
+    ///   a truncate through the mount lowers it (a known limit);
+    /// - anything else (directories, links) has its attributes dropped.
+    ///
+    /// Whether a file is open is decided under the view's lock, but an open
+    /// racing with the rollback can still reach the old kernel inode; that
+    /// is why opens of renewed inodes never keep the cache (the kernel then
+    /// drops the inode's pages at the open, so its bytes are right).
+    ///
+    /// Must not be called with the view locked: the kernel may call back.
+    pub fn after_rollback(
+        &self,
+        view: &View,
+        notifier: &Notifier,
+        fuse_fd: BorrowedFd<'_>,
+        changed: &[Changed],
+    ) {
+        let all: HashSet<Ino> = changed.iter().map(|c| c.ino).collect();
+        let renew: HashSet<Ino> = changed
+            .iter()
+            .filter(|c| c.file && !c.open)
+            .map(|c| c.ino)
+            .collect();
+        {
+            let mut gens = self.generations.lock().unwrap();
+            for &ino in &renew {
+                *gens.entry(ino).or_default() += 1;
+            }
+            self.renewed.lock().unwrap().extend(&renew);
+        }
         let all_at_once = match crate::sys::fuse_inc_epoch(fuse_fd) {
             Ok(()) => true,
             Err(e) => {
@@ -56,18 +117,39 @@ impl KernelCache {
             }
         };
         let mut dirs = HashSet::from([ROOT]);
-        entries.retain(|(dir, name), ino| {
-            if all_at_once && !changed.contains(ino) {
+        let mut later = Vec::new();
+        self.entries.lock().unwrap().retain(|(dir, name), ino| {
+            if renew.contains(ino) {
+                later.push((*dir, name.clone()));
+                return false;
+            }
+            if all_at_once && !all.contains(ino) {
                 return true;
             }
             dirs.insert(*dir);
             let _ = notifier.inval_entry(INodeNo(*dir), name);
             false
         });
-        drop(entries);
-        for ino in changed.iter().chain(&dirs) {
-            let _ = notifier.inval_inode(INodeNo(*ino), 0, 0);
+        for c in changed.iter().filter(|c| !renew.contains(&c.ino)) {
+            let _ = notifier.inval_inode(INodeNo(c.ino), 0, 0);
+            if c.file && c.grew {
+                // The kernel raises the size only for a store of at least
+                // one byte: the file's last one, which is its true value.
+                let last = view.read(c.ino, c.size - 1, 1).unwrap_or_default();
+                if let Err(e) = notifier.store(INodeNo(c.ino), c.size - last.len() as u64, &last) {
+                    tracing::warn!("cannot raise the cached size of inode {}: {e}", c.ino);
+                }
+            }
         }
+        for dir in dirs {
+            let _ = notifier.inval_inode(INodeNo(dir), -1, 0);
+        }
+        let notifier = notifier.clone();
+        std::thread::spawn(move || {
+            for (dir, name) in later {
+                let _ = notifier.inval_entry(INodeNo(dir), &name);
+            }
+        });
     }
 }
 
@@ -92,7 +174,7 @@ impl CowFuse {
         match r {
             Ok(a) => {
                 self.kernel.saw(dir, name, a.ino);
-                reply.entry(&TTL, &file_attr(&a), Generation(0))
+                reply.entry(&TTL, &file_attr(&a), self.kernel.generation(a.ino))
             }
             Err(e) => reply.error(Errno::from_i32(e)),
         }
@@ -373,7 +455,7 @@ impl Filesystem for CowFuse {
         match self.view.attr(ino.0) {
             Ok(_) => {
                 self.view.opened(ino.0);
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+                reply.opened(FileHandle(0), self.kernel.keep_cache(ino.0))
             }
             Err(e) => reply.error(err(e)),
         }
@@ -489,7 +571,14 @@ impl Filesystem for CowFuse {
                 self.kernel.saw(ino.0, &name, child);
             }
             let a = file_attr(&attr);
-            if reply.add(INodeNo(child), next, &name, &TTL, &a, Generation(0)) {
+            if reply.add(
+                INodeNo(child),
+                next,
+                &name,
+                &TTL,
+                &a,
+                self.kernel.generation(child),
+            ) {
                 break;
             }
         }
@@ -584,7 +673,7 @@ impl Filesystem for CowFuse {
                 reply.created(
                     &TTL,
                     &file_attr(&a),
-                    Generation(0),
+                    self.kernel.generation(a.ino),
                     FileHandle(0),
                     FopenFlags::FOPEN_KEEP_CACHE,
                 )

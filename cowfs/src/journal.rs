@@ -113,6 +113,7 @@ impl Writer {
                 .write_all(&self.buf)
                 .at("write journal", &self.path)?;
             self.buf.clear();
+            self.unsynced = true;
         }
         Ok(())
     }

@@ -27,7 +27,8 @@
 //!
 //! # Module map
 //! - `store`: the public `Store` handle (create, open, mount, checkpoints)
-//! - `disk`: the on-disk layout, `store.json` and `stack.json`, atomic writes
+//! - `disk`: the on-disk layout, `store.json`, atomic writes
+//! - `commit`: the `stack` file, committed with one fdatasync
 //! - `journal`: per-layer metadata records, checksummed, torn tails detected
 //! - `state`: in-memory metadata of a view (persistent maps: O(1) clones)
 //! - `base`: the read-only base tree, read lazily and cached
@@ -42,6 +43,7 @@
 //! - `sys`: small wrappers over libc calls std and nix lack
 
 mod base;
+mod commit;
 mod control;
 mod data;
 mod diff;

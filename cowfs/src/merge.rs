@@ -11,7 +11,7 @@
 //!   not claim, so the upper layer's own view is unchanged);
 //! - its journal is the lower journal followed by the upper one.
 //!
-//! Then, under the view's lock, stack.json swaps the two layers for the new
+//! Then, under the view's lock, the stack commit swaps the two layers for the new
 //! one (the commit point; a crash before it leaves a `merge-*` directory
 //! that fsck removes), the old ids become aliases of the new one for the
 //! in-memory block maps, and the old layers go to the trash.

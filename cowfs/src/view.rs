@@ -33,6 +33,21 @@ pub struct SetAttr {
     pub ctime: Option<Ts>,
 }
 
+/// An inode a rollback changed that exists after it, as the kernel's
+/// cache of it needs to know.
+#[derive(Clone, Copy, Debug)]
+pub struct Changed {
+    pub ino: Ino,
+    /// A regular file (its cached pages and size matter).
+    pub file: bool,
+    /// Open by some process at the rollback.
+    pub open: bool,
+    /// Its size after the rollback.
+    pub size: u64,
+    /// Bigger after the rollback than before it.
+    pub grew: bool,
+}
+
 /// Who creates a node, and what.
 #[derive(Clone, Copy, Debug)]
 pub struct NewNode {
@@ -89,6 +104,7 @@ impl View {
             ))
         })?;
         let stack = layout.read_stack()?;
+        layout.trash_unlisted(&stack)?;
         let (state, snapshots) = replay(&layout, &stack, cfg.block_size, true)?;
         let touched = touched_by_layer(&layout, &stack)?;
         let journal = Writer::open(&layout.journal(stack.top()))?;
@@ -914,7 +930,7 @@ impl View {
     /// the layers above it (renamed into the trash, deleted in the
     /// background). Returns the inodes that changed and still exist: the
     /// caller invalidates the kernel's caches of them (and of all names).
-    pub fn rollback(&self, name: &str) -> Result<Vec<Ino>> {
+    pub fn rollback(&self, name: &str) -> Result<Vec<Changed>> {
         let mut g = self.lock();
         let (next, dropped) = g.stack.rolled_back(name)?;
         let layer = g.stack.find(name)?.layer;
@@ -928,35 +944,61 @@ impl View {
         let next_ino = snap.next_ino.max(g.state.next_ino);
         let old = std::mem::replace(&mut g.state, snap);
         g.state.next_ino = next_ino;
-        // Freeing a big state takes milliseconds: not on the caller's clock.
-        std::thread::spawn(move || drop(old));
         g.dirty.clear();
         g.unsynced.clear();
         g.journal = Writer::open(&self.layout.journal(next.top()))?;
-        g.snapshots.retain(|l, _| next.layers.contains(l));
+        let gone: Vec<State> = g
+            .snapshots
+            .extract_if(|l, _| !next.layers.contains(l))
+            .map(|(_, s)| s)
+            .collect();
         g.stack = next;
-        let exists =
-            |st: &State, ino: &Ino| st.nodes.contains_key(ino) || self.base.inode(*ino).is_some();
-        let mut changed = HashSet::new();
+        let mut touched = HashSet::new();
         for l in &dropped {
-            changed.extend(g.touched.remove(l).unwrap_or_default());
+            touched.extend(g.touched.remove(l).unwrap_or_default());
         }
-        changed.retain(|ino| exists(&g.state, ino));
+        let changed: Vec<Changed> = touched
+            .into_iter()
+            .filter_map(|ino| {
+                let now = self.attr_in(&g.state, ino).ok()?.meta;
+                let before = self.attr_in(&old, ino).ok().map(|a| a.meta.size);
+                Some(Changed {
+                    ino,
+                    file: now.kind == Kind::File,
+                    open: g.open.contains_key(&ino),
+                    size: now.size,
+                    grew: before.is_some_and(|b| now.size > b),
+                })
+            })
+            .collect();
         // Inodes open now but gone at the checkpoint cannot come back.
         let Inner { open, state, .. } = &mut *g;
-        open.retain(|ino, _| exists(state, ino));
+        open.retain(|ino, _| state.nodes.contains_key(ino) || self.base.inode(*ino).is_some());
         drop(g);
-        self.prepare_spare();
-        self.files
+        let closed: Vec<Arc<File>> = self
+            .files
             .lock()
             .unwrap()
-            .retain(|(l, _), _| !dropped.contains(l));
-        for &l in &dropped {
-            self.layout.trash_layer(l)?;
-        }
+            .extract_if(|(l, _), _| dropped.contains(l))
+            .map(|(_, f)| f)
+            .collect();
+        self.prepare_spare();
+        // Freeing big states, closing files and moving the dropped layers
+        // out of the way take milliseconds, and nothing needs them done
+        // now: the commit above no longer lists those layers, and a crash
+        // before they are gone leaves directories that mount and fsck
+        // clear away.
         let layout = self.layout.clone();
-        std::thread::spawn(move || layout.empty_trash());
-        Ok(changed.into_iter().collect())
+        std::thread::spawn(move || {
+            drop((old, gone, closed));
+            for &l in &dropped {
+                if let Err(e) = layout.trash_layer(l) {
+                    tracing::warn!("{e}");
+                }
+            }
+            layout.empty_trash();
+        });
+        Ok(changed)
     }
 
     pub fn stack(&self) -> Stack {

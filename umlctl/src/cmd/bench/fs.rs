@@ -24,6 +24,10 @@ pub struct FsBenchArgs {
     /// Runs per figure (medians are reported).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Measure only the figures whose name contains this text (e.g.
+    /// "rollback", "warm"); all of them by default.
+    #[arg(long)]
+    pub only: Option<String>,
     /// Work directory (the base is kept there between runs).
     #[arg(long, default_value = "/var/tmp/umlctl-bench-fs")]
     pub dir: PathBuf,
@@ -178,6 +182,13 @@ impl Bench {
             }
         }
         Ok(view)
+    }
+
+    fn wanted(&self, figure: &str) -> bool {
+        self.args
+            .only
+            .as_ref()
+            .is_none_or(|o| figure.contains(o.as_str()))
     }
 
     /// Median of `runs` measurements, each on a fresh view.
@@ -364,6 +375,9 @@ pub fn run(out: Output, args: FsBenchArgs) -> CliResult {
                    limit: f64,
                    f: &dyn Fn(Setup) -> CliResult<Option<f64>>|
      -> CliResult {
+        if !b.wanted(&name) {
+            return Ok(());
+        }
         let mut values = Vec::new();
         for &s in &setups {
             tracing::info!("bench fs: {name} on {s:?}");
@@ -477,6 +491,10 @@ pub fn run(out: Output, args: FsBenchArgs) -> CliResult {
         3.0,
         &|s| b.each(s, &|v| stat_cold(v, files)).map(Some),
     )?;
+    if !b.wanted("checkpoint") && !b.wanted("rollback") {
+        out.emit(&figures, || table(&figures, &setups));
+        return Ok(());
+    }
     let (cp, rb, orb) = checkpoint_rollback(&b)?;
     let only = |s: Setup, v: f64| (s, Some(v));
     figures.push(Figure {
