@@ -21,6 +21,7 @@ use crate::mem;
 use crate::proc::PAGE_SIZE;
 use crate::uffd::{self, Uffd};
 use nix::errno::Errno;
+use std::os::fd::OwnedFd;
 
 /// Pages copied per background step (faults are served between steps).
 const STEP: u64 = 2 << 20;
@@ -300,14 +301,24 @@ pub struct Prearm {
     /// sorted: a page populated later was never protected.
     present_then: Vec<(u64, u64)>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Written to wake the serving thread from its poll at once: the
+    /// target is frozen while `finish` waits for it.
+    wake: OwnedFd,
     thread: Option<std::thread::JoinHandle<Result<Notes>>>,
+}
+
+impl Prearm {
+    fn stop_thread(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = nix::unistd::write(&self.wake, &[1]);
+    }
 }
 
 impl Drop for Prearm {
     /// An abandoned snapshot: the thread drains and stops, the userfaultfd
     /// closes with its last holder, and the kernel drops the protection.
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop_thread();
     }
 }
 
@@ -333,8 +344,10 @@ impl Prearm {
                 registered.push((s, e));
             }
         }
+        let (wake_rd, wake) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", e))?;
         let (u, st) = (uffd.clone(), stop.clone());
-        let thread = std::thread::spawn(move || serve(&u, &st));
+        let thread = std::thread::spawn(move || serve(&u, &st, &wake_rd));
         let any = crate::proc::scan::PAGE_IS_PRESENT | crate::proc::scan::PAGE_IS_SWAPPED;
         let mut present_then = Vec::new();
         for &(s, e) in &registered {
@@ -351,6 +364,7 @@ impl Prearm {
             registered,
             present_then,
             stop,
+            wake,
             thread: Some(thread),
         })
     }
@@ -359,7 +373,7 @@ impl Prearm {
     /// returns the userfaultfd and the ranges of `vmas` (the deferred VMAs
     /// of the snapshot) that must be protected again.
     pub fn finish(mut self, vmas: &[&Vma]) -> Result<(Uffd, Vec<(u64, u64)>)> {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop_thread();
         let thread = self.thread.take().expect("started");
         let notes = thread
             .join()
@@ -435,18 +449,18 @@ fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
 
 /// Serves write faults (dirty + unprotect) and notes address-space changes
 /// until `stop`; then drains what is left.
-fn serve(uffd: &Uffd, stop: &std::sync::atomic::AtomicBool) -> Result<Notes> {
+fn serve(uffd: &Uffd, stop: &std::sync::atomic::AtomicBool, wake: &OwnedFd) -> Result<Notes> {
     use std::os::fd::AsRawFd;
     let mut notes = Notes::default();
     loop {
         let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
-        let mut p = libc::pollfd {
-            fd: uffd.fd.as_raw_fd(),
+        let mut p = [uffd.fd.as_raw_fd(), wake.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut p, 1, if stopping { 0 } else { 1 }) };
+        });
+        // SAFETY: two valid pollfds.
+        unsafe { libc::poll(p.as_mut_ptr(), 2, if stopping { 0 } else { 100 }) };
         let msgs = uffd
             .read_msgs()
             .map_err(|e| Error::sys("read userfaultfd", e))?;

@@ -99,6 +99,7 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     check_target(pid)?;
     let track = tracking_plan(pid, opts, lazy)?;
     let mut writer = ImageWriter::create(out)?;
+    let pinned = ptrace::Pinned::near(pid);
     let mut prearm = if lazy && !opts.tree {
         Some(prearm(pid)?)
     } else {
@@ -181,6 +182,7 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
         f.release()?;
     }
     let frozen_for = t_frozen.elapsed();
+    drop(pinned);
     write_staged(track.as_ref(), &writer)?;
     let write_faults = copy_lazily(cows, &writer, opts, &cancelled)?;
     tracing::debug!("lazy copy done at {:?}", t0.elapsed());
@@ -661,10 +663,9 @@ fn query(
         b.call("userfaultfd", libc::SYS_userfaultfd, &[flags]);
     }
     let (tid_slot, stack_slot) = thread_queries(&mut b)?;
+    let timer_queries = crate::timers::stage(&mut b, frozen.pid)?;
     let results = area.run(main, mem, b)?;
-    // Timers are asked one call at a time, with scratch space clear of the batch's.
-    let (timers, itimers) =
-        crate::timers::query(main, mem, area.scratch() + 256 * 1024, frozen.pid)?;
+    let (timers, itimers) = crate::timers::read(timer_queries, mem)?;
     let mut sigactions = Vec::new();
     for (sig, slot) in slots {
         let w = |i: u64| mem.read_u64(slot + i * 8);

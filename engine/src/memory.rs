@@ -159,12 +159,12 @@ pub fn dump_vmas(
     let mut plan = Vec::new();
     for m in maps {
         let (kind, source) = classify(pid, m)?;
-        let runs = match &source {
-            Source::Memory(filter) => memory_runs(&pagemap, m, *filter)?,
-            Source::Object => object_runs(pid, m)?,
-            Source::Nothing => vec![],
+        let (runs, guards) = match &source {
+            Source::Memory(filter) => memory_and_guards(&pagemap, m, *filter)?,
+            Source::Object => (object_runs(pid, m)?, guard_runs(&pagemap, m)?),
+            Source::Nothing => (vec![], guard_runs(&pagemap, m)?),
         };
-        plan.push((m, kind, source, runs));
+        plan.push((m, kind, source, runs, guards));
     }
     let total: u64 = plan
         .iter()
@@ -175,7 +175,7 @@ pub fn dump_vmas(
     let mut buf = vec![0u8; BATCH];
     let mut vmas = Vec::with_capacity(plan.len());
     let mut deferred = Vec::new();
-    for (m, kind, source, runs) in plan {
+    for (m, kind, source, runs, guards) in plan {
         if cancelled() {
             return Err(Error::Interrupted);
         }
@@ -215,7 +215,7 @@ pub fn dump_vmas(
             kind,
             pages,
             inherited,
-            guards: guard_runs(&pagemap, m)?,
+            guards,
         });
     }
     Ok(Saved { vmas, deferred })
@@ -320,6 +320,49 @@ impl Staged {
         }
         Ok(())
     }
+}
+
+/// (address, pages) runs.
+type Runs = Vec<(u64, u64)>;
+
+/// Runs (address, pages) of the VMA that pass `filter`, and its guard
+/// pages, found in one walk of its page table where one will do (a walk
+/// of 128 MiB costs about 0.2 ms, spent while the target is frozen).
+fn memory_and_guards(
+    pagemap: &File,
+    m: &MapsEntry,
+    filter: Filter,
+) -> Result<(Runs, Vec<[u64; 2]>)> {
+    let prot_none = !m.read && !m.write && !m.exec && m.path.is_empty();
+    if m.path == "[vsyscall]" || prot_none || filter == Filter::All {
+        return Ok((memory_runs(pagemap, m, filter)?, guard_runs(pagemap, m)?));
+    }
+    let data = scan::PAGE_IS_PRESENT | scan::PAGE_IS_SWAPPED;
+    let anyof = data | scan::PAGE_IS_GUARD;
+    // Asking whether a page is a file's costs a lookup per page: only when
+    // those are to be skipped.
+    let file = match filter {
+        Filter::PrivateCopy => scan::PAGE_IS_FILE,
+        _ => 0,
+    };
+    let regions = proc::scan_regions(pagemap, (m.start, m.end), (0, anyof, anyof | file), 0)?;
+    // Guard pages show as swapped, but reading one faults: never saved.
+    let skip = scan::PAGE_IS_GUARD | file;
+    let (mut runs, mut guards) = (Vec::<(u64, u64)>::new(), Vec::<[u64; 2]>::new());
+    for (a, n, cats) in regions {
+        if cats & scan::PAGE_IS_GUARD != 0 {
+            match guards.last_mut() {
+                Some(g) if g[0] + g[1] * PAGE_SIZE == a => g[1] += n,
+                _ => guards.push([a, n]),
+            }
+        } else if cats & data != 0 && cats & skip == 0 {
+            match runs.last_mut() {
+                Some(r) if r.0 + r.1 * PAGE_SIZE == a => r.1 += n,
+                _ => runs.push((a, n)),
+            }
+        }
+    }
+    Ok((runs, guards))
 }
 
 /// Runs (address, pages) of the VMA that pass `filter`, found by the

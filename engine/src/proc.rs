@@ -223,8 +223,27 @@ pub fn scan_pages_flags(
     none: u64,
     flags: u64,
 ) -> Result<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
     let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, pages, _) in scan_regions(pagemap, (start, end), (none, anyof, anyof), flags)? {
+        match out.last_mut() {
+            Some(l) if l.0 + l.1 * PAGE_SIZE == a => l.1 += pages,
+            _ => out.push((a, pages)),
+        }
+    }
+    Ok(out)
+}
+
+/// One PAGEMAP_SCAN walk of [start, end): the regions of pages that have
+/// none of `none` and any of `anyof`, as (address, pages, their categories
+/// among `ret`). Adjacent regions differ in those categories.
+pub fn scan_regions(
+    pagemap: &fs::File,
+    (start, end): (u64, u64),
+    (none, anyof, ret): (u64, u64, u64),
+    flags: u64,
+) -> Result<Vec<(u64, u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let mut out = Vec::new();
     let mut regions = vec![[0u64; 3]; 512];
     let mut at = start;
     while at < end {
@@ -242,7 +261,7 @@ pub fn scan_pages_flags(
             none,
             none,
             anyof,
-            anyof,
+            ret,
         ];
         // SAFETY: arg is a pm_scan_arg whose vec points at `regions`.
         let n = unsafe {
@@ -255,13 +274,11 @@ pub fn scan_pages_flags(
         if n < 0 {
             return Err(Error::io("PAGEMAP_SCAN", std::io::Error::last_os_error()));
         }
-        for r in &regions[..n as usize] {
-            let pages = (r[1] - r[0]) / PAGE_SIZE;
-            match out.last_mut() {
-                Some(l) if l.0 + l.1 * PAGE_SIZE == r[0] => l.1 += pages,
-                _ => out.push((r[0], pages)),
-            }
-        }
+        out.extend(
+            regions[..n as usize]
+                .iter()
+                .map(|r| (r[0], (r[1] - r[0]) / PAGE_SIZE, r[2])),
+        );
         let walk_end = arg[4];
         if walk_end <= at {
             break;

@@ -400,3 +400,41 @@ pub fn restartable(mut regs: Regs) -> Regs {
 pub fn get_xstate_size() -> usize {
     std::arch::x86_64::__cpuid_count(0xd, 0).ebx as usize
 }
+
+/// This thread runs on the CPU where a process last ran, until dropped
+/// (then on the CPUs it had before). A ptrace round trip wakes the tracee
+/// and waits for it: on one CPU that is a context switch, across two an
+/// inter-processor wake-up, dearer in a VM (a lazy snapshot of 128 MiB
+/// stopped its target 1.8 ms instead of 1.1 here). Only our own affinity
+/// changes; the target's is never touched.
+pub struct Pinned {
+    before: Option<nix::sched::CpuSet>,
+}
+
+impl Pinned {
+    /// Best effort: without the information or the permission, nothing changes.
+    pub fn near(pid: i32) -> Pinned {
+        use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+        let me = nix::unistd::Pid::from_raw(0);
+        let cpu = crate::proc::stat_fields(pid).map(|f| crate::proc::stat_field(&f, 39) as usize);
+        let (Ok(cpu), Ok(before)) = (cpu, sched_getaffinity(me)) else {
+            return Pinned { before: None };
+        };
+        let mut one = CpuSet::new();
+        if !before.is_set(cpu).unwrap_or(false) || one.set(cpu).is_err() {
+            return Pinned { before: None };
+        }
+        let pinned = sched_setaffinity(me, &one).is_ok();
+        Pinned {
+            before: pinned.then_some(before),
+        }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Some(before) = &self.before {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), before);
+        }
+    }
+}

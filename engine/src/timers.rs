@@ -71,31 +71,49 @@ fn timespec_ns(b: &[u8]) -> u64 {
     (sec.max(0) as u64) * 1_000_000_000 + nsec.max(0) as u64
 }
 
-/// POSIX timers and armed itimers of the stopped process behind `r`,
-/// using `scratch` (64 bytes) in its memory.
-pub fn query(
-    r: &mut Remote,
-    mem: &ProcMem,
-    scratch: u64,
-    pid: i32,
-) -> Result<(Vec<PosixTimer>, Vec<Itimer>)> {
-    let mut timers = parse(&crate::proc::read_proc(pid, "timers")?);
-    for t in &mut timers {
-        r.check(
+/// The timer queries staged in a batch (`stage`), to be read (`read`)
+/// once it ran: one ptrace round trip for all of them, not two per call.
+pub struct Staged {
+    timers: Vec<(PosixTimer, u64)>,
+    itimers: Vec<(i32, u64)>,
+}
+
+/// Stages timer_gettime of every POSIX timer of `pid` (listed in
+/// /proc/PID/timers) and getitimer of the three itimers in `b`.
+pub fn stage(b: &mut crate::inject::Batch, pid: i32) -> Result<Staged> {
+    let mut timers = Vec::new();
+    for t in parse(&crate::proc::read_proc(pid, "timers")?) {
+        let slot = b.data(&[0u8; 32])?;
+        b.call(
             "timer_gettime",
             libc::SYS_timer_gettime,
-            &[t.id as u64, scratch],
-        )?;
-        let mut b = [0u8; 32];
-        mem.read(scratch, &mut b)?;
-        t.interval_ns = timespec_ns(&b[..16]);
-        t.value_ns = timespec_ns(&b[16..]);
+            &[t.id as u64, slot],
+        );
+        timers.push((t, slot));
     }
     let mut itimers = Vec::new();
     for which in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF] {
-        r.check("getitimer", libc::SYS_getitimer, &[which as u64, scratch])?;
+        let slot = b.data(&[0u8; 32])?;
+        b.call("getitimer", libc::SYS_getitimer, &[which as u64, slot]);
+        itimers.push((which, slot));
+    }
+    Ok(Staged { timers, itimers })
+}
+
+/// The answers to `stage`'s queries, read from the target's scratch area.
+pub fn read(staged: Staged, mem: &ProcMem) -> Result<(Vec<PosixTimer>, Vec<Itimer>)> {
+    let mut timers = Vec::new();
+    for (mut t, slot) in staged.timers {
         let mut b = [0u8; 32];
-        mem.read(scratch, &mut b)?;
+        mem.read(slot, &mut b)?;
+        t.interval_ns = timespec_ns(&b[..16]);
+        t.value_ns = timespec_ns(&b[16..]);
+        timers.push(t);
+    }
+    let mut itimers = Vec::new();
+    for (which, slot) in staged.itimers {
+        let mut b = [0u8; 32];
+        mem.read(slot, &mut b)?;
         let us = |o: usize| {
             let sec = i64::from_ne_bytes(b[o..o + 8].try_into().expect("8"));
             let usec = i64::from_ne_bytes(b[o + 8..o + 16].try_into().expect("8"));
