@@ -633,11 +633,12 @@ impl ImageWriter {
     /// Reserves `len` bytes (whole pages) to be written later with
     /// `write_at`; returns their offset.
     pub fn reserve(&mut self, len: u64) -> Result<u64> {
+        // No ftruncate here: reserving happens while the target is frozen,
+        // and a metadata change can wait on the filesystem's journal (2 ms
+        // right after another snapshot's fsync). Writes extend the file;
+        // `pages_info` sets its final length.
         let off = self.len;
         self.len += len;
-        self.pages
-            .set_len(self.len)
-            .ctx(|| "extend pages.img".into())?;
         Ok(off)
     }
 
@@ -683,6 +684,9 @@ impl ImageWriter {
     }
 
     pub fn pages_info(&mut self) -> Result<PagesInfo> {
+        self.pages
+            .set_len(self.len)
+            .ctx(|| "set the length of pages.img".into())?;
         let sums = self
             .sums
             .lock()
