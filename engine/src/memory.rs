@@ -159,12 +159,24 @@ pub fn dump_vmas(
     let mut plan = Vec::new();
     for m in maps {
         let (kind, source) = classify(pid, m)?;
-        let (runs, guards) = match &source {
-            Source::Memory(filter) => memory_and_guards(&pagemap, m, *filter)?,
-            Source::Object => (object_runs(pid, m)?, guard_runs(&pagemap, m)?),
-            Source::Nothing => (vec![], guard_runs(&pagemap, m)?),
+        // An incremental snapshot walks a tracked VMA once for everything.
+        let walked = match (&source, delta) {
+            (Source::Memory(_), Some(d)) => d.walk(m),
+            _ => None,
         };
-        plan.push((m, kind, source, runs, guards));
+        let (runs, guards, written) = match (&source, walked) {
+            (_, Some(w)) => {
+                let guards = w.guards.iter().map(|&(a, n)| [a, n]).collect();
+                (w.present, guards, Some(w.written))
+            }
+            (Source::Memory(filter), None) => {
+                let (runs, guards) = memory_and_guards(&pagemap, m, *filter)?;
+                (runs, guards, None)
+            }
+            (Source::Object, None) => (object_runs(pid, m)?, guard_runs(&pagemap, m)?, None),
+            (Source::Nothing, None) => (vec![], guard_runs(&pagemap, m)?, None),
+        };
+        plan.push((m, kind, source, runs, guards, written));
     }
     let total: u64 = plan
         .iter()
@@ -175,13 +187,13 @@ pub fn dump_vmas(
     let mut buf = vec![0u8; BATCH];
     let mut vmas = Vec::with_capacity(plan.len());
     let mut deferred = Vec::new();
-    for (m, kind, source, runs, guards) in plan {
+    for (m, kind, source, runs, guards, written) in plan {
         if cancelled() {
             return Err(Error::Interrupted);
         }
         let anonymous = m.inode == 0 && !m.shared && matches!(source, Source::Memory(_));
         let (runs, inherited) = match delta {
-            Some(d) if anonymous => d.split(m, runs)?,
+            Some(d) if anonymous => d.split(m, runs, written)?,
             _ => (runs, vec![]),
         };
         let bytes: u64 = runs.iter().map(|r| r.1 * PAGE_SIZE).sum();

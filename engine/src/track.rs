@@ -170,30 +170,70 @@ impl Delta {
         self.rearmed.borrow().contains(&start)
     }
 
-    /// Of the `present` runs of `m`: (runs to store, runs inherited).
-    pub fn split(&self, m: &MapsEntry, present: Vec<(u64, u64)>) -> Result<Split> {
-        let Some(pv) = self
+    /// The parent's record of `m`, if tracking can tell what changed in it.
+    fn parent_of(&self, m: &MapsEntry) -> Option<&Vma> {
+        let pv = self
             .parent
             .iter()
-            .find(|v| v.start == m.start && v.end == m.end && !v.shared)
-        else {
+            .find(|v| v.start == m.start && v.end == m.end && !v.shared)?;
+        trackable(m).then_some(pv)
+    }
+
+    /// For a VMA of the parent that tracking covers: one walk of its page
+    /// table that finds the present pages, the guard pages and the pages
+    /// written since the parent, and protects the written ones again (the
+    /// kernel protects only the written pages of a matching walk). None
+    /// when it is not tracked: then `split` stores what is present.
+    pub fn walk(&self, m: &MapsEntry) -> Option<Walk> {
+        self.parent_of(m)?;
+        let data = scan::PAGE_IS_PRESENT | scan::PAGE_IS_SWAPPED;
+        let anyof = data | scan::PAGE_IS_GUARD;
+        let flags = scan::PM_SCAN_WP_MATCHING | scan::PM_SCAN_CHECK_WPASYNC;
+        let ret = anyof | scan::PAGE_IS_WRITTEN;
+        // An error: not registered (tracking lost for this VMA).
+        let regions =
+            proc::scan_regions(&self.pagemap, (m.start, m.end), (0, anyof, ret), flags).ok()?;
+        self.rearmed.borrow_mut().insert(m.start);
+        let mut w = Walk::default();
+        let add = |v: &mut Vec<(u64, u64)>, a: u64, n: u64| match v.last_mut() {
+            Some(l) if l.0 + l.1 * PAGE_SIZE == a => l.1 += n,
+            _ => v.push((a, n)),
+        };
+        for (a, n, cats) in regions {
+            if cats & scan::PAGE_IS_GUARD != 0 {
+                add(&mut w.guards, a, n);
+                continue;
+            }
+            add(&mut w.present, a, n);
+            if cats & scan::PAGE_IS_WRITTEN != 0 {
+                add(&mut w.written, a, n);
+            }
+        }
+        Some(w)
+    }
+
+    /// Of the `present` runs of `m`: (runs to store, runs inherited). With
+    /// `walked`, the written pages `walk` found; else they are found here.
+    pub fn split(
+        &self,
+        m: &MapsEntry,
+        present: Vec<(u64, u64)>,
+        walked: Option<Vec<(u64, u64)>>,
+    ) -> Result<Split> {
+        let Some(pv) = self.parent_of(m) else {
             return Ok((present, vec![]));
         };
-        if !trackable(m) {
-            return Ok((present, vec![]));
-        }
-        let flags = scan::PM_SCAN_WP_MATCHING | scan::PM_SCAN_CHECK_WPASYNC;
-        let written = match proc::scan_pages_flags(
-            &self.pagemap,
-            m.start,
-            m.end,
-            scan::PAGE_IS_WRITTEN,
-            0,
-            flags,
-        ) {
-            Ok(w) => w,
-            // Not registered (tracking lost for this VMA): store it all.
-            Err(_) => return Ok((present, vec![])),
+        let written = match walked {
+            Some(w) => w,
+            None => {
+                let flags = scan::PM_SCAN_WP_MATCHING | scan::PM_SCAN_CHECK_WPASYNC;
+                let w = scan::PAGE_IS_WRITTEN;
+                match proc::scan_pages_flags(&self.pagemap, m.start, m.end, w, 0, flags) {
+                    Ok(w) => w,
+                    // Not registered (tracking lost for this VMA): store it all.
+                    Err(_) => return Ok((present, vec![])),
+                }
+            }
         };
         self.rearmed.borrow_mut().insert(m.start);
         // Byte intervals, sorted: pages written since the parent, and where
@@ -232,6 +272,15 @@ impl Delta {
         let (store, inherit) = (out.store, out.inherit);
         Ok((store, inherit))
     }
+}
+
+/// What `Delta::walk` found in one VMA: (address, pages) runs.
+#[derive(Default)]
+pub struct Walk {
+    pub present: Vec<(u64, u64)>,
+    pub written: Vec<(u64, u64)>,
+    /// Guard pages, as [address, pages].
+    pub guards: Vec<(u64, u64)>,
 }
 
 /// The runs `Delta::split` builds, each merged with the previous one when

@@ -13,8 +13,9 @@
 //!   resumed process takes to read one word of every page (every page
 //!   comes through the pager), beside writing one byte per page of fresh
 //!   memory;
-//! - a tracked full snapshot, 50 ms of writing, an incremental snapshot:
-//!   its time stopped and its size as a share of the full image.
+//! - a tracked full snapshot, writing until 1% of the memory is written,
+//!   an incremental snapshot: its time stopped and its size as a share of
+//!   the full image.
 //!
 //! Medians of `--runs`. The paper's figures (766 MHz Pentium III) are
 //! printed for reference; `--svg` writes the figures against size.
@@ -329,7 +330,13 @@ fn incremental_run(pid: i32, dir: &Path, s: &mut Samples) -> CliResult {
         ..Default::default()
     };
     let f = engine::dump(pid, &full, &opts).map_err(engine_error)?;
-    std::thread::sleep(Duration::from_millis(50));
+    // The target's case: 1% of the memory written since the full snapshot.
+    let t0 = Instant::now();
+    while engine::track::written_bytes(pid).map_err(engine_error)? < f.image_bytes / 100
+        && t0.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let opts = engine::DumpOptions {
         tracker: Some(holder),
         parent: Some(full.clone()),
