@@ -315,8 +315,9 @@ fn lazy_run(pid: i32, dir: &Path, s: &mut Samples) -> CliResult {
     Ok(())
 }
 
-/// A tracked full snapshot, 50 ms of the workload writing, then an
-/// incremental one: time stopped and its size against the full image.
+/// A tracked full snapshot, the workload writing until 1% of its memory is
+/// written, then an incremental one: time stopped and its size against the
+/// full image.
 /// The tracking userfaultfd is held by this process for the run.
 fn incremental_run(pid: i32, dir: &Path, s: &mut Samples) -> CliResult {
     static HELD: std::sync::Mutex<Vec<std::os::fd::OwnedFd>> = std::sync::Mutex::new(Vec::new());
