@@ -21,20 +21,7 @@ fn workload(args: &str, dir: &Path, out: &Path) -> std::process::Child {
 
 /// `umlctl --json clone DIR -n N`: the clones' pids.
 fn clone(dir: &Path, n: usize) -> Vec<i32> {
-    let text = ok(&umlctl(&[
-        "--json",
-        "clone",
-        dir.to_str().unwrap(),
-        "-n",
-        &n.to_string(),
-    ]));
-    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("clone prints JSON");
-    v["pids"]
-        .as_array()
-        .expect("pids")
-        .iter()
-        .map(|p| p.as_i64().unwrap() as i32)
-        .collect()
+    json_pids(&["clone", dir.to_str().unwrap(), "-n", &n.to_string()])
 }
 
 /// A field in KiB of /proc/PID/smaps_rollup.

@@ -89,10 +89,17 @@ pub fn ok(o: &Output) -> String {
 
 /// `umlctl --json resume DIR EXTRA...`: the pids of the resumed processes.
 pub fn resume(dir: &Path, extra: &[&str]) -> Vec<i32> {
-    let mut args = vec!["--json", "resume", dir.to_str().unwrap()];
+    let mut args = vec!["resume", dir.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let text = ok(&umlctl(&args));
-    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("resume prints JSON");
+    json_pids(&args)
+}
+
+/// `umlctl --json ARGS...` of a command that reports `pids` (resume, clone).
+pub fn json_pids(args: &[&str]) -> Vec<i32> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let text = ok(&umlctl(&all));
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("umlctl prints JSON");
     v["pids"]
         .as_array()
         .expect("pids")
