@@ -436,6 +436,13 @@ fn three_deep_incremental_chain_resumes_and_flattens() {
     let pid = child.id().to_string();
     let dir = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
     ok(&umlctl(&["snapshot", &pid, "--out", &dir("a"), "--track"]));
+    // Tracked memory cannot also be protected for a lazy snapshot: refused
+    // clearly, before anything is written, and the process runs on.
+    let o = umlctl(&["snapshot", &pid, "--out", &dir("l"), "--lazy"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(5), "{err}");
+    assert!(err.contains("write-tracked"), "{err}");
+    assert!(!tmp.path().join("l").exists());
     std::thread::sleep(Duration::from_millis(200));
     ok(&umlctl(&[
         "snapshot",

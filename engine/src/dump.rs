@@ -313,7 +313,17 @@ struct TrackPlan {
 
 fn tracking_plan(pid: i32, opts: &DumpOptions, lazy: bool) -> Result<Option<TrackPlan>> {
     if opts.parent.is_none() && opts.tracker.is_none() {
-        return Ok(None);
+        // A VMA takes one userfaultfd: the tracker's holds the memory.
+        return match crate::track::State::load(pid) {
+            Some(s) if lazy => Err(Error::Unsupported {
+                pid,
+                what: format!(
+                    "is write-tracked for incremental snapshots (tracker pid {}), which a lazy snapshot cannot share: take it without --lazy, or with --parent",
+                    s.tracker_pid
+                ),
+            }),
+            _ => Ok(None),
+        };
     }
     let no = |what: &str| {
         Err(Error::Unsupported {

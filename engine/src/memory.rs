@@ -357,7 +357,8 @@ fn memory_and_guards(
         Filter::PrivateCopy => scan::PAGE_IS_FILE,
         _ => 0,
     };
-    let regions = proc::scan_regions(pagemap, (m.start, m.end), (0, anyof, anyof | file), 0)?;
+    let regions =
+        proc::scan_regions_parallel(pagemap, (m.start, m.end), (0, anyof, anyof | file), 0)?;
     // Guard pages show as swapped, but reading one faults: never saved.
     let skip = scan::PAGE_IS_GUARD | file;
     let (mut runs, mut guards) = (Vec::<(u64, u64)>::new(), Vec::<[u64; 2]>::new());

@@ -233,6 +233,55 @@ pub fn scan_pages_flags(
     Ok(out)
 }
 
+/// `scan_regions` over a large range in pieces walked by parallel threads
+/// (walks take the address space's lock for reading, so they run at once):
+/// a 1 GiB walk costs ~2.5 ms here, spent while the target is frozen.
+pub fn scan_regions_parallel(
+    pagemap: &fs::File,
+    (start, end): (u64, u64),
+    masks: (u64, u64, u64),
+    flags: u64,
+) -> Result<Vec<(u64, u64, u64)>> {
+    const PIECE_MIN: u64 = 64 << 20;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let pieces = ((end - start) / PIECE_MIN).clamp(1, threads);
+    if pieces == 1 {
+        return scan_regions(pagemap, (start, end), masks, flags);
+    }
+    // Cut on 2 MiB boundaries: a page table is walked by one thread.
+    let step = ((end - start) / pieces).next_multiple_of(2 << 20);
+    let bounds: Vec<(u64, u64)> = (0..pieces)
+        .map(|i| (start + i * step, (start + (i + 1) * step).min(end)))
+        .filter(|(a, b)| a < b)
+        .collect();
+    let parts: Vec<Result<Vec<(u64, u64, u64)>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = bounds
+            .iter()
+            .map(|&b| {
+                s.spawn(move || {
+                    crate::ptrace::unpin_thread();
+                    scan_regions(pagemap, b, masks, flags)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("page-table walk thread"))
+            .collect()
+    });
+    let mut out: Vec<(u64, u64, u64)> = Vec::new();
+    for part in parts {
+        for r in part? {
+            // Join a region the cut split in two.
+            match out.last_mut() {
+                Some(l) if l.0 + l.1 * PAGE_SIZE == r.0 && l.2 == r.2 => l.1 += r.1,
+                _ => out.push(r),
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// One PAGEMAP_SCAN walk of [start, end): the regions of pages that have
 /// none of `none` and any of `anyof`, as (address, pages, their categories
 /// among `ret`). Adjacent regions differ in those categories.

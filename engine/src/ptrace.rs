@@ -425,6 +425,9 @@ impl Pinned {
             return Pinned { before: None };
         }
         let pinned = sched_setaffinity(me, &one).is_ok();
+        if pinned {
+            *UNPINNED.lock().unwrap_or_else(|e| e.into_inner()) = Some(before);
+        }
         Pinned {
             before: pinned.then_some(before),
         }
@@ -435,6 +438,20 @@ impl Drop for Pinned {
     fn drop(&mut self) {
         if let Some(before) = &self.before {
             let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), before);
+            *UNPINNED.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 }
+
+/// Lets the calling thread run on the CPUs the process had before a
+/// `Pinned` narrowed them: a helper thread spawned by a pinned one inherits
+/// its single CPU, and helpers are there to use the others.
+pub fn unpin_thread() {
+    let before = UNPINNED.lock().ok().and_then(|b| *b);
+    if let Some(set) = before {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// The affinity a live `Pinned` replaced (for `unpin_thread`).
+static UNPINNED: std::sync::Mutex<Option<nix::sched::CpuSet>> = std::sync::Mutex::new(None);

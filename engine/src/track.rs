@@ -192,7 +192,8 @@ impl Delta {
         let ret = anyof | scan::PAGE_IS_WRITTEN;
         // An error: not registered (tracking lost for this VMA).
         let regions =
-            proc::scan_regions(&self.pagemap, (m.start, m.end), (0, anyof, ret), flags).ok()?;
+            proc::scan_regions_parallel(&self.pagemap, (m.start, m.end), (0, anyof, ret), flags)
+                .ok()?;
         self.rearmed.borrow_mut().insert(m.start);
         let mut w = Walk::default();
         let add = |v: &mut Vec<(u64, u64)>, a: u64, n: u64| match v.last_mut() {
