@@ -102,7 +102,8 @@ fn tree_resumed_twice_in_new_pid_namespaces_runs_as_two_copies() {
     let tmp = tempfile::tempdir().unwrap();
     let (child, out) = pipeline(tmp.path());
     let img = tmp.path().join("img");
-    ok(&snapshot(child.id() as i32, &img, &["--tree"]));
+    // Lazily: each process of the tree is copied while all of them run.
+    ok(&snapshot(child.id() as i32, &img, &["--tree", "--lazy"]));
     let original = image_pids(&img);
     // Both copies and the original run at once; the original's pids are taken.
     let out_a = tmp.path().join("a.txt");

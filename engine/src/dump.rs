@@ -206,7 +206,9 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
 }
 
 /// Saves the write-protected memory of the (running) targets; returns the
-/// number of writes that waited, or None when nothing was lazy.
+/// number of writes that waited, or None when nothing was lazy. Each
+/// process of a tree is copied by a thread of its own: one copied after
+/// another would leave the others' writes waiting for the whole copy.
 fn copy_lazily(
     cows: Vec<Cow>,
     writer: &ImageWriter,
@@ -217,22 +219,53 @@ fn copy_lazily(
         return Ok(None);
     }
     let total: u64 = cows.iter().map(|c| c.bytes_left()).sum();
-    let mut done_before = 0;
-    let mut faults = 0;
-    for mut cow in cows {
-        let mine = cow.bytes_left();
-        let progress = |left: u64| {
+    let done = std::sync::atomic::AtomicU64::new(0);
+    // Progress counts the bytes every copier saved (returns the sum so
+    // far); only this thread shows it.
+    let counted = |cow_left: &std::sync::atomic::AtomicU64, left: u64| {
+        let saved = cow_left.swap(left, Ordering::Relaxed).saturating_sub(left);
+        done.fetch_add(saved, Ordering::Relaxed) + saved
+    };
+    let cancel = opts.cancel;
+    let others_cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+    let mut cows = cows.into_iter();
+    let mut first = cows.next().expect("one");
+    std::thread::scope(|s| {
+        let others: Vec<_> = cows
+            .map(|mut cow| {
+                let (counted, others_cancelled) = (&counted, &others_cancelled);
+                s.spawn(move || {
+                    let left = std::sync::atomic::AtomicU64::new(cow.bytes_left());
+                    let count = |l: u64| {
+                        counted(&left, l);
+                    };
+                    let r = cow.run(writer, &count, others_cancelled);
+                    let faults = cow.write_faults;
+                    cow.disarm();
+                    r.map(|()| faults)
+                })
+            })
+            .collect();
+        let left = std::sync::atomic::AtomicU64::new(first.bytes_left());
+        let progress = |l: u64| {
+            let now = counted(&left, l);
             if let Some(p) = opts.progress {
-                p(done_before + mine - left, total);
+                p(now, total);
             }
         };
-        let copied = cow.run(writer, &progress, cancelled);
-        faults += cow.write_faults;
-        cow.disarm();
-        copied?;
-        done_before += mine;
-    }
-    Ok(Some(faults))
+        let copied = first.run(writer, &progress, cancelled);
+        let mut faults = first.write_faults;
+        first.disarm();
+        let mut result = copied;
+        for h in others {
+            match h.join() {
+                Ok(Ok(f)) => faults += f,
+                Ok(Err(e)) => result = result.and(Err(e)),
+                Err(_) => result = result.and(Err(Error::Restore("copier thread panicked".into()))),
+            }
+        }
+        result.map(|()| Some(faults))
+    })
 }
 
 type Parts = (
