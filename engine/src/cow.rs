@@ -15,6 +15,7 @@
 //! userfaultfd events; such a snapshot is abandoned (`Error::LazyConflict`)
 //! and the caller takes it again. The image is never a mix of two instants.
 
+use crate::behind::Behind;
 use crate::error::{Error, Result};
 use crate::image::{ImageWriter, Vma};
 use crate::mem;
@@ -111,7 +112,7 @@ impl Cow {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<()> {
         std::thread::scope(|scope| {
-            let (behind, thread) = Behind::start(scope, writer);
+            let (behind, thread) = Behind::start(scope, writer, STEP as usize);
             let copied = self.copy_all(&behind, progress, cancelled);
             drop(behind);
             let written = thread
@@ -288,58 +289,6 @@ impl Cow {
         for (start, len) in &self.ranges {
             let _ = self.uffd.unregister(*start, *len);
         }
-    }
-}
-
-/// Writes saved pages into the image from a thread of its own, so that the
-/// next pages are read from the target while the last ones are written
-/// (page-cache writes are the slower half here: about two thirds of a
-/// 1 GiB lazy snapshot's copy).
-struct Behind {
-    /// Buffers of STEP bytes, free to be filled.
-    free: crossbeam::channel::Receiver<Vec<u8>>,
-    /// Filled buffers and where their pieces go in pages.img.
-    full: crossbeam::channel::Sender<Filled>,
-}
-
-type Filled = (Vec<u8>, Vec<(u64, std::ops::Range<usize>)>);
-
-/// Buffers in flight between the copier and the writer.
-const BUFFERS: usize = 4;
-
-impl Behind {
-    fn start<'s, 'e: 's>(
-        scope: &'s std::thread::Scope<'s, 'e>,
-        writer: &'e ImageWriter,
-    ) -> (Behind, std::thread::ScopedJoinHandle<'s, Result<()>>) {
-        let (free_tx, free) = crossbeam::channel::bounded(BUFFERS);
-        let (full, full_rx) = crossbeam::channel::bounded::<Filled>(BUFFERS);
-        for _ in 0..BUFFERS {
-            let _ = free_tx.send(vec![0u8; STEP as usize]);
-        }
-        let thread = scope.spawn(move || {
-            for (buf, pieces) in full_rx {
-                for (off, range) in pieces {
-                    writer.write_at(off, &buf[range])?;
-                }
-                let _ = free_tx.send(buf);
-            }
-            Ok(())
-        });
-        (Behind { free, full }, thread)
-    }
-
-    /// A free buffer; an error once the writer stopped (on a write error).
-    fn buffer(&self) -> Result<Vec<u8>> {
-        self.free
-            .recv()
-            .map_err(|_| Error::Restore("the image writer stopped".into()))
-    }
-
-    fn write(&self, buf: Vec<u8>, pieces: Vec<(u64, std::ops::Range<usize>)>) -> Result<()> {
-        self.full
-            .send((buf, pieces))
-            .map_err(|_| Error::Restore("the image writer stopped".into()))
     }
 }
 

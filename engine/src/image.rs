@@ -574,7 +574,9 @@ pub struct ImageWriter {
     dir: PathBuf,
     partial: PathBuf,
     pages: File,
-    len: u64,
+    /// Bytes appended or reserved so far (atomic: `reserve` and `write_at`
+    /// are used by a copier and a writer thread at once).
+    len: std::sync::atomic::AtomicU64,
     /// Checksums of what was written, in any order (see `sums`); behind a
     /// lock because `write_at` is shared by the threads of a lazy snapshot.
     sums: std::sync::Mutex<sums::Sums>,
@@ -611,7 +613,7 @@ impl ImageWriter {
             dir: dir.into(),
             partial,
             pages,
-            len: 0,
+            len: 0.into(),
             sums: Default::default(),
             finished: false,
         })
@@ -624,28 +626,30 @@ impl ImageWriter {
     /// Appends whole pages; returns their offset in pages.img.
     pub fn append(&mut self, data: &[u8]) -> Result<u64> {
         debug_assert_eq!(data.len() % 4096, 0, "pages.img holds whole pages");
-        let off = self.len;
-        self.len += data.len() as u64;
+        let off = self.reserve(data.len() as u64);
         self.write_at(off, data)?;
         Ok(off)
     }
 
     /// Reserves `len` bytes (whole pages) to be written later with
     /// `write_at`; returns their offset.
-    pub fn reserve(&mut self, len: u64) -> Result<u64> {
+    pub fn reserve(&self, len: u64) -> u64 {
         // No ftruncate here: reserving happens while the target is frozen,
         // and a metadata change can wait on the filesystem's journal (2 ms
         // right after another snapshot's fsync). Writes extend the file;
         // `pages_info` sets its final length.
-        let off = self.len;
-        self.len += len;
-        Ok(off)
+        self.len
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn total(&self) -> u64 {
+        self.len.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Writes into space made by `reserve`.
     pub fn write_at(&self, off: u64, data: &[u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        debug_assert!(off + data.len() as u64 <= self.len);
+        debug_assert!(off + data.len() as u64 <= self.total());
         self.pages
             .write_all_at(data, off)
             .ctx(|| "write pages.img".into())?;
@@ -684,16 +688,13 @@ impl ImageWriter {
     }
 
     pub fn pages_info(&mut self) -> Result<PagesInfo> {
+        let len = self.total();
         self.pages
-            .set_len(self.len)
+            .set_len(len)
             .ctx(|| "set the length of pages.img".into())?;
-        let sums = self
-            .sums
-            .lock()
-            .expect("sums")
-            .finish(self.len, &self.pages)?;
+        let sums = self.sums.lock().expect("sums").finish(len, &self.pages)?;
         Ok(PagesInfo {
-            len: self.len,
+            len,
             chunk_size: CHUNK_SIZE,
             chunk_checksums: sums,
         })

@@ -12,6 +12,8 @@
 //! makes the target act, kept apart; one module defines the image format):
 //! - `image`: the on-disk format (layout drawn there), its writer and checks
 //! - `dump`: snapshot flow: check, freeze, collect, copy, release, publish
+//! - `behind`: write-behind: pages written into the image by a thread
+//!   while the next are read
 //! - `cow`: lazy snapshots: copy-before-write with userfaultfd write-protect
 //! - `restore`: resume flow: build the process inside a puppet
 //! - `puppet`: the process a resume starts from, and its scratch pages
@@ -40,6 +42,7 @@
 //! See [`image`]: a directory with `manifest` (magic, version, checksum,
 //! JSON body) and `pages.img` (page-aligned pages, checksummed per MiB).
 
+pub mod behind;
 pub mod clones;
 pub mod cow;
 pub mod dump;

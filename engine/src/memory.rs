@@ -12,6 +12,7 @@
 //! - shared mappings of regular files: nothing (the file holds the data);
 //! - [vdso], [vvar], [vvar_vclock], [vsyscall]: placed at resume, never saved.
 
+use crate::behind::Behind;
 use crate::error::{Error, IoContext, Result};
 use crate::image::{FileId, ImageWriter, Vma, VmaKind};
 use crate::mem;
@@ -148,12 +149,67 @@ pub const STAGE_LIMIT: u64 = 256 << 20;
 pub fn dump_vmas(
     pid: i32,
     maps: &[MapsEntry],
-    writer: &mut ImageWriter,
+    writer: &ImageWriter,
     progress: Option<&dyn Fn(u64, u64)>,
     cancelled: &dyn Fn() -> bool,
-    mut mode: Mode,
+    mode: Mode,
     delta: Option<&crate::track::Delta>,
 ) -> Result<Saved> {
+    let plan = plan(pid, maps, delta)?;
+    let total: u64 = plan
+        .iter()
+        .flat_map(|p| &p.runs)
+        .map(|r| r.1 * PAGE_SIZE)
+        .sum();
+    // A stop-and-copy snapshot copies enough now to be worth a writer
+    // thread; a lazy or incremental one copies little here.
+    let threaded = matches!(mode, Mode::Copy) && total >= THREAD_MIN;
+    std::thread::scope(|scope| {
+        let (behind, thread) = if threaded {
+            let (b, t) = Behind::start(scope, writer, BATCH);
+            (b, Some(t))
+        } else {
+            (Behind::inline(writer, BATCH), None)
+        };
+        let saved = save(
+            pid,
+            plan,
+            &behind,
+            (progress, cancelled),
+            mode,
+            delta,
+            total,
+        );
+        drop(behind);
+        let written = thread.map_or(Ok(()), |t| {
+            t.join()
+                .map_err(|_| Error::Restore("image writer thread panicked".into()))?
+        });
+        // A write error explains a copy that stopped for want of buffers.
+        written.and(saved)
+    })
+}
+
+/// Copies worth a writer thread (see `behind`).
+const THREAD_MIN: u64 = 16 << 20;
+
+/// One VMA and what is to be saved of it.
+struct Planned<'m> {
+    m: &'m MapsEntry,
+    kind: VmaKind,
+    source: Source,
+    runs: Runs,
+    guards: Vec<[u64; 2]>,
+    /// The pages written since the parent, for an incremental snapshot.
+    written: Option<Runs>,
+}
+
+/// Finds what each VMA holds: the page-table walks.
+fn plan<'m>(
+    pid: i32,
+    maps: &'m [MapsEntry],
+    delta: Option<&crate::track::Delta>,
+) -> Result<Vec<Planned<'m>>> {
     let pagemap =
         File::open(format!("/proc/{pid}/pagemap")).ctx(|| format!("open /proc/{pid}/pagemap"))?;
     let mut plan = Vec::new();
@@ -176,40 +232,58 @@ pub fn dump_vmas(
             (Source::Object, None) => (object_runs(pid, m)?, guard_runs(&pagemap, m)?, None),
             (Source::Nothing, None) => (vec![], guard_runs(&pagemap, m)?, None),
         };
-        plan.push((m, kind, source, runs, guards, written));
+        plan.push(Planned {
+            m,
+            kind,
+            source,
+            runs,
+            guards,
+            written,
+        });
     }
-    let total: u64 = plan
-        .iter()
-        .flat_map(|p| &p.3)
-        .map(|r| r.1 * PAGE_SIZE)
-        .sum();
+    Ok(plan)
+}
+
+/// Told (bytes done, bytes in all).
+type Progress<'a> = Option<&'a dyn Fn(u64, u64)>;
+
+/// Saves (or reserves, or stages) the planned pages of every VMA.
+fn save(
+    pid: i32,
+    plan: Vec<Planned>,
+    behind: &Behind,
+    (progress, cancelled): (Progress, &dyn Fn() -> bool),
+    mut mode: Mode,
+    delta: Option<&crate::track::Delta>,
+    total: u64,
+) -> Result<Saved> {
     let mut done = 0u64;
-    let mut buf = vec![0u8; BATCH];
     let mut vmas = Vec::with_capacity(plan.len());
     let mut deferred = Vec::new();
-    for (m, kind, source, runs, guards, written) in plan {
+    for p in plan {
         if cancelled() {
             return Err(Error::Interrupted);
         }
-        let anonymous = m.inode == 0 && !m.shared && matches!(source, Source::Memory(_));
+        let m = p.m;
+        let anonymous = m.inode == 0 && !m.shared && matches!(p.source, Source::Memory(_));
         let (runs, inherited) = match delta {
-            Some(d) if anonymous => d.split(m, runs, written)?,
-            _ => (runs, vec![]),
+            Some(d) if anonymous => d.split(m, p.runs, p.written)?,
+            _ => (p.runs, vec![]),
         };
         let bytes: u64 = runs.iter().map(|r| r.1 * PAGE_SIZE).sum();
         let pages = match &mut mode {
             Mode::Defer if anonymous && !runs.is_empty() => {
                 deferred.push(vmas.len());
                 runs.iter()
-                    .map(|&(a, n)| Ok([a, n, writer.reserve(n * PAGE_SIZE)?]))
-                    .collect::<Result<Vec<_>>>()?
+                    .map(|&(a, n)| [a, n, behind.reserve(n * PAGE_SIZE)])
+                    .collect()
             }
             Mode::Stage(staged) if anonymous && staged.bytes + bytes <= STAGE_LIMIT => {
-                staged.read(pid, &runs, writer)?
+                staged.read(pid, &runs, behind)?
             }
-            _ => match source {
-                Source::Object => copy_object(pid, m, &runs, writer, &mut buf)?,
-                _ => copy_memory(pid, &runs, writer, &mut buf)?,
+            _ => match p.source {
+                Source::Object => copy_object(pid, m, &runs, behind)?,
+                _ => copy_memory(pid, &runs, behind)?,
             },
         };
         done += pages.iter().map(|r| r[1] * PAGE_SIZE).sum::<u64>();
@@ -224,10 +298,10 @@ pub fn dump_vmas(
             exec: m.exec,
             shared: m.shared,
             growsdown: m.path == "[stack]",
-            kind,
+            kind: p.kind,
             pages,
             inherited,
-            guards,
+            guards: p.guards,
         });
     }
     Ok(Saved { vmas, deferred })
@@ -278,17 +352,12 @@ impl Staged {
 
     /// Reserves image space for `runs` and reads them into memory; returns
     /// their page index entries.
-    fn read(
-        &mut self,
-        pid: i32,
-        runs: &[(u64, u64)],
-        writer: &mut ImageWriter,
-    ) -> Result<Vec<[u64; 3]>> {
+    fn read(&mut self, pid: i32, runs: &[(u64, u64)], behind: &Behind) -> Result<Vec<[u64; 3]>> {
         let total: u64 = runs.iter().map(|r| r.1 * PAGE_SIZE).sum();
         if total == 0 {
             return Ok(vec![]);
         }
-        let at = writer.reserve(total)?;
+        let at = behind.reserve(total);
         let ranges: Vec<(u64, usize)> = runs
             .iter()
             .map(|&(a, n)| (a, (n * PAGE_SIZE) as usize))
@@ -445,57 +514,65 @@ fn seek(f: &File, off: u64, whence: i32) -> Option<u64> {
     (r >= 0).then_some(r as u64)
 }
 
-/// Copies runs of process memory into the image in large batches.
-fn copy_memory(
-    pid: i32,
-    runs: &[(u64, u64)],
-    writer: &mut ImageWriter,
-    buf: &mut [u8],
-) -> Result<Vec<[u64; 3]>> {
-    let mut out: Vec<[u64; 3]> = Vec::new();
-    let mut batch: Vec<(u64, usize)> = Vec::new();
-    let mut fill = 0usize;
-    let flush = |batch: &mut Vec<(u64, usize)>,
-                 fill: &mut usize,
-                 out: &mut Vec<[u64; 3]>,
-                 writer: &mut ImageWriter,
-                 buf: &mut [u8]|
-     -> Result<()> {
-        if *fill == 0 {
-            return Ok(());
-        }
-        mem::vm_read(pid, batch, &mut buf[..*fill])?;
-        let mut off = writer.append(&buf[..*fill])?;
-        for &(addr, len) in batch.iter() {
-            let n = len as u64 / PAGE_SIZE;
-            match out.last_mut() {
-                Some(r) if r[0] + r[1] * PAGE_SIZE == addr && r[2] + r[1] * PAGE_SIZE == off => {
-                    r[1] += n
-                }
-                _ => out.push([addr, n, off]),
-            }
-            off += len as u64;
-        }
-        batch.clear();
-        *fill = 0;
-        Ok(())
+/// Copies runs of the process's memory into the image: read here in
+/// buffers of up to BATCH bytes (one process_vm_readv each), written by
+/// `behind`.
+fn copy_memory(pid: i32, runs: &[(u64, u64)], behind: &Behind) -> Result<Vec<[u64; 3]>> {
+    let mut c = Copier {
+        pid,
+        batch: Vec::new(),
+        fill: 0,
+        out: Vec::new(),
     };
     for &(addr, pages) in runs {
         let mut a = addr;
         let mut left = (pages * PAGE_SIZE) as usize;
         while left > 0 {
-            let take = left.min(buf.len() - fill);
-            batch.push((a, take));
-            fill += take;
+            let take = left.min(BATCH - c.fill);
+            c.batch.push((a, take));
+            c.fill += take;
             a += take as u64;
             left -= take;
-            if fill == buf.len() {
-                flush(&mut batch, &mut fill, &mut out, writer, buf)?;
+            if c.fill == BATCH {
+                c.flush(behind)?;
             }
         }
     }
-    flush(&mut batch, &mut fill, &mut out, writer, buf)?;
-    Ok(out)
+    c.flush(behind)?;
+    Ok(c.out)
+}
+
+/// Ranges of one process_vm_readv being gathered, and the index so far.
+struct Copier {
+    pid: i32,
+    batch: Vec<(u64, usize)>,
+    fill: usize,
+    out: Vec<[u64; 3]>,
+}
+
+impl Copier {
+    fn flush(&mut self, behind: &Behind) -> Result<()> {
+        if self.fill == 0 {
+            return Ok(());
+        }
+        let mut buf = behind.buffer()?;
+        mem::vm_read(self.pid, &self.batch, &mut buf[..self.fill])?;
+        let mut off = behind.reserve(self.fill as u64);
+        behind.write(buf, vec![(off, 0..self.fill)])?;
+        for &(addr, len) in &self.batch {
+            let n = len as u64 / PAGE_SIZE;
+            match self.out.last_mut() {
+                Some(r) if r[0] + r[1] * PAGE_SIZE == addr && r[2] + r[1] * PAGE_SIZE == off => {
+                    r[1] += n
+                }
+                _ => self.out.push([addr, n, off]),
+            }
+            off += len as u64;
+        }
+        self.batch.clear();
+        self.fill = 0;
+        Ok(())
+    }
 }
 
 /// Copies runs of a shared object (through map_files) into the image.
@@ -503,8 +580,7 @@ fn copy_object(
     pid: i32,
     m: &MapsEntry,
     runs: &[(u64, u64)],
-    writer: &mut ImageWriter,
-    buf: &mut [u8],
+    behind: &Behind,
 ) -> Result<Vec<[u64; 3]>> {
     let f = open_mapped(pid, m)?;
     let mut out = Vec::new();
@@ -512,6 +588,7 @@ fn copy_object(
         let mut done = 0u64;
         let total = pages * PAGE_SIZE;
         while done < total {
+            let mut buf = behind.buffer()?;
             let take = (total - done).min(buf.len() as u64) as usize;
             let file_off = m.offset + (addr - m.start) + done;
             let chunk = &mut buf[..take];
@@ -525,7 +602,8 @@ fn copy_object(
                     Err(e) => return Err(Error::io("read shared memory object", e)),
                 }
             }
-            let off = writer.append(chunk)?;
+            let off = behind.reserve(take as u64);
+            behind.write(buf, vec![(off, 0..take)])?;
             out.push([addr + done, take as u64 / PAGE_SIZE, off]);
             done += take as u64;
         }

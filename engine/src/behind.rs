@@ -1,0 +1,104 @@
+//! Write-behind: pages read from a process are written into the image by a
+//! thread of their own, so that the next pages are read while the last ones
+//! are written. Page-cache writes are the slower half here (about two
+//! thirds of copying 1 GiB), and the reads are what a target waits for: a
+//! frozen one in a stop-and-copy snapshot, a writing one in a lazy one.
+//!
+//! The copier takes a free buffer (`buffer`), fills it, and hands it over
+//! with where its pieces go in pages.img (`write`); the writer thread
+//! writes them and gives the buffer back. `inline` writes at once instead,
+//! for copies too small to be worth a thread.
+
+use crate::error::{Error, Result};
+use crate::image::ImageWriter;
+use crossbeam::channel::{bounded, Receiver, Sender};
+use std::ops::Range;
+
+/// Buffers in flight between the copier and the writer.
+const BUFFERS: usize = 4;
+
+/// A filled buffer and (offset in pages.img, bytes of the buffer) pieces.
+type Filled = (Vec<u8>, Vec<(u64, Range<usize>)>);
+
+pub struct Behind<'w> {
+    free: Receiver<Vec<u8>>,
+    /// Where the writer returns buffers (and `inline` does itself).
+    give_back: Sender<Vec<u8>>,
+    /// None: written at once, in the copier's thread.
+    full: Option<Sender<Filled>>,
+    writer: &'w ImageWriter,
+}
+
+impl<'w> Behind<'w> {
+    /// Starts the writer thread in `scope`, with buffers of `size` bytes.
+    /// Dropping the `Behind` ends the thread; join it for its result.
+    pub fn start<'s>(
+        scope: &'s std::thread::Scope<'s, 'w>,
+        writer: &'w ImageWriter,
+        size: usize,
+    ) -> (Behind<'w>, std::thread::ScopedJoinHandle<'s, Result<()>>) {
+        let (give_back, free) = bounded(BUFFERS);
+        let (full, full_rx) = bounded::<Filled>(BUFFERS);
+        for _ in 0..BUFFERS {
+            let _ = give_back.send(vec![0u8; size]);
+        }
+        let back = give_back.clone();
+        let thread = scope.spawn(move || {
+            for (buf, pieces) in full_rx {
+                for (off, range) in pieces {
+                    writer.write_at(off, &buf[range])?;
+                }
+                let _ = back.send(buf);
+            }
+            Ok(())
+        });
+        let behind = Behind {
+            free,
+            give_back,
+            full: Some(full),
+            writer,
+        };
+        (behind, thread)
+    }
+
+    /// No thread: `write` writes at once (one buffer of `size` bytes).
+    pub fn inline(writer: &'w ImageWriter, size: usize) -> Behind<'w> {
+        let (give_back, free) = bounded(1);
+        let _ = give_back.send(vec![0u8; size]);
+        Behind {
+            free,
+            give_back,
+            full: None,
+            writer,
+        }
+    }
+
+    /// A free buffer; an error once the writer stopped (on a write error:
+    /// joining the thread tells which).
+    pub fn buffer(&self) -> Result<Vec<u8>> {
+        self.free
+            .recv()
+            .map_err(|_| Error::Restore("the image writer stopped".into()))
+    }
+
+    /// Hands `buf` over: each (offset, range) piece is written at offset.
+    pub fn write(&self, buf: Vec<u8>, pieces: Vec<(u64, Range<usize>)>) -> Result<()> {
+        match &self.full {
+            Some(full) => full
+                .send((buf, pieces))
+                .map_err(|_| Error::Restore("the image writer stopped".into())),
+            None => {
+                for (off, range) in pieces {
+                    self.writer.write_at(off, &buf[range])?;
+                }
+                let _ = self.give_back.send(buf);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reserves `len` bytes of pages.img (see `ImageWriter::reserve`).
+    pub fn reserve(&self, len: u64) -> u64 {
+        self.writer.reserve(len)
+    }
+}
