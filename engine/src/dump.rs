@@ -100,7 +100,7 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     let track = tracking_plan(pid, opts, lazy)?;
     let mut writer = ImageWriter::create(out)?;
     let pinned = ptrace::Pinned::near(pid);
-    let mut prearm = if lazy && !opts.tree {
+    let prearm = if lazy && !opts.tree {
         Some(prearm(pid)?)
     } else {
         None
@@ -115,36 +115,14 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
         frozen.len(),
         t_frozen.elapsed()
     );
-    // Every fd first: an unsupported one is refused before any memory is copied.
-    let pids: Vec<i32> = frozen.iter().map(|f| f.pid).collect();
-    let mut objects = crate::fds::Objects::new(&pids, opts.tcp_established_close)?;
-    let mut fds = Vec::new();
-    for &p in &pids {
-        fds.push(files::collect(p, &mut writer, &mut objects)?);
-    }
-    objects.finish()?;
-    tracing::debug!("fds collected at {:?}", t_frozen.elapsed());
-    let mut processes = Vec::new();
-    let mut cows = Vec::new();
-    let mut tracking = None;
-    for (f, fds) in frozen.iter_mut().zip(fds) {
-        let pre = prearm.take();
-        let (process, taken) = collect(
-            f,
-            fds,
-            &mut writer,
-            opts,
-            &cancelled,
-            (lazy, pre),
-            track.as_ref(),
-        )?;
-        processes.push(process);
-        match taken {
-            Taken::Cow(c) => cows.push(c),
-            Taken::Tracking(t) => tracking = Some(t),
-            Taken::Nothing => {}
-        }
-    }
+    let (processes, objects, cows, tracking) = collect_all(
+        &mut frozen,
+        &mut writer,
+        opts,
+        &cancelled,
+        (lazy, prearm),
+        track.as_ref(),
+    )?;
     tracing::debug!("processes collected at {:?}", t_frozen.elapsed());
     let threads = frozen.iter().map(|f| f.tids.len()).sum();
     let nprocs = frozen.len();
@@ -203,6 +181,49 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
         t0,
         write_faults,
     ))
+}
+
+/// What was collected of the frozen processes: their records, the open file
+/// descriptions they hold, the lazy copies to make, the tracking armed.
+type Collected = (
+    Vec<Process>,
+    crate::fds::Objects,
+    Vec<Cow>,
+    Option<Tracking>,
+);
+
+/// Collects every frozen process: fds first (an unsupported one is refused
+/// before any memory is copied), then each one's state and memory.
+fn collect_all(
+    frozen: &mut [Frozen],
+    writer: &mut ImageWriter,
+    opts: &DumpOptions,
+    cancelled: &dyn Fn() -> bool,
+    (lazy, mut prearm): (bool, Option<crate::cow::Prearm>),
+    track: Option<&TrackPlan>,
+) -> Result<Collected> {
+    let pids: Vec<i32> = frozen.iter().map(|f| f.pid).collect();
+    let mut objects = crate::fds::Objects::new(&pids, opts.tcp_established_close)?;
+    let mut fds = Vec::new();
+    for &p in &pids {
+        fds.push(files::collect(p, writer, &mut objects)?);
+    }
+    objects.finish()?;
+    tracing::debug!("fds collected");
+    let mut processes = Vec::new();
+    let mut cows = Vec::new();
+    let mut tracking = None;
+    for (f, fds) in frozen.iter_mut().zip(fds) {
+        let pre = prearm.take();
+        let (process, taken) = collect(f, fds, writer, opts, cancelled, (lazy, pre), track)?;
+        processes.push(process);
+        match taken {
+            Taken::Cow(c) => cows.push(c),
+            Taken::Tracking(t) => tracking = Some(t),
+            Taken::Nothing => {}
+        }
+    }
+    Ok((processes, objects, cows, tracking))
 }
 
 /// Saves the write-protected memory of the (running) targets; returns the
