@@ -44,6 +44,8 @@ impl<'w> Behind<'w> {
         }
         let back = give_back.clone();
         let thread = scope.spawn(move || {
+            // Not on the CPU the copier may be pinned to (ptrace::Pinned).
+            crate::ptrace::unpin_thread();
             for (buf, pieces) in full_rx {
                 for (off, range) in pieces {
                     writer.write_at(off, &buf[range])?;
