@@ -80,3 +80,17 @@ pub fn fuse_inc_epoch(fuse: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Start writing back the dirty pages of `f` without waiting for them
+/// (sync_file_range(2) with SYNC_FILE_RANGE_WRITE, the whole file). Not a
+/// durability point: fsync is still needed.
+pub fn start_writeback(f: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor stays open for the call; no memory is passed.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -82,14 +82,22 @@ struct Inner {
     snapshots: HashMap<u32, State>,
     /// Open file counts, so that an unlinked open file lives until closed.
     open: HashMap<Ino, u32>,
-    /// Files of the top layer written since their data was last fsynced.
-    unsynced: HashSet<Ino>,
+    /// Files of the top layer written since their data was last fsynced,
+    /// with the bytes written since their writeback was last started.
+    unsynced: HashMap<Ino, u64>,
     /// Inodes changed in each layer: what a rollback must invalidate.
     touched: HashMap<u32, HashSet<Ino>>,
 }
 
 /// Past this many unsynced files one syncfs is cheaper than fsyncing each.
 const SYNCFS_AT: usize = 64;
+
+/// Start writing a file's data to disk once this much was written since
+/// the last start. The kernel would wait for its dirty threshold (gigabytes
+/// here), so a big write + fsync would first pass all the data through
+/// FUSE and only then write it to disk; started early, the disk works
+/// while FUSE still transfers, and fsync finds little left to do.
+const WRITEBACK_AT: u64 = 4 << 20;
 
 const NAME_MAX: usize = 255;
 
@@ -119,7 +127,7 @@ impl View {
                 dirty: HashSet::new(),
                 snapshots,
                 open: HashMap::new(),
-                unsynced: HashSet::new(),
+                unsynced: HashMap::new(),
                 touched,
             }),
             files: Mutex::default(),
@@ -631,6 +639,13 @@ impl View {
     pub fn write(&self, ino: Ino, off: u64, bytes: &[u8], kill_suid: bool) -> Res<u32> {
         let mut g = self.lock();
         self.write_locked(&mut g, ino, off, bytes)?;
+        let writeback = match g.unsynced.get_mut(&ino) {
+            Some(n) if *n >= WRITEBACK_AT => {
+                *n = 0;
+                self.layer_file(g.stack.top(), ino).ok()
+            }
+            _ => None,
+        };
         let now = Ts::now();
         let n = self.node_mut(&mut g, ino)?;
         n.meta.size = n.meta.size.max(off + bytes.len() as u64);
@@ -640,6 +655,13 @@ impl View {
             n.meta.perm &= !libc::S_ISUID;
             if n.meta.perm & libc::S_IXGRP != 0 {
                 n.meta.perm &= !libc::S_ISGID;
+            }
+        }
+        drop(g);
+        if let Some(f) = writeback {
+            // Only a head start: fsync still waits for everything.
+            if let Err(e) = crate::sys::start_writeback(&f) {
+                tracing::debug!("sync_file_range: {e}");
             }
         }
         Ok(bytes.len() as u32)
@@ -655,7 +677,7 @@ impl View {
             return Err(libc::EINVAL);
         }
         let file = self.layer_file(top, ino).map_err(errno)?;
-        g.unsynced.insert(ino);
+        *g.unsynced.entry(ino).or_default() += bytes.len() as u64;
         let end = off + bytes.len() as u64;
         let mut fresh = Vec::new();
         let mut b = off / bs;
@@ -844,7 +866,7 @@ impl View {
     pub fn fsync(&self, ino: Option<Ino>) -> Res<()> {
         let mut g = self.lock();
         if let Some(ino) = ino {
-            if g.unsynced.remove(&ino) {
+            if g.unsynced.remove(&ino).is_some() {
                 let f = self.layer_file(g.stack.top(), ino).map_err(errno)?;
                 f.sync_data().map_err(errno)?;
             }
@@ -867,7 +889,7 @@ impl View {
             let f = File::open(&dir).at("open", &dir)?;
             nix::unistd::syncfs(&f).ctx(|| "syncfs of the store".into())?;
         } else {
-            for &ino in &g.unsynced {
+            for &ino in g.unsynced.keys() {
                 let path = self.layout.data(top, ino);
                 match self.layer_file(top, ino) {
                     Ok(f) => f.sync_data().at("fsync", &path)?,
