@@ -82,9 +82,8 @@ struct Inner {
     snapshots: HashMap<u32, State>,
     /// Open file counts, so that an unlinked open file lives until closed.
     open: HashMap<Ino, u32>,
-    /// Files of the top layer written since their data was last fsynced,
-    /// with the bytes written since their writeback was last started.
-    unsynced: HashMap<Ino, u64>,
+    /// Files of the top layer written since their data was last fsynced.
+    unsynced: HashSet<Ino>,
     /// Inodes changed in each layer: what a rollback must invalidate.
     touched: HashMap<u32, HashSet<Ino>>,
 }
@@ -92,12 +91,14 @@ struct Inner {
 /// Past this many unsynced files one syncfs is cheaper than fsyncing each.
 const SYNCFS_AT: usize = 64;
 
-/// Start writing a file's data to disk once this much was written since
-/// the last start. The kernel would wait for its dirty threshold (gigabytes
-/// here), so a big write + fsync would first pass all the data through
-/// FUSE and only then write it to disk; started early, the disk works
-/// while FUSE still transfers, and fsync finds little left to do.
-const WRITEBACK_AT: u64 = 4 << 20;
+/// Writes at least this big are sent to disk at once (not waited for). The
+/// kernel would keep them dirty until its threshold (gigabytes here), so a
+/// big write + fsync would first pass all its data through FUSE and only
+/// then write it to disk; started at once, the disk works while FUSE still
+/// transfers, and fsync finds little left to do (1 GiB + fsync: 0.9-1.1 s
+/// instead of 1.3-1.4 s). Small writes are left alone: they are random
+/// more often than not, and the kernel batches them better at fsync.
+const WRITEBACK_AT: usize = 256 << 10;
 
 const NAME_MAX: usize = 255;
 
@@ -127,7 +128,7 @@ impl View {
                 dirty: HashSet::new(),
                 snapshots,
                 open: HashMap::new(),
-                unsynced: HashMap::new(),
+                unsynced: HashSet::new(),
                 touched,
             }),
             files: Mutex::default(),
@@ -639,12 +640,10 @@ impl View {
     pub fn write(&self, ino: Ino, off: u64, bytes: &[u8], kill_suid: bool) -> Res<u32> {
         let mut g = self.lock();
         self.write_locked(&mut g, ino, off, bytes)?;
-        let writeback = match g.unsynced.get_mut(&ino) {
-            Some(n) if *n >= WRITEBACK_AT => {
-                *n = 0;
-                self.layer_file(g.stack.top(), ino).ok()
-            }
-            _ => None,
+        let writeback = if bytes.len() >= WRITEBACK_AT {
+            self.layer_file(g.stack.top(), ino).ok()
+        } else {
+            None
         };
         let now = Ts::now();
         let n = self.node_mut(&mut g, ino)?;
@@ -660,7 +659,7 @@ impl View {
         drop(g);
         if let Some(f) = writeback {
             // Only a head start: fsync still waits for everything.
-            if let Err(e) = crate::sys::start_writeback(&f) {
+            if let Err(e) = crate::sys::start_writeback(&f, off, bytes.len() as u64) {
                 tracing::debug!("sync_file_range: {e}");
             }
         }
@@ -677,7 +676,7 @@ impl View {
             return Err(libc::EINVAL);
         }
         let file = self.layer_file(top, ino).map_err(errno)?;
-        *g.unsynced.entry(ino).or_default() += bytes.len() as u64;
+        g.unsynced.insert(ino);
         let end = off + bytes.len() as u64;
         let mut fresh = Vec::new();
         let mut b = off / bs;
@@ -866,7 +865,7 @@ impl View {
     pub fn fsync(&self, ino: Option<Ino>) -> Res<()> {
         let mut g = self.lock();
         if let Some(ino) = ino {
-            if g.unsynced.remove(&ino).is_some() {
+            if g.unsynced.remove(&ino) {
                 let f = self.layer_file(g.stack.top(), ino).map_err(errno)?;
                 f.sync_data().map_err(errno)?;
             }
@@ -889,7 +888,7 @@ impl View {
             let f = File::open(&dir).at("open", &dir)?;
             nix::unistd::syncfs(&f).ctx(|| "syncfs of the store".into())?;
         } else {
-            for &ino in g.unsynced.keys() {
+            for &ino in &g.unsynced {
                 let path = self.layout.data(top, ino);
                 match self.layer_file(top, ino) {
                     Ok(f) => f.sync_data().at("fsync", &path)?,
