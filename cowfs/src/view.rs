@@ -862,6 +862,13 @@ impl View {
     }
 
     /// fsync(2) of a file: its data in the top layer, then the journal.
+    /// Two fdatasyncs, in this order: a journal record durable before the
+    /// block it names would, after a power loss, let the data file's hole
+    /// hide the lower layer's bytes of a copied-up block. Not one fsync for
+    /// both: that holds only on file systems that commit all files' metadata
+    /// together (ext4 without fast_commit), which the store cannot check.
+    /// The data file's first fdatasync costs the most anyway (a block
+    /// allocation, so a file system journal commit); the journal's is small.
     pub fn fsync(&self, ino: Option<Ino>) -> Res<()> {
         let mut g = self.lock();
         if let Some(ino) = ino {
