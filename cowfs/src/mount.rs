@@ -57,15 +57,25 @@ pub fn is_mountpoint(path: &Path) -> bool {
     mountinfo(path).is_some()
 }
 
-/// FUSE mounts get a strict 1% share of the dirty page cache, which makes
-/// buffered writes with the writeback cache nearly synchronous. Lift it
-/// (root only; without it the mount still works, only slower).
+/// The kernel keeps a FUSE mount's dirty pages until its dirty thresholds
+/// (gigabytes on a big machine) or an fsync: a big write + fsync then
+/// passes all its data through FUSE only at the fsync, and the disk waits
+/// for it. A strict limit of its own makes the kernel send dirty pages as
+/// they pile up, so that FUSE, the daemon and the disk work at the same
+/// time (1 GiB + fsync: 0.9 s instead of 1.3 s here; 64 MiB was the best
+/// of 64/256/1024 MiB, and random 4 KiB writes do not suffer from it).
+/// Root only; without it the mount still works, only slower.
+const DIRTY_LIMIT: u64 = 64 << 20;
+
 fn tune_writeback(mountpoint: &Path) {
     let Some(dev) = mountinfo(mountpoint).and_then(|f| f.get(2).cloned()) else {
         return;
     };
     let bdi = PathBuf::from("/sys/class/bdi").join(dev);
-    for (knob, value) in [("max_ratio", "100"), ("strict_limit", "0")] {
+    for (knob, value) in [
+        ("strict_limit", "1".to_string()),
+        ("max_bytes", DIRTY_LIMIT.to_string()),
+    ] {
         if let Err(e) = std::fs::write(bdi.join(knob), value) {
             tracing::info!("cannot set {}/{knob}: {e}", bdi.display());
         }

@@ -80,3 +80,18 @@ pub fn fuse_inc_epoch(fuse: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Start writing back the dirty pages of `len` bytes at `off` in `f`
+/// without waiting for them (sync_file_range(2), SYNC_FILE_RANGE_WRITE).
+/// Not a durability point: fsync is still needed.
+pub fn start_writeback(f: &std::fs::File, off: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WRITE;
+    // SAFETY: the descriptor stays open for the call; no memory is passed.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), off as i64, len as i64, flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

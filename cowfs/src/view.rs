@@ -91,6 +91,15 @@ struct Inner {
 /// Past this many unsynced files one syncfs is cheaper than fsyncing each.
 const SYNCFS_AT: usize = 64;
 
+/// Writes at least this big are sent to disk at once (not waited for). The
+/// kernel would keep them dirty until its threshold (gigabytes here), so a
+/// big write + fsync would first pass all its data through FUSE and only
+/// then write it to disk; started at once, the disk works while FUSE still
+/// transfers, and fsync finds little left to do (1 GiB + fsync: 0.9-1.1 s
+/// instead of 1.3-1.4 s). Small writes are left alone: they are random
+/// more often than not, and the kernel batches them better at fsync.
+const WRITEBACK_AT: usize = 256 << 10;
+
 const NAME_MAX: usize = 255;
 
 impl View {
@@ -631,6 +640,11 @@ impl View {
     pub fn write(&self, ino: Ino, off: u64, bytes: &[u8], kill_suid: bool) -> Res<u32> {
         let mut g = self.lock();
         self.write_locked(&mut g, ino, off, bytes)?;
+        let writeback = if bytes.len() >= WRITEBACK_AT {
+            self.layer_file(g.stack.top(), ino).ok()
+        } else {
+            None
+        };
         let now = Ts::now();
         let n = self.node_mut(&mut g, ino)?;
         n.meta.size = n.meta.size.max(off + bytes.len() as u64);
@@ -640,6 +654,13 @@ impl View {
             n.meta.perm &= !libc::S_ISUID;
             if n.meta.perm & libc::S_IXGRP != 0 {
                 n.meta.perm &= !libc::S_ISGID;
+            }
+        }
+        drop(g);
+        if let Some(f) = writeback {
+            // Only a head start: fsync still waits for everything.
+            if let Err(e) = crate::sys::start_writeback(&f, off, bytes.len() as u64) {
+                tracing::debug!("sync_file_range: {e}");
             }
         }
         Ok(bytes.len() as u32)
@@ -841,6 +862,13 @@ impl View {
     }
 
     /// fsync(2) of a file: its data in the top layer, then the journal.
+    /// Two fdatasyncs, in this order: a journal record durable before the
+    /// block it names would, after a power loss, let the data file's hole
+    /// hide the lower layer's bytes of a copied-up block. Not one fsync for
+    /// both: that holds only on file systems that commit all files' metadata
+    /// together (ext4 without fast_commit), which the store cannot check.
+    /// The data file's first fdatasync costs the most anyway (a block
+    /// allocation, so a file system journal commit); the journal's is small.
     pub fn fsync(&self, ino: Option<Ino>) -> Res<()> {
         let mut g = self.lock();
         if let Some(ino) = ino {
