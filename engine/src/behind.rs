@@ -17,13 +17,18 @@ use std::ops::Range;
 /// Buffers in flight between the copier and the writer.
 const BUFFERS: usize = 4;
 
+/// A buffer: fresh anonymous memory, not the heap's (a heap block may be
+/// reused memory that calloc must zero: 1 ms for 8 MiB, while the target
+/// is frozen).
+pub type Buffer = memmap2::MmapMut;
+
 /// A filled buffer and (offset in pages.img, bytes of the buffer) pieces.
-type Filled = (Vec<u8>, Vec<(u64, Range<usize>)>);
+type Filled = (Buffer, Vec<(u64, Range<usize>)>);
 
 pub struct Behind<'w> {
-    free: Receiver<Vec<u8>>,
+    free: Receiver<Buffer>,
     /// Where the writer returns buffers (and `inline` does itself).
-    give_back: Sender<Vec<u8>>,
+    give_back: Sender<Buffer>,
     /// None: written at once, in the copier's thread.
     full: Option<Sender<Filled>>,
     writer: &'w ImageWriter,
@@ -36,11 +41,11 @@ impl<'w> Behind<'w> {
         scope: &'s std::thread::Scope<'s, 'w>,
         writer: &'w ImageWriter,
         size: usize,
-    ) -> (Behind<'w>, std::thread::ScopedJoinHandle<'s, Result<()>>) {
+    ) -> Result<(Behind<'w>, std::thread::ScopedJoinHandle<'s, Result<()>>)> {
         let (give_back, free) = bounded(BUFFERS);
         let (full, full_rx) = bounded::<Filled>(BUFFERS);
-        for _ in 0..BUFFERS {
-            let _ = give_back.send(vec![0u8; size]);
+        for b in buffers(size, BUFFERS)? {
+            let _ = give_back.send(b);
         }
         let back = give_back.clone();
         let thread = scope.spawn(move || {
@@ -60,31 +65,33 @@ impl<'w> Behind<'w> {
             full: Some(full),
             writer,
         };
-        (behind, thread)
+        Ok((behind, thread))
     }
 
     /// No thread: `write` writes at once (one buffer of `size` bytes).
-    pub fn inline(writer: &'w ImageWriter, size: usize) -> Behind<'w> {
+    pub fn inline(writer: &'w ImageWriter, size: usize) -> Result<Behind<'w>> {
         let (give_back, free) = bounded(1);
-        let _ = give_back.send(vec![0u8; size]);
-        Behind {
+        for b in buffers(size, 1)? {
+            let _ = give_back.send(b);
+        }
+        Ok(Behind {
             free,
             give_back,
             full: None,
             writer,
-        }
+        })
     }
 
     /// A free buffer; an error once the writer stopped (on a write error:
     /// joining the thread tells which).
-    pub fn buffer(&self) -> Result<Vec<u8>> {
+    pub fn buffer(&self) -> Result<Buffer> {
         self.free
             .recv()
             .map_err(|_| Error::Restore("the image writer stopped".into()))
     }
 
     /// Hands `buf` over: each (offset, range) piece is written at offset.
-    pub fn write(&self, buf: Vec<u8>, pieces: Vec<(u64, Range<usize>)>) -> Result<()> {
+    pub fn write(&self, buf: Buffer, pieces: Vec<(u64, Range<usize>)>) -> Result<()> {
         match &self.full {
             Some(full) => full
                 .send((buf, pieces))
@@ -103,4 +110,13 @@ impl<'w> Behind<'w> {
     pub fn reserve(&self, len: u64) -> u64 {
         self.writer.reserve(len)
     }
+}
+
+fn buffers(size: usize, n: usize) -> Result<Vec<Buffer>> {
+    (0..n)
+        .map(|_| {
+            memmap2::MmapMut::map_anon(size)
+                .map_err(|e| Error::io("map a buffer to copy pages through", e))
+        })
+        .collect()
 }

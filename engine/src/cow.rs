@@ -112,7 +112,7 @@ impl Cow {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<()> {
         std::thread::scope(|scope| {
-            let (behind, thread) = Behind::start(scope, writer, STEP as usize);
+            let (behind, thread) = Behind::start(scope, writer, STEP as usize)?;
             let copied = self.copy_all(&behind, progress, cancelled);
             drop(behind);
             let written = thread

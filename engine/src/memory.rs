@@ -166,10 +166,10 @@ pub fn dump_vmas(
     let threaded = matches!(mode, Mode::Copy) && total >= THREAD_MIN;
     std::thread::scope(|scope| {
         let (behind, thread) = if threaded {
-            let (b, t) = Behind::start(scope, writer, BATCH);
+            let (b, t) = Behind::start(scope, writer, BATCH)?;
             (b, Some(t))
         } else {
-            (Behind::inline(writer, BATCH), None)
+            (Behind::inline(writer, BATCH)?, None)
         };
         let saved = save(
             pid,
