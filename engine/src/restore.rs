@@ -65,10 +65,14 @@ impl std::fmt::Debug for ResumeOptions {
 /// users whose process outlives the resumed one's loading).
 pub fn pager_thread() -> PagerLauncher {
     std::sync::Arc::new(|fd: OwnedFd, go: OwnedFd, job: PagerFor| {
-        let image = Image::open(job.dir)?;
-        let (pid, process) = (job.pid, job.process);
+        let (dir, pid, process) = (job.dir.to_path_buf(), job.pid, job.process);
+        // The image is opened in the thread: its manifest (with a checksum
+        // per MiB) takes a few ms to read, which the resume need not wait
+        // for; faults wait for the pager anyway.
         std::thread::spawn(move || {
-            if let Err(e) = crate::pager::serve(fd, Some(go), &image, pid, process) {
+            let served = Image::open(&dir)
+                .and_then(|image| crate::pager::serve(fd, Some(go), &image, pid, process));
+            if let Err(e) = served {
                 tracing::error!("pager for pid {pid}: {e}");
             }
         });
