@@ -357,9 +357,21 @@ fn incremental_run(pid: i32, dir: &Path, s: &mut Samples) -> CliResult {
     Ok(())
 }
 
+/// Kills a copy we resumed and waits until its memory is freed (it is
+/// then a zombie, or gone): tearing down GiBs takes a CPU for a while,
+/// which the next measurement must not share.
 fn kill(pid: i32) {
     // SAFETY: killing a process we made.
     unsafe { libc::kill(pid, libc::SIGKILL) };
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+        if matches!(state, None | Some('Z') | Some('X')) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// fork() of a process holding `mib` MiB of touched 4 KiB pages: this one.
