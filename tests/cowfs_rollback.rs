@@ -60,7 +60,29 @@ fn a_file_open_across_rollback_sees_the_checkpoint_size() {
         "grown: not the checkpoint bytes"
     );
     drop((shrunk, grown));
+    // Once closed, the kernel's inode is renewed (at the last release,
+    // which the kernel sends after close(2) returns): a new lookup gets
+    // the checkpoint's size.
+    wait_for_size(&m.path("grown"), 100_000);
     m.umount();
+}
+
+/// Polls the size of `path` until it is `want` (a few seconds at most):
+/// the kernel sends a file's last RELEASE after close(2) has returned.
+fn wait_for_size(path: &std::path::Path, want: u64) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let got = fs::metadata(path).unwrap().len();
+        if got == want {
+            return;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "{}: {got} bytes, not {want}",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -93,6 +115,9 @@ fn a_closed_file_under_two_names_is_renewed_by_rollback() {
 
     ok(&["fs", "rollback", s(&store), "c"]);
     for name in ["b", "a"] {
+        // The write's descriptor was closed, but its RELEASE may reach the
+        // daemon after the rollback (then the file is renewed at it).
+        wait_for_size(&m.path(name), 300_000);
         let md = fs::metadata(m.path(name)).unwrap();
         assert_eq!((md.len(), md.ino()), (300_000, ino), "{name}");
         assert!(

@@ -40,9 +40,44 @@ pub struct KernelCache {
     /// only grows while mounted: the price is a cold cache at each open of a
     /// file some rollback changed.
     renewed: Mutex<HashSet<Ino>>,
+    /// Files a rollback changed while they were open (or while their last
+    /// close was still on its way: the kernel sends RELEASE after close(2)
+    /// returns), renewed at their last release, with the notifier to do it.
+    renew_at_release: Mutex<(HashSet<Ino>, Option<Notifier>)>,
 }
 
 impl KernelCache {
+    /// The last open of `ino` ended: if a rollback changed it while open,
+    /// renew it now (new generation, its names dropped), so that the
+    /// kernel's next lookup makes a fresh inode with the right size.
+    fn last_release(&self, ino: Ino) {
+        let notifier = {
+            let mut pending = self.renew_at_release.lock().unwrap();
+            if !pending.0.remove(&ino) {
+                return;
+            }
+            pending.1.clone()
+        };
+        *self.generations.lock().unwrap().entry(ino).or_default() += 1;
+        self.renewed.lock().unwrap().insert(ino);
+        let mut names = Vec::new();
+        self.entries.lock().unwrap().retain(|(dir, name), i| {
+            let keep = *i != ino;
+            if !keep {
+                names.push((*dir, name.clone()));
+            }
+            keep
+        });
+        // Not from this request's thread: the kernel may call back.
+        if let Some(notifier) = notifier {
+            std::thread::spawn(move || {
+                for (dir, name) in names {
+                    let _ = notifier.inval_entry(INodeNo(dir), &name);
+                }
+            });
+        }
+    }
+
     fn saw(&self, dir: Ino, name: &OsStr, ino: Ino) {
         self.entries
             .lock()
@@ -79,8 +114,10 @@ impl KernelCache {
     /// - an open file has its pages dropped now, and its size raised where it
     ///   grew (with the writeback cache the kernel ignores the size in
     ///   attributes). A size that shrank stays the kernel's larger one until
-    ///   the file is closed: the kernel takes short reads for holes, and only
-    ///   a truncate through the mount lowers it (a known limit);
+    ///   the file is closed (the kernel takes short reads for holes, and
+    ///   only a truncate through the mount lowers it: a known limit); at
+    ///   its last release the file is renewed as below. So is a file whose
+    ///   last close had not reached us yet (RELEASE comes after close(2));
     /// - anything else (directories, links) has its attributes dropped.
     ///
     /// Whether a file is open is decided under the view's lock, but an open
@@ -108,6 +145,11 @@ impl KernelCache {
                 *gens.entry(ino).or_default() += 1;
             }
             self.renewed.lock().unwrap().extend(&renew);
+            let mut pending = self.renew_at_release.lock().unwrap();
+            pending
+                .0
+                .extend(changed.iter().filter(|c| c.file && c.open).map(|c| c.ino));
+            pending.1 = Some(notifier.clone());
         }
         let all_at_once = match crate::sys::fuse_inc_epoch(fuse_fd) {
             Ok(()) => true,
@@ -519,7 +561,12 @@ impl Filesystem for CowFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        empty(self.view.released(ino.0), reply)
+        let released = self.view.released(ino.0).map(|last| {
+            if last {
+                self.kernel.last_release(ino.0);
+            }
+        });
+        empty(released, reply)
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _ds: bool, reply: ReplyEmpty) {

@@ -830,14 +830,15 @@ impl View {
         *self.lock().open.entry(ino).or_default() += 1;
     }
 
-    pub fn released(&self, ino: Ino) -> Res<()> {
+    /// One open of `ino` ended; true when it was the last.
+    pub fn released(&self, ino: Ino) -> Res<bool> {
         let mut g = self.lock();
         let left = match g.open.get_mut(&ino) {
             Some(c) => {
                 *c -= 1;
                 *c
             }
-            None => return Ok(()),
+            None => return Ok(false),
         };
         if left == 0 {
             g.open.remove(&ino);
@@ -845,7 +846,7 @@ impl View {
                 self.drop_node(&mut g, ino)?;
             }
         }
-        Ok(())
+        Ok(left == 0)
     }
 
     // ---- durability ----
