@@ -94,13 +94,19 @@ pub fn run(name: &str) -> CliResult {
     let listener = UnixListener::bind(vm.control_socket())?;
     std::fs::set_permissions(vm.control_socket(), std::fs::Permissions::from_mode(0o600))?;
     let shared = Arc::new(shared);
-    spawn_console_reader(shared.clone(), console_out, File::create(vm.console_log())?);
+    let console_ended =
+        spawn_console_reader(shared.clone(), console_out, File::create(vm.console_log())?);
     spawn_exec_reader(shared.clone(), agent_out, line_tx);
     spawn_disk_flusher(vm.clone());
     let s = shared.clone();
     std::thread::spawn(move || serve(s, listener));
 
     let status = child.wait()?;
+    // What UML printed before it died may still be in the console pipe (an
+    // out-of-memory boot ends in SIGABRT right after saying so): its last
+    // processes go, then the reader gets to the end, before the verdict.
+    kill_leftovers(&vm);
+    let _ = console_ended.recv_timeout(std::time::Duration::from_secs(2));
     let reason = why_it_ended(&vm, &shared, status);
     let ending = reason
         .clone()
@@ -265,8 +271,15 @@ fn set_phase(shared: &Shared, phase: Phase) {
 
 /// Console output: to the log, to attached clients, and watched for boot
 /// failures that would otherwise leave a kernel spinning.
-fn spawn_console_reader(shared: Arc<Shared>, from_uml: OwnedFd, mut log: File) {
+/// Returns a receiver that disconnects once the console reaches its end.
+fn spawn_console_reader(
+    shared: Arc<Shared>,
+    from_uml: OwnedFd,
+    mut log: File,
+) -> std::sync::mpsc::Receiver<()> {
+    let (ended, ended_rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
+        let _ended = ended;
         let mut from_uml = File::from(from_uml);
         let mut buf = [0u8; 8192];
         let mut recent: Vec<u8> = vec![];
@@ -304,6 +317,7 @@ fn spawn_console_reader(shared: Arc<Shared>, from_uml: OwnedFd, mut log: File) {
             }
         }
     });
+    ended_rx
 }
 
 /// Recognises console output that means the boot cannot succeed.
