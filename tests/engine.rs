@@ -867,6 +867,27 @@ fn image_files_are_private() {
     let o = umlctl(&["--json", "image", "inspect", dir.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["processes"][0]["threads"].as_array().unwrap().len(), 1);
+    // A reader that went away (`| head`) ends the output quietly: exit 0,
+    // no panic.
+    let mut c = Command::new(common::umlctl())
+        .args(["image", "inspect", dir.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(c.stdout.take());
+    let o = c.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // A second snapshot into the same directory is refused, the first kept.
     let sleeper = Command::new("sleep").arg("30").spawn().unwrap();
     let o = snapshot(sleeper.id() as i32, &dir, &[]);

@@ -115,7 +115,7 @@ fn main() {
         Err(e) => {
             if json {
                 let v = serde_json::json!({"error": e.message, "code": e.code as i32});
-                println!("{v}");
+                let _ = output::print_line(&v.to_string());
             }
             eprintln!("umlctl: error: {}", e.message);
             std::process::exit(e.code as i32);

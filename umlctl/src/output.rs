@@ -16,16 +16,15 @@ pub struct Output {
 impl Output {
     /// Print a result: JSON on one line with `--json`, else the human text.
     pub fn emit<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) {
-        if self.json {
-            println!(
-                "{}",
-                serde_json::to_string(value).expect("serializable output")
-            );
+        let text = if self.json {
+            serde_json::to_string(value).expect("serializable output")
         } else {
-            let text = human();
-            if !text.is_empty() {
-                println!("{text}");
-            }
+            human()
+        };
+        // A reader that went away (`umlctl ... | head`) ends the output
+        // quietly, as for other Unix tools.
+        if !text.is_empty() && !print_line(&text) {
+            std::process::exit(0);
         }
     }
 
@@ -50,4 +49,14 @@ impl Output {
         bar.set_message(what.to_string());
         bar
     }
+}
+
+/// Writes a line to stdout; false when its reader went away, where
+/// println! would panic. (SIGPIPE stays ignored: the daemons in this binary
+/// write to sockets whose peers may go, and must not die of it.)
+pub fn print_line(text: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = writeln!(out, "{text}").and_then(|()| out.flush());
+    !written.is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
