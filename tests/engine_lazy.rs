@@ -349,15 +349,7 @@ fn lazy_instant(base: &[&str]) {
     let threads: usize = base[3].parse().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out.txt");
-    let mut args = vec![
-        "--mib",
-        "256",
-        "--threads",
-        "3",
-        "--sleep-every",
-        "1000000",
-        "--stall",
-    ];
+    let mut args = base.to_vec();
     if std::arch::is_x86_feature_detected!("avx512f") {
         args.push("--avx512");
     }
