@@ -430,21 +430,15 @@ fn memory_and_guards(
         proc::scan_regions_parallel(pagemap, (m.start, m.end), (0, anyof, anyof | file), 0)?;
     // Guard pages show as swapped, but reading one faults: never saved.
     let skip = scan::PAGE_IS_GUARD | file;
-    let (mut runs, mut guards) = (Vec::<(u64, u64)>::new(), Vec::<[u64; 2]>::new());
+    let (mut runs, mut guards) = (Vec::new(), Vec::new());
     for (a, n, cats) in regions {
         if cats & scan::PAGE_IS_GUARD != 0 {
-            match guards.last_mut() {
-                Some(g) if g[0] + g[1] * PAGE_SIZE == a => g[1] += n,
-                _ => guards.push([a, n]),
-            }
+            proc::push_run(&mut guards, a, n);
         } else if cats & data != 0 && cats & skip == 0 {
-            match runs.last_mut() {
-                Some(r) if r.0 + r.1 * PAGE_SIZE == a => r.1 += n,
-                _ => runs.push((a, n)),
-            }
+            proc::push_run(&mut runs, a, n);
         }
     }
-    Ok((runs, guards))
+    Ok((runs, guards.into_iter().map(|(a, n)| [a, n]).collect()))
 }
 
 /// Runs (address, pages) of the VMA that pass `filter`, found by the

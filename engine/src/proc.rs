@@ -214,6 +214,15 @@ pub fn scan_pages(
     scan_pages_flags(pagemap, start, end, anyof, none, 0)
 }
 
+/// Appends `pages` pages at `addr` to sorted (address, pages) runs,
+/// extending the last run when this one continues it.
+pub fn push_run(runs: &mut Vec<(u64, u64)>, addr: u64, pages: u64) {
+    match runs.last_mut() {
+        Some(l) if l.0 + l.1 * PAGE_SIZE == addr => l.1 += pages,
+        _ => runs.push((addr, pages)),
+    }
+}
+
 /// `scan_pages` with PAGEMAP_SCAN flags (see `scan`).
 pub fn scan_pages_flags(
     pagemap: &fs::File,
@@ -225,10 +234,7 @@ pub fn scan_pages_flags(
 ) -> Result<Vec<(u64, u64)>> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for (a, pages, _) in scan_regions(pagemap, (start, end), (none, anyof, anyof), flags)? {
-        match out.last_mut() {
-            Some(l) if l.0 + l.1 * PAGE_SIZE == a => l.1 += pages,
-            _ => out.push((a, pages)),
-        }
+        push_run(&mut out, a, pages);
     }
     Ok(out)
 }

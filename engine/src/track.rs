@@ -196,18 +196,14 @@ impl Delta {
                 .ok()?;
         self.rearmed.borrow_mut().insert(m.start);
         let mut w = Walk::default();
-        let add = |v: &mut Vec<(u64, u64)>, a: u64, n: u64| match v.last_mut() {
-            Some(l) if l.0 + l.1 * PAGE_SIZE == a => l.1 += n,
-            _ => v.push((a, n)),
-        };
         for (a, n, cats) in regions {
             if cats & scan::PAGE_IS_GUARD != 0 {
-                add(&mut w.guards, a, n);
+                proc::push_run(&mut w.guards, a, n);
                 continue;
             }
-            add(&mut w.present, a, n);
+            proc::push_run(&mut w.present, a, n);
             if cats & scan::PAGE_IS_WRITTEN != 0 {
-                add(&mut w.written, a, n);
+                proc::push_run(&mut w.written, a, n);
             }
         }
         Some(w)
@@ -294,11 +290,7 @@ struct Runs {
 
 impl Runs {
     fn store(&mut self, lo: u64, hi: u64) {
-        let n = (hi - lo) / PAGE_SIZE;
-        match self.store.last_mut() {
-            Some(l) if l.0 + l.1 * PAGE_SIZE == lo => l.1 += n,
-            _ => self.store.push((lo, n)),
-        }
+        proc::push_run(&mut self.store, lo, (hi - lo) / PAGE_SIZE);
     }
 
     fn inherit(&mut self, lo: u64, hi: u64, off: u64, depth: u64) {
