@@ -415,8 +415,15 @@ fn memory_and_guards(
     filter: Filter,
 ) -> Result<(Runs, Vec<[u64; 2]>)> {
     let prot_none = !m.read && !m.write && !m.exec && m.path.is_empty();
-    if m.path == "[vsyscall]" || prot_none || filter == Filter::All {
-        return Ok((memory_runs(pagemap, m, filter)?, guard_runs(pagemap, m)?));
+    if m.path == "[vsyscall]" || prot_none {
+        // PROT_NONE anonymous memory (guard pages) is never populated.
+        return Ok((vec![], guard_runs(pagemap, m)?));
+    }
+    if filter == Filter::All {
+        return Ok((
+            vec![(m.start, m.len() / PAGE_SIZE)],
+            guard_runs(pagemap, m)?,
+        ));
     }
     let data = scan::PAGE_IS_PRESENT | scan::PAGE_IS_SWAPPED;
     let anyof = data | scan::PAGE_IS_GUARD;
@@ -439,25 +446,6 @@ fn memory_and_guards(
         }
     }
     Ok((runs, guards.into_iter().map(|(a, n)| [a, n]).collect()))
-}
-
-/// Runs (address, pages) of the VMA that pass `filter`, found by the
-/// kernel's page-table walk (PAGEMAP_SCAN).
-fn memory_runs(pagemap: &File, m: &MapsEntry, filter: Filter) -> Result<Vec<(u64, u64)>> {
-    if m.path == "[vsyscall]" || !m.read && !m.write && !m.exec && m.path.is_empty() {
-        // PROT_NONE anonymous memory (guard pages) is never populated.
-        return Ok(vec![]);
-    }
-    let any = scan::PAGE_IS_PRESENT | scan::PAGE_IS_SWAPPED;
-    // Guard pages show as swapped, but reading one faults: never saved.
-    let guard = scan::PAGE_IS_GUARD;
-    match filter {
-        Filter::Present => proc::scan_pages(pagemap, m.start, m.end, any, guard),
-        Filter::PrivateCopy => {
-            proc::scan_pages(pagemap, m.start, m.end, any, scan::PAGE_IS_FILE | guard)
-        }
-        Filter::All => Ok(vec![(m.start, m.len() / PAGE_SIZE)]),
-    }
 }
 
 /// Guard pages of the VMA, as [address, page count].
