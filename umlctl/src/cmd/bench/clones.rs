@@ -10,7 +10,7 @@
 //! word per millisecond, so the clones are measured "before they write", as
 //! the target says, up to the few pages they dirty while being measured.
 
-use super::table1::start_workload_with;
+use super::table1::{kill, start_workload_with};
 use crate::cmd::process::engine_error;
 use crate::exit::{CliError, CliResult, Code};
 use serde::Serialize;
@@ -87,11 +87,6 @@ fn memory_kib(pid: i32) -> CliResult<u64> {
             })
     };
     Ok(field("smaps_rollup", "Pss_Anon:")? + field("status", "VmPTE:")?)
-}
-
-fn kill(pid: i32) {
-    // SAFETY: killing a process this benchmark made.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 
 pub fn table(r: &ClonesRow) -> String {

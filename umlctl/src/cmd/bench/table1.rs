@@ -360,7 +360,7 @@ fn incremental_run(pid: i32, dir: &Path, s: &mut Samples) -> CliResult {
 /// Kills a copy we resumed and waits until its memory is freed (it is
 /// then a zombie, or gone): tearing down GiBs takes a CPU for a while,
 /// which the next measurement must not share.
-fn kill(pid: i32) {
+pub(super) fn kill(pid: i32) {
     // SAFETY: killing a process we made.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let t0 = Instant::now();
