@@ -391,7 +391,7 @@ fn clean_up(vm: &Vm) {
         net::detach(&net::tap_name(ip));
     }
     disk::detach_stale(vm);
-    let _ = std::fs::remove_dir_all(vm.run_dir());
+    vm.remove_run_dir();
 }
 
 #[derive(clap::Args, Debug)]

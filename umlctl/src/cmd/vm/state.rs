@@ -141,6 +141,21 @@ impl Vm {
     pub fn run_dir(&self) -> PathBuf {
         self.dir.join("run")
     }
+    /// Deletes run/ as one step for readers: it is renamed aside first, so
+    /// `status` never sees a run/ whose supervisor.pid is already gone (that
+    /// reads as "killed from outside") while the supervisor is cleaning up.
+    pub fn remove_run_dir(&self) {
+        let aside = self.dir.join("run.gone");
+        let _ = std::fs::remove_dir_all(&aside);
+        match std::fs::rename(self.run_dir(), &aside) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&aside);
+            }
+            Err(_) => {
+                let _ = std::fs::remove_dir_all(self.run_dir());
+            }
+        }
+    }
     pub fn control_socket(&self) -> PathBuf {
         self.run_dir().join("control.sock")
     }

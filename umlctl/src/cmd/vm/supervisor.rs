@@ -539,7 +539,7 @@ fn finish(vm: &Vm, died: Option<String>, tap: Option<String>) {
         net::detach(&tap);
     }
     kill_leftovers(vm);
-    let _ = std::fs::remove_dir_all(vm.run_dir());
+    vm.remove_run_dir();
 }
 
 /// Kills what is left of UML's process group (stubs, helpers), if anything.
