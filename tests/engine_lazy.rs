@@ -4,6 +4,8 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "engine_support.rs"]
+mod engine_support;
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -342,6 +344,50 @@ fn lazy_snapshot_under_continuous_writes_is_one_instant() {
             "1000000",
             "--stall",
         ]);
+    }
+}
+
+/// Pages that appear (first touched) and go (MADV_DONTNEED) while lazy
+/// snapshots are taken: the walk before the freeze must not stand in for
+/// the page tables at the freeze. Each copy finds exactly the pages its
+/// churning thread had populated at the instant saved.
+#[test]
+fn lazy_snapshots_while_pages_appear_and_go() {
+    if !root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.txt");
+    let args = ["--mib", "8", "--sleep-every", "1000000", "--churn", "32"];
+    let child = spawn(&common::tool("workload"), &args, &out);
+    let pid = child.id() as i32;
+    let _reaper = engine_support::Reaper::child(child);
+    wait_for(&out, |t| t.contains("ready"), "workload ready");
+    for i in 0..8 {
+        std::thread::sleep(Duration::from_millis(7 * i));
+        let dir = tmp.path().join(format!("img{i}"));
+        let d = dir.to_str().unwrap();
+        ok(&umlctl(&[
+            "snapshot",
+            &pid.to_string(),
+            "--out",
+            d,
+            "--lazy",
+        ]));
+        let len = fs::read_to_string(&out).unwrap().len();
+        let new: i32 = ok(&umlctl(&["resume", d, "--lazy", "--stdio", "null"]))
+            .trim()
+            .parse()
+            .unwrap();
+        let _copy = engine_support::Reaper::pids(vec![new]);
+        // SAFETY: signalling our copy.
+        unsafe { libc::kill(new, libc::SIGUSR1) };
+        // `verified` fails on any BAD line, the churning thread's too.
+        wait_for(
+            &out,
+            |t| verified(&t[len..]) == 1 && t[len..].contains("churn round="),
+            "the resumed copy's check",
+        );
     }
 }
 

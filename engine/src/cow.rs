@@ -311,9 +311,10 @@ pub struct Prearm {
     uffd: Option<std::sync::Arc<Uffd>>,
     /// Private anonymous VMAs registered before the freeze.
     registered: Vec<(u64, u64)>,
-    /// Their pages that were present when protected, as (address, bytes),
-    /// sorted: a page populated later was never protected.
-    present_then: Vec<(u64, u64)>,
+    /// What their page tables held when protected, as (address, pages,
+    /// categories) regions of present, swapped or guard pages, sorted: a
+    /// page populated later was never protected.
+    seen: Vec<(u64, u64, u64)>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Written to wake the serving thread from its poll at once: the
     /// target is frozen while `finish` waits for it.
@@ -362,21 +363,20 @@ impl Prearm {
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", e))?;
         let (u, st) = (uffd.clone(), stop.clone());
         let thread = std::thread::spawn(move || serve(&u, &st, &wake_rd));
-        let any = crate::proc::scan::PAGE_IS_PRESENT | crate::proc::scan::PAGE_IS_SWAPPED;
-        let mut present_then = Vec::new();
+        let mut seen = Vec::new();
         for &(s, e) in &registered {
             // Scanned before protecting: a page that appears in between is
             // protected but counted as new, and protected again (harmless).
-            let runs = crate::proc::scan_pages(&pagemap, s, e, any, 0).unwrap_or_default();
-            present_then.extend(runs.into_iter().map(|(a, n)| (a, n * PAGE_SIZE)));
+            let masks = (0, SEEN, SEEN);
+            seen.extend(crate::proc::scan_regions(&pagemap, (s, e), masks, 0).unwrap_or_default());
             // ENOENT/EINVAL: the target unmapped it meanwhile (noted as changed).
             let _ = uffd.writeprotect(s, e - s, true);
         }
-        present_then.sort();
+        seen.sort();
         Ok(Prearm {
             uffd: Some(uffd),
             registered,
-            present_then,
+            seen,
             stop,
             wake,
             thread: Some(thread),
@@ -384,9 +384,8 @@ impl Prearm {
     }
 
     /// Call once the target is frozen: stops the serving thread and
-    /// returns the userfaultfd and the ranges of `vmas` (the deferred VMAs
-    /// of the snapshot) that must be protected again.
-    pub fn finish(mut self, vmas: &[&Vma]) -> Result<(Uffd, Vec<(u64, u64)>)> {
+    /// returns what it saw, for the freeze to use (`Armed`).
+    pub fn stop(mut self) -> Result<Armed> {
         self.stop_thread();
         let thread = self.thread.take().expect("started");
         let notes = thread
@@ -395,20 +394,76 @@ impl Prearm {
         let shared = self.uffd.take().expect("started");
         let uffd = std::sync::Arc::try_unwrap(shared)
             .map_err(|_| Error::Restore("userfaultfd still shared".into()))?;
-        let overlaps =
-            |a: u64, b: u64, list: &[(u64, u64)]| list.iter().any(|&(s, e)| s < b && a < e);
+        Ok(Armed {
+            uffd,
+            registered: std::mem::take(&mut self.registered),
+            seen: std::mem::take(&mut self.seen),
+            notes,
+        })
+    }
+}
+
+/// The page-table regions `Prearm::start` found, which a walk at the
+/// freeze need not repeat.
+const SEEN: u64 = crate::proc::scan::PAGE_IS_PRESENT
+    | crate::proc::scan::PAGE_IS_SWAPPED
+    | crate::proc::scan::PAGE_IS_GUARD;
+
+/// A stopped `Prearm`, the target frozen: what was protected before the
+/// freeze and what changed since.
+pub struct Armed {
+    uffd: Uffd,
+    registered: Vec<(u64, u64)>,
+    seen: Vec<(u64, u64, u64)>,
+    notes: Notes,
+}
+
+impl Armed {
+    /// The regions (address, pages, categories among present, swapped and
+    /// guard) of [start, end) that were seen before the freeze and are
+    /// known to be unchanged since: None unless the range was registered
+    /// throughout and nothing in it was unmapped, discarded or moved (the
+    /// only ways a seen page goes; each sends an event). Pages populated
+    /// since are not among them: the caller walks the rest of the range.
+    pub fn unchanged(&self, start: u64, end: u64) -> Option<Vec<(u64, u64, u64)>> {
+        let known = self.registered.iter().any(|&(s, e)| s <= start && end <= e);
+        if !known || overlaps(start, end, &self.notes.changed) {
+            return None;
+        }
+        let first = self
+            .seen
+            .partition_point(|r| r.0 + r.1 * PAGE_SIZE <= start);
+        let clipped = self.seen[first..]
+            .iter()
+            .take_while(|r| r.0 < end)
+            .map(|&(a, n, c)| {
+                let (a2, e2) = (a.max(start), (a + n * PAGE_SIZE).min(end));
+                (a2, (e2 - a2) / PAGE_SIZE, c)
+            })
+            .collect();
+        Some(clipped)
+    }
+
+    /// Returns the userfaultfd and the ranges of `vmas` (the deferred VMAs
+    /// of the snapshot) that must be protected again.
+    pub fn finish(self, vmas: &[&Vma]) -> Result<(Uffd, Vec<(u64, u64)>)> {
+        let Armed {
+            uffd,
+            registered,
+            seen,
+            notes,
+        } = self;
+        let present_then: Vec<(u64, u64)> =
+            seen.iter().map(|&(a, n, _)| (a, n * PAGE_SIZE)).collect();
         let mut protect = Vec::new();
         for v in vmas {
-            let known = self
-                .registered
-                .iter()
-                .any(|&(s, e)| s <= v.start && v.end <= e);
+            let known = registered.iter().any(|&(s, e)| s <= v.start && v.end <= e);
             if !known || overlaps(v.start, v.end, &notes.changed) {
                 protect.push((v.start, v.len()));
             } else {
                 let now: Vec<(u64, u64)> =
                     v.pages.iter().map(|r| (r[0], r[1] * PAGE_SIZE)).collect();
-                protect.extend(subtract(&now, &self.present_then));
+                protect.extend(subtract(&now, &present_then));
             }
         }
         // Pages written while armed, as runs (a writer moving through memory
@@ -429,6 +484,11 @@ impl Prearm {
         protect.extend(subtract(&runs, &covered));
         Ok((uffd, protect))
     }
+}
+
+/// Whether [a, b) meets any of the (start, end) ranges.
+fn overlaps(a: u64, b: u64, list: &[(u64, u64)]) -> bool {
+    list.iter().any(|&(s, e)| s < b && a < e)
 }
 
 /// The parts of the sorted ranges `a` not covered by the sorted,

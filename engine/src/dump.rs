@@ -100,6 +100,7 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     let track = tracking_plan(pid, opts, lazy)?;
     let mut writer = ImageWriter::create(out)?;
     let pinned = ptrace::Pinned::near(pid);
+    proc::cpus();
     let prearm = if lazy && !opts.tree {
         Some(prearm(pid)?)
     } else {
@@ -160,6 +161,7 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
         f.release()?;
     }
     let frozen_for = t_frozen.elapsed();
+    tracing::debug!("released at {frozen_for:?}");
     drop(pinned);
     write_staged(track.as_ref(), &writer)?;
     let write_faults = copy_lazily(cows, &writer, opts, &cancelled)?;
@@ -593,21 +595,18 @@ fn collect(
         (false, Some(_), Some(s)) => memory::Mode::Stage(s),
         _ => memory::Mode::Copy,
     };
-    let saved = memory::dump_vmas(
-        pid,
-        &maps,
-        writer,
-        opts.progress,
-        cancelled,
-        mode,
-        delta.as_ref(),
-    )?;
+    let armed = prearmed.map(|p| p.stop()).transpose()?;
+    let prior = memory::Prior {
+        delta: delta.as_ref(),
+        armed: armed.as_ref(),
+    };
+    let saved = memory::dump_vmas(pid, &maps, writer, opts.progress, cancelled, mode, prior)?;
     tracing::debug!("memory planned in {:?}", t.elapsed());
     let taken = match (track, injected.uffd.take()) {
         (Some(plan), fd) => Taken::Tracking(arm_tracking(pid, &maps, plan, fd, delta.as_ref())?),
-        (None, None) if prearmed.is_some() => {
+        (None, None) if armed.is_some() => {
             let deferred: Vec<&Vma> = saved.deferred.iter().map(|&i| &saved.vmas[i]).collect();
-            let (uffd, protect) = prearmed.expect("checked").finish(&deferred)?;
+            let (uffd, protect) = armed.expect("checked").finish(&deferred)?;
             Taken::Cow(Cow::arm_with(uffd, pid, &deferred, &protect)?)
         }
         (None, Some(fd)) => {

@@ -239,6 +239,13 @@ pub fn scan_pages_flags(
     Ok(out)
 }
 
+/// CPUs this process may use. Asked once: the answer reads cgroup files
+/// (~10 us), which a snapshot asks for every VMA while the target is frozen.
+pub fn cpus() -> u64 {
+    static CPUS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as u64)
+}
+
 /// `scan_regions` over a large range in pieces walked by parallel threads
 /// (walks take the address space's lock for reading, so they run at once):
 /// a 1 GiB walk costs ~2.5 ms here, spent while the target is frozen.
@@ -250,7 +257,7 @@ pub fn scan_regions_parallel(
 ) -> Result<Vec<(u64, u64, u64)>> {
     // Smaller walks cost less than starting a thread (~0.3 ms here).
     const PIECE_MIN: u64 = 256 << 20;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let threads = cpus();
     let pieces = ((end - start) / PIECE_MIN).clamp(1, threads);
     if pieces == 1 {
         return scan_regions(pagemap, (start, end), masks, flags);

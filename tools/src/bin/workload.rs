@@ -14,6 +14,13 @@
 //! SIGUSR1, reports the longest gap it saw since the previous report: how
 //! long the process was stopped, seen from inside.
 //!
+//! With `--churn M` one more thread populates an M MiB arena page by page
+//! (first word of page i of round r = a hash of r and i), then discards it
+//! all with MADV_DONTNEED and starts the next round: pages appear and go
+//! all the time, as in a program that allocates and frees. On SIGUSR1 it
+//! checks that the pages it populated this round hold their value and the
+//! others read zero.
+//!
 //! Output lines (stdout, line-buffered):
 //!   ready pid=P threads=T mib=N
 //!   verify t=I counter=C ok            (or `verify t=I counter=C BAD word=K`)
@@ -21,6 +28,7 @@
 //!   done t=I counter=C sum=S
 //!   stall max_us=U
 //!   touch t=I us=T                     (on SIGUSR2: one read per page, timed)
+//!   churn round=R at=P ok               (or `churn round=R BAD page=K`)
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +44,7 @@ struct Args {
     sleep_every: u64,
     avx512: bool,
     stall: bool,
+    churn_mib: usize,
     seed: u64,
 }
 
@@ -47,6 +56,7 @@ fn parse_args() -> Args {
         sleep_every: 4096,
         avx512: false,
         stall: false,
+        churn_mib: 0,
         seed: 1,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -63,6 +73,7 @@ fn parse_args() -> Args {
             "--steps" => a.steps = val(i),
             "--sleep-every" => a.sleep_every = val(i).max(1),
             "--seed" => a.seed = val(i),
+            "--churn" => a.churn_mib = val(i) as usize,
             "--avx512" => {
                 a.avx512 = true;
                 i += 1;
@@ -81,7 +92,7 @@ fn parse_args() -> Args {
 }
 
 fn usage(msg: &str) -> ! {
-    eprintln!("workload: {msg}\nusage: workload [--mib N] [--threads T] [--steps S] [--sleep-every K] [--seed X] [--avx512] [--stall]");
+    eprintln!("workload: {msg}\nusage: workload [--mib N] [--threads T] [--steps S] [--sleep-every K] [--seed X] [--avx512] [--stall] [--churn M]");
     std::process::exit(2)
 }
 
@@ -259,6 +270,59 @@ fn stall_thread() {
     }
 }
 
+/// Populates an arena page by page and discards it whole, round after
+/// round; checks it on request (see the module doc).
+fn churn_thread(mib: usize) {
+    const PAGE: usize = 4096;
+    let len = mib << 20;
+    // SAFETY: a fresh private anonymous mapping, used only by this thread.
+    let arena = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(arena, libc::MAP_FAILED, "mmap churn arena");
+    let word = |i: usize| (arena as usize + i * PAGE) as *mut u64;
+    let pages = len / PAGE;
+    // Never 0, which a page that was not populated reads.
+    let value = |round: u64, i: usize| hash(round + 1, i as u64) | 1;
+    let mut seen = VERIFY_REQUESTS.load(Ordering::Relaxed);
+    for round in 0u64.. {
+        for at in 0..=pages {
+            let req = VERIFY_REQUESTS.load(Ordering::Relaxed);
+            if req != seen {
+                seen = req;
+                let bad = (0..pages).find(|&i| {
+                    let want = if i < at { value(round, i) } else { 0 };
+                    // SAFETY: every page index is inside the arena.
+                    let got = unsafe { word(i).read_volatile() };
+                    got != want
+                });
+                match bad {
+                    Some(i) => out(format!("churn round={round} BAD page={i}")),
+                    None => out(format!("churn round={round} at={at} ok")),
+                }
+            }
+            if at < pages {
+                // SAFETY: inside the arena.
+                unsafe { word(at).write_volatile(value(round, at)) };
+            }
+            // A round lasts longer than a lazy copy of a small process, so
+            // that not every snapshot meets a discard (and is taken again).
+            if at % 64 == 63 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        // SAFETY: discarding our own arena.
+        unsafe { libc::madvise(arena, len, libc::MADV_DONTNEED) };
+    }
+}
+
 extern "C" fn on_usr1(_: libc::c_int) {
     VERIFY_REQUESTS.fetch_add(1, Ordering::Relaxed);
 }
@@ -289,6 +353,10 @@ fn main() {
     }
     if args.stall {
         std::thread::spawn(stall_thread);
+    }
+    if args.churn_mib > 0 {
+        let mib = args.churn_mib;
+        std::thread::spawn(move || churn_thread(mib));
     }
     std::thread::scope(|s| {
         let first = mems.remove(0);
