@@ -454,6 +454,63 @@ fn lazy_instant(base: &[&str]) {
     unsafe { libc::kill(new, libc::SIGKILL) };
 }
 
+/// Incremental snapshots of a process that writes all the time (two
+/// writers without pause, and pages that appear and go): the pages written
+/// before the freeze are read while it runs, and those written again are
+/// read at the freeze; every copy of the chain must be the exact instant.
+#[test]
+fn incremental_snapshots_of_a_busy_writer_are_exact() {
+    if !root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.txt");
+    let args = [
+        "--mib",
+        "64",
+        "--threads",
+        "2",
+        "--sleep-every",
+        "1000000",
+        "--churn",
+        "16",
+    ];
+    let child = spawn(&common::tool("workload"), &args, &out);
+    let pid = child.id().to_string();
+    let _reaper = engine_support::Reaper::child(child);
+    wait_for(&out, |t| t.contains("ready"), "workload ready");
+    let dir = |n: usize| tmp.path().join(n.to_string()).to_str().unwrap().to_string();
+    ok(&umlctl(&["snapshot", &pid, "--out", &dir(0), "--track"]));
+    for n in 1..=4 {
+        std::thread::sleep(Duration::from_millis(30 * n as u64));
+        let parent = dir(n - 1);
+        ok(&umlctl(&[
+            "snapshot",
+            &pid,
+            "--out",
+            &dir(n),
+            "--parent",
+            &parent,
+        ]));
+        if n % 2 == 1 {
+            continue;
+        }
+        let new: i32 = ok(&umlctl(&["resume", &dir(n), "--stdio", "null"]))
+            .trim()
+            .parse()
+            .unwrap();
+        let _copy = engine_support::Reaper::pids(vec![new]);
+        let len = fs::read_to_string(&out).unwrap().len();
+        // SAFETY: signalling our copy.
+        unsafe { libc::kill(new, libc::SIGUSR1) };
+        wait_for(
+            &out,
+            |t| verified(&t[len..]) == 2 && t[len..].contains("churn round="),
+            "the resumed copy's check",
+        );
+    }
+}
+
 /// Incremental snapshots: a tracked snapshot, then two more each holding
 /// only what was written since its parent; the third resumes (reading
 /// through the chain) with its memory exact, and flattens into a

@@ -99,6 +99,9 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
     check_target(pid)?;
     let track = tracking_plan(pid, opts, lazy)?;
     let mut writer = ImageWriter::create(out)?;
+    if let Some(plan) = &track {
+        before_freeze(pid, plan)?;
+    }
     let pinned = ptrace::Pinned::near(pid);
     proc::cpus();
     let prearm = if lazy && !opts.tree {
@@ -359,6 +362,8 @@ fn write_staged(track: Option<&TrackPlan>, writer: &ImageWriter) -> Result<()> {
 struct TrackPlan {
     /// The parent image of an incremental snapshot.
     parent: Option<Image>,
+    /// What changed since `parent`, checked against the tracking state.
+    delta: Option<crate::track::Delta>,
     /// A tracker already holds this target's tracking userfaultfd.
     state: Option<crate::track::State>,
     launch: Option<crate::track::TrackerLauncher>,
@@ -412,12 +417,31 @@ fn tracking_plan(pid: i32, opts: &DumpOptions, lazy: bool) -> Result<Option<Trac
         Some(_) => memory::Staged::with_room(crate::track::written_bytes(pid)? * 2 + (4 << 20))?,
         None => memory::Staged::default(),
     };
+    let delta = match &parent {
+        Some(img) => Some(crate::track::Delta::new(pid, img)?),
+        None => None,
+    };
     Ok(Some(TrackPlan {
         parent,
+        delta,
         state: crate::track::State::load(pid),
         launch: opts.tracker.clone(),
         stage: stage.into(),
     }))
+}
+
+/// A tracked snapshot's work while the target still runs: the tracking
+/// state stops naming the parent (the protection is about to be reset),
+/// and an incremental snapshot reads the pages written so far, leaving
+/// the freeze only what is written from now on (`Staged::pre_read`).
+fn before_freeze(pid: i32, plan: &TrackPlan) -> Result<()> {
+    if let Some(state) = plan.state.clone() {
+        state.resetting()?;
+    }
+    if let Some(delta) = &plan.delta {
+        plan.stage.borrow_mut().pre_read(pid, delta)?;
+    }
+    Ok(())
 }
 
 /// Tracking armed during a snapshot, to be recorded once it is published.
@@ -585,25 +609,22 @@ fn collect(
         return Err(Error::Interrupted);
     }
     let t = Instant::now();
-    let delta = match track.and_then(|t| t.parent.as_ref()) {
-        Some(parent) => Some(crate::track::Delta::new(pid, parent)?),
-        None => None,
-    };
+    let delta = track.and_then(|t| t.delta.as_ref());
     let mut stage = track.map(|t| t.stage.borrow_mut());
-    let mode = match (lazy, &delta, stage.as_deref_mut()) {
+    let mode = match (lazy, delta, stage.as_deref_mut()) {
         (true, _, _) => memory::Mode::Defer,
         (false, Some(_), Some(s)) => memory::Mode::Stage(s),
         _ => memory::Mode::Copy,
     };
     let armed = prearmed.map(|p| p.stop()).transpose()?;
     let prior = memory::Prior {
-        delta: delta.as_ref(),
+        delta,
         armed: armed.as_ref(),
     };
     let saved = memory::dump_vmas(pid, &maps, writer, opts.progress, cancelled, mode, prior)?;
     tracing::debug!("memory planned in {:?}", t.elapsed());
     let taken = match (track, injected.uffd.take()) {
-        (Some(plan), fd) => Taken::Tracking(arm_tracking(pid, &maps, plan, fd, delta.as_ref())?),
+        (Some(plan), fd) => Taken::Tracking(arm_tracking(pid, &maps, plan, fd, delta)?),
         (None, None) if armed.is_some() => {
             let deferred: Vec<&Vma> = saved.deferred.iter().map(|&i| &saved.vmas[i]).collect();
             let (uffd, protect) = armed.expect("checked").finish(&deferred)?;

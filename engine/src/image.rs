@@ -978,6 +978,6 @@ impl std::ops::Deref for Pages {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 mod sums;

@@ -281,7 +281,13 @@ fn save(
         let m = p.m;
         let anonymous = m.inode == 0 && !m.shared && matches!(p.source, Source::Memory(_));
         let (runs, inherited) = match delta {
-            Some(d) if anonymous => d.split(m, p.runs, p.written)?,
+            Some(d) if anonymous => {
+                let written = match &mut mode {
+                    Mode::Stage(staged) => staged.claim(m, p.written),
+                    _ => p.written,
+                };
+                d.split(m, p.runs, written)?
+            }
             _ => (p.runs, vec![]),
         };
         let bytes: u64 = runs.iter().map(|r| r.1 * PAGE_SIZE).sum();
@@ -339,11 +345,27 @@ pub struct Staged {
     /// (offset in pages.img, where the bytes are).
     runs: Vec<(u64, Bytes)>,
     bytes: u64,
+    /// Pages read before the freeze (`pre_read`).
+    pre: Option<PreRead>,
 }
 
 enum Bytes {
     Arena(std::ops::Range<usize>),
-    Own(memmap2::MmapMut),
+    Own(std::sync::Arc<memmap2::MmapMut>, std::ops::Range<usize>),
+    /// In `PreRead::arena`.
+    Pre(std::ops::Range<usize>),
+}
+
+/// An incremental snapshot's pages written since the parent, read while
+/// the target still ran (`Staged::pre_read`).
+struct PreRead {
+    arena: memmap2::MmapMut,
+    /// (address, pages, offset in `arena`), sorted and disjoint: pages whose
+    /// bytes there are still those of the target.
+    valid: Vec<(u64, u64, usize)>,
+    /// Written since the parent, but not readable then (the target unmapped
+    /// them meanwhile): to be read at the freeze, if present.
+    unread: Runs,
 }
 
 impl Staged {
@@ -364,32 +386,105 @@ impl Staged {
         })
     }
 
-    /// Reserves image space for `runs` and reads them into memory; returns
-    /// their page index entries.
+    /// Reads, while the target still runs, the pages written since the
+    /// parent, protecting them again in the same walk (`Delta::walk`): the
+    /// walk at the freeze then finds only the pages written after this one,
+    /// and only those are read while the target is frozen (~1 us per page
+    /// here). A page the target writes after this walk is written again for
+    /// the tracker, so a read here that raced a write is always replaced.
+    pub fn pre_read(&mut self, pid: i32, delta: &crate::track::Delta) -> Result<()> {
+        let mut runs = Runs::new();
+        for m in proc::maps(pid)? {
+            if let Some(w) = delta.walk(&m) {
+                runs.extend(w.written);
+            }
+        }
+        delta.forget_rearmed();
+        let total: u64 = runs.iter().map(|r| r.1 * PAGE_SIZE).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let mut arena = memmap2::MmapMut::map_anon(total as usize)
+            .ctx(|| "map memory to read written pages in".into())?;
+        let (mut valid, mut unread, mut off) = (Vec::new(), Runs::new(), 0usize);
+        let ranges: Vec<(u64, usize)> = runs
+            .iter()
+            .map(|&(a, n)| (a, (n * PAGE_SIZE) as usize))
+            .collect();
+        if mem::vm_read(pid, &ranges, &mut arena).is_ok() {
+            for &(a, n) in &runs {
+                valid.push((a, n, off));
+                off += (n * PAGE_SIZE) as usize;
+            }
+        } else {
+            // Something was unmapped meanwhile: run by run, and what fails
+            // is read at the freeze.
+            for (&(a, n), &r) in runs.iter().zip(&ranges) {
+                match mem::vm_read(pid, &[r], &mut arena[off..off + r.1]) {
+                    Ok(()) => valid.push((a, n, off)),
+                    Err(_) => unread.push((a, n)),
+                }
+                off += r.1;
+            }
+        }
+        self.pre = Some(PreRead {
+            arena,
+            valid,
+            unread,
+        });
+        Ok(())
+    }
+
+    /// The pages of `m` written since the parent, given `fresh`, those the
+    /// walk at the freeze found written since `pre_read` (None: `m` was not
+    /// walked, and nothing read before stands for it). Forgets the bytes
+    /// read before of the pages written again.
+    fn claim(&mut self, m: &MapsEntry, fresh: Option<Runs>) -> Option<Runs> {
+        let Some(pre) = &mut self.pre else {
+            return fresh;
+        };
+        let inside = |a: u64, n: u64| a < m.end && m.start < a + n * PAGE_SIZE;
+        let Some(fresh) = fresh else {
+            // Its pages are all taken from the target now; a run reaching
+            // into a neighbour (split since) is read now for that one too.
+            let (gone, keep) = pre.valid.iter().partition(|r| inside(r.0, r.1));
+            pre.valid = keep;
+            pre.unread
+                .extend(gone.iter().map(|r: &(u64, u64, usize)| (r.0, r.1)));
+            return None;
+        };
+        pre.valid = subtract_pages(&pre.valid, &fresh);
+        let mut all: Runs = fresh;
+        all.extend(
+            pre.valid
+                .iter()
+                .filter(|r| inside(r.0, r.1))
+                .map(|r| (r.0, r.1)),
+        );
+        all.extend(pre.unread.iter().copied().filter(|r| inside(r.0, r.1)));
+        all.sort_unstable();
+        let mut merged = Runs::new();
+        for (a, n) in all {
+            match merged.last_mut() {
+                Some(l) if l.0 + l.1 * PAGE_SIZE >= a => {
+                    let end = (l.0 + l.1 * PAGE_SIZE).max(a + n * PAGE_SIZE);
+                    l.1 = (end - l.0) / PAGE_SIZE;
+                }
+                _ => merged.push((a, n)),
+            }
+        }
+        Some(merged)
+    }
+
+    /// Reserves image space for `runs` and stages their bytes: those read
+    /// before the freeze and still valid from there, the rest read now;
+    /// returns their page index entries.
     fn read(&mut self, pid: i32, runs: &[(u64, u64)], behind: &Behind) -> Result<Vec<[u64; 3]>> {
         let total: u64 = runs.iter().map(|r| r.1 * PAGE_SIZE).sum();
         if total == 0 {
             return Ok(vec![]);
         }
         let at = behind.reserve(total);
-        let ranges: Vec<(u64, usize)> = runs
-            .iter()
-            .map(|&(a, n)| (a, (n * PAGE_SIZE) as usize))
-            .collect();
-        let (from, to) = (self.used, self.used + total as usize);
-        let bytes = match &mut self.arena {
-            Some(arena) if to <= arena.len() => {
-                mem::vm_read(pid, &ranges, &mut arena[from..to])?;
-                self.used = to;
-                Bytes::Arena(from..to)
-            }
-            _ => {
-                let mut own = memmap2::MmapMut::map_anon(total as usize)
-                    .ctx(|| "map memory to stage pages in".into())?;
-                mem::vm_read(pid, &ranges, &mut own)?;
-                Bytes::Own(own)
-            }
-        };
         let mut off = at;
         let index = runs
             .iter()
@@ -399,9 +494,87 @@ impl Staged {
                 e
             })
             .collect();
-        self.runs.push((at, bytes));
+        // (address, bytes, offset in pages.img) of the pages to read now.
+        let mut now: Vec<(u64, usize, u64)> = Vec::new();
+        let mut off = at;
+        for &(a, n) in runs {
+            for (a, len, pre) in self.sources(a, n) {
+                match pre {
+                    Some(from) => self.runs.push((off, Bytes::Pre(from..from + len))),
+                    None => now.push((a, len, off)),
+                }
+                off += len as u64;
+            }
+        }
+        self.read_now(pid, &now)?;
         self.bytes += total;
         Ok(index)
+    }
+
+    /// Splits `n` pages at `a` into (address, bytes, offset in the
+    /// pre-read arena if its bytes are valid there).
+    fn sources(&self, a: u64, n: u64) -> Vec<(u64, usize, Option<usize>)> {
+        let end = a + n * PAGE_SIZE;
+        let valid = self.pre.as_ref().map_or(&[][..], |p| &p.valid[..]);
+        let first = valid.partition_point(|r| r.0 + r.1 * PAGE_SIZE <= a);
+        let mut out = Vec::new();
+        let mut at = a;
+        for &(va, vn, voff) in valid[first..].iter().take_while(|r| r.0 < end) {
+            let (lo, hi) = (va.max(at), (va + vn * PAGE_SIZE).min(end));
+            if lo > at {
+                out.push((at, (lo - at) as usize, None));
+            }
+            out.push((lo, (hi - lo) as usize, Some(voff + (lo - va) as usize)));
+            at = hi;
+        }
+        if at < end {
+            out.push((at, (end - at) as usize, None));
+        }
+        out
+    }
+
+    /// Reads `(address, bytes, image offset)` pieces from the target into
+    /// the arena (or, past its room, fresh memory) in one batch.
+    fn read_now(&mut self, pid: i32, now: &[(u64, usize, u64)]) -> Result<()> {
+        let total: usize = now.iter().map(|p| p.1).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let ranges: Vec<(u64, usize)> = now.iter().map(|p| (p.0, p.1)).collect();
+        let (from, to) = (self.used, self.used + total);
+        let (base, own) = match &mut self.arena {
+            Some(arena) if to <= arena.len() => {
+                mem::vm_read(pid, &ranges, &mut arena[from..to])?;
+                self.used = to;
+                (from, None)
+            }
+            _ => {
+                let mut own = memmap2::MmapMut::map_anon(total)
+                    .ctx(|| "map memory to stage pages in".into())?;
+                mem::vm_read(pid, &ranges, &mut own)?;
+                (0, Some(own))
+            }
+        };
+        match own {
+            // One image write per piece from a private map: keep it whole
+            // and write pieces from it.
+            Some(own) => {
+                let own = std::sync::Arc::new(own);
+                let mut at = 0;
+                for &(_, len, img) in now {
+                    self.runs.push((img, Bytes::Own(own.clone(), at..at + len)));
+                    at += len;
+                }
+            }
+            None => {
+                let mut at = base;
+                for &(_, len, img) in now {
+                    self.runs.push((img, Bytes::Arena(at..at + len)));
+                    at += len;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes the staged pages to the image (the target may run by now).
@@ -409,12 +582,34 @@ impl Staged {
         for (at, bytes) in &self.runs {
             let data: &[u8] = match bytes {
                 Bytes::Arena(r) => &self.arena.as_ref().expect("arena")[r.clone()],
-                Bytes::Own(m) => m,
+                Bytes::Own(m, r) => &m[r.clone()],
+                Bytes::Pre(r) => &self.pre.as_ref().expect("pre-read").arena[r.clone()],
             };
             writer.write_at(*at, data)?;
         }
         Ok(())
     }
+}
+
+/// The pages of `valid` (address, pages, arena offset) outside the sorted
+/// (address, pages) runs `cut`, offsets kept.
+fn subtract_pages(valid: &[(u64, u64, usize)], cut: &[(u64, u64)]) -> Vec<(u64, u64, usize)> {
+    let mut out = Vec::new();
+    for &(a, n, off) in valid {
+        let end = a + n * PAGE_SIZE;
+        let first = cut.partition_point(|c| c.0 + c.1 * PAGE_SIZE <= a);
+        let mut at = a;
+        for &(ca, cn) in cut[first..].iter().take_while(|c| c.0 < end) {
+            if ca > at {
+                out.push((at, (ca - at) / PAGE_SIZE, off + (at - a) as usize));
+            }
+            at = at.max(ca + cn * PAGE_SIZE);
+        }
+        if at < end {
+            out.push((at, (end - at) / PAGE_SIZE, off + (at - a) as usize));
+        }
+    }
+    out
 }
 
 /// (address, pages) runs.

@@ -33,9 +33,15 @@ pub struct State {
     /// Field 22 of /proc/PID/stat: tells a reused pid apart.
     pub start_time: u64,
     pub tracker_pid: i32,
-    /// The manifest checksum of the snapshot the protection was reset for.
+    /// The manifest checksum of the snapshot the protection was reset for;
+    /// `RESET_UNPUBLISHED` while a snapshot that resets it is under way.
     pub image_sum: u64,
 }
+
+/// `State::image_sum` of a protection reset by a snapshot not (yet)
+/// published: no image holds the pages written before that reset, so no
+/// incremental snapshot can be taken against any parent until a full one.
+pub const RESET_UNPUBLISHED: u64 = 0;
 
 fn state_path(pid: i32) -> PathBuf {
     PathBuf::from(format!("/run/umlctl/track/{pid}.json"))
@@ -63,6 +69,14 @@ impl State {
         if mine {
             let _ = std::fs::remove_file(path);
         }
+    }
+
+    /// Records, before a snapshot protects anything again, that the
+    /// protection no longer matches any published image (see
+    /// `RESET_UNPUBLISHED`); publishing the new image records it.
+    pub fn resetting(mut self) -> Result<()> {
+        self.image_sum = RESET_UNPUBLISHED;
+        self.save()
     }
 
     pub fn save(&self) -> Result<()> {
@@ -141,6 +155,12 @@ impl Delta {
             pid,
             what: "has no write tracking running: take a full snapshot with --track first".into(),
         })?;
+        if state.image_sum == RESET_UNPUBLISHED {
+            return Err(Error::Unsupported {
+                pid,
+                what: "had its write tracking reset by a snapshot that did not complete: take a full snapshot with --track".into(),
+            });
+        }
         if state.image_sum != parent.manifest_sum {
             return Err(Error::Unsupported {
                 pid,
@@ -162,6 +182,13 @@ impl Delta {
             parent: vmas,
             rearmed: Default::default(),
         })
+    }
+
+    /// Forgets which VMAs were protected again: a walk before the freeze
+    /// (`memory::Staged::pre_read`) is not the one that arms the next
+    /// snapshot's tracking.
+    pub fn forget_rearmed(&self) {
+        self.rearmed.borrow_mut().clear();
     }
 
     /// Did `split` protect the VMA at `start` again (so that arming
@@ -338,6 +365,43 @@ fn cut<T>(lo: u64, hi: u64, by: &[(u64, u64, T)]) -> Vec<(u64, u64, Option<&T>)>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshot that reset the protection and then failed leaves no
+    /// image holding what was written before the reset: an incremental
+    /// snapshot against the old parent would silently miss those pages.
+    #[test]
+    fn a_reset_that_was_not_published_refuses_every_parent() {
+        if !nix::unistd::geteuid().is_root() {
+            let why = "the tracking state lives in /run/umlctl (root)";
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run as root: {why}"
+            );
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mut w = crate::image::ImageWriter::create(&tmp.path().join("p")).unwrap();
+        w.append(&[7u8; 4096]).unwrap();
+        let manifest = crate::image::tests::manifest(&mut w);
+        let parent = Image::open(&w.finish(&manifest).unwrap()).unwrap();
+        // This process stands for both the target and its tracker.
+        let pid = std::process::id() as i32;
+        let state = State {
+            pid,
+            start_time: start_time(pid).unwrap(),
+            tracker_pid: pid,
+            image_sum: parent.manifest_sum,
+        };
+        state.save().unwrap();
+        let ok = Delta::new(pid, &parent).map(|_| ());
+        State::load(pid).unwrap().resetting().unwrap();
+        let refused = Delta::new(pid, &parent).map(|_| ());
+        State::forget(pid, pid);
+        ok.unwrap();
+        let e = refused.expect_err("a parent after an unpublished reset");
+        assert!(e.to_string().contains("did not complete"), "{e}");
+    }
 
     #[test]
     fn cut_splits_a_range_by_intervals() {

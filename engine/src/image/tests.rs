@@ -4,7 +4,9 @@
 use super::*;
 use std::os::unix::fs::PermissionsExt;
 
-fn manifest(w: &mut ImageWriter) -> Manifest {
+/// A manifest of no process over what `w` holds (also used by other
+/// modules' tests).
+pub(crate) fn manifest(w: &mut ImageWriter) -> Manifest {
     Manifest {
         tool_version: "test".into(),
         created_unix_ms: 1,
