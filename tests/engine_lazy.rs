@@ -74,6 +74,10 @@ fn wait_for(path: &Path, pred: impl Fn(&str) -> bool, what: &str) -> String {
 }
 
 fn pagers_for(pid: i32) -> usize {
+    pager_pids(pid).len()
+}
+
+fn pager_pids(pid: i32) -> Vec<i32> {
     fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
@@ -83,7 +87,14 @@ fn pagers_for(pid: i32) -> usize {
             args.get(1) == Some(&&b"__pager"[..])
                 && args.get(3) == Some(&pid.to_string().as_bytes())
         })
-        .count()
+        .collect()
+}
+
+/// The CPUs a thread may run on (`Cpus_allowed_list`).
+fn cpus_allowed(pid: i32) -> String {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list"));
+    line.unwrap().split_whitespace().last().unwrap().to_string()
 }
 
 const CHECKER: &str = r#"
@@ -380,6 +391,12 @@ fn lazy_snapshots_while_pages_appear_and_go() {
             .parse()
             .unwrap();
         let _copy = engine_support::Reaper::pids(vec![new]);
+        // The resumer pins itself and its puppets to one CPU while it
+        // builds: neither the copy nor its pager may keep that.
+        let ours = cpus_allowed(std::process::id() as i32);
+        for p in std::iter::once(new).chain(pager_pids(new)) {
+            assert_eq!(cpus_allowed(p), ours, "CPUs of {p}");
+        }
         // SAFETY: signalling our copy.
         unsafe { libc::kill(new, libc::SIGUSR1) };
         // `verified` fails on any BAD line, the churning thread's too.
@@ -527,6 +544,7 @@ fn three_deep_incremental_chain_resumes_and_flattens() {
         &["--mib", "128", "--sleep-every", "2000"],
         &out,
     );
+    let _reaper = engine_support::Reaper::pids(vec![child.id() as i32]);
     wait_for(&out, |t| t.contains("ready"), "workload ready");
     let pid = child.id().to_string();
     let dir = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();

@@ -406,7 +406,8 @@ pub fn get_xstate_size() -> usize {
 /// and waits for it: on one CPU that is a context switch, across two an
 /// inter-processor wake-up, dearer in a VM (a lazy snapshot of 128 MiB
 /// stopped its target 1.8 ms instead of 1.1 here). Only our own affinity
-/// changes; the target's is never touched.
+/// changes; a target's is never touched, and processes we make while
+/// pinned get the CPUs we had before (`unpin_threads`, `while_unpinned`).
 pub struct Pinned {
     before: Option<nix::sched::CpuSet>,
 }
@@ -414,10 +415,25 @@ pub struct Pinned {
 impl Pinned {
     /// Best effort: without the information or the permission, nothing changes.
     pub fn near(pid: i32) -> Pinned {
+        let cpu = crate::proc::stat_fields(pid).map(|f| crate::proc::stat_field(&f, 39) as usize);
+        cpu.map_or(Pinned { before: None }, Pinned::on)
+    }
+
+    /// Pins us to the CPU we run on now (a resume: the processes it forks
+    /// inherit the pin, and must get `unpin_threads` before they run).
+    pub fn here() -> Pinned {
+        // SAFETY: sched_getcpu has no preconditions.
+        let cpu = unsafe { libc::sched_getcpu() };
+        match usize::try_from(cpu) {
+            Ok(cpu) => Pinned::on(cpu),
+            Err(_) => Pinned { before: None },
+        }
+    }
+
+    fn on(cpu: usize) -> Pinned {
         use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
         let me = nix::unistd::Pid::from_raw(0);
-        let cpu = crate::proc::stat_fields(pid).map(|f| crate::proc::stat_field(&f, 39) as usize);
-        let (Ok(cpu), Ok(before)) = (cpu, sched_getaffinity(me)) else {
+        let Ok(before) = sched_getaffinity(me) else {
             return Pinned { before: None };
         };
         let mut one = CpuSet::new();
@@ -451,6 +467,37 @@ pub fn unpin_thread() {
     if let Some(set) = before {
         let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
     }
+}
+
+/// Gives `tids` (threads made while a `Pinned` was live, which inherited
+/// its single CPU) the CPUs the process had before.
+pub fn unpin_threads(tids: impl IntoIterator<Item = i32>) -> Result<()> {
+    let Some(before) = UNPINNED.lock().ok().and_then(|b| *b) else {
+        return Ok(());
+    };
+    for tid in tids {
+        nix::sched::sched_setaffinity(Pid::from_raw(tid), &before)
+            .map_err(|e| Error::sys(format!("set the CPU affinity of thread {tid}"), e))?;
+    }
+    Ok(())
+}
+
+/// Runs `f` on the CPUs the process had before a live `Pinned` (to start
+/// a process or thread that must not inherit the pin), then pins again.
+pub fn while_unpinned<T>(f: impl FnOnce() -> T) -> T {
+    let me = Pid::from_raw(0);
+    let (before, now) = (
+        UNPINNED.lock().ok().and_then(|b| *b),
+        nix::sched::sched_getaffinity(me),
+    );
+    if let Some(before) = &before {
+        let _ = nix::sched::sched_setaffinity(me, before);
+    }
+    let r = f();
+    if let (Some(_), Ok(now)) = (before, now) {
+        let _ = nix::sched::sched_setaffinity(me, &now);
+    }
+    r
 }
 
 /// The affinity a live `Pinned` replaced (for `unpin_thread`).
