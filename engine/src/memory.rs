@@ -843,3 +843,47 @@ fn copy_object(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    const P: u64 = PAGE_SIZE;
+
+    #[test]
+    fn pages_written_again_leave_the_pre_read_with_their_offsets_kept() {
+        // Runs of 4 and 2 pages read at arena offsets 0 and 4 pages.
+        let valid = [(0x10000, 4, 0), (0x40000, 2, 4 * P as usize)];
+        // Pages 2 of the first run, and the whole second run, were written again.
+        let cut = [(0x10000 + 2 * P, 1), (0x40000, 2)];
+        assert_eq!(
+            subtract_pages(&valid, &cut),
+            vec![(0x10000, 2, 0), (0x10000 + 3 * P, 1, 3 * P as usize)]
+        );
+        assert_eq!(subtract_pages(&valid, &[]), valid.to_vec());
+    }
+
+    #[test]
+    fn a_run_takes_each_page_from_the_pre_read_where_it_is_valid() {
+        let staged = Staged {
+            pre: Some(PreRead {
+                arena: memmap2::MmapMut::map_anon(4 * P as usize).unwrap(),
+                valid: vec![(0x10000 + P, 2, 8 * P as usize)],
+                unread: vec![],
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            staged.sources(0x10000, 4),
+            vec![
+                (0x10000, P as usize, None),
+                (0x10000 + P, 2 * P as usize, Some(8 * P as usize)),
+                (0x10000 + 3 * P, P as usize, None),
+            ]
+        );
+        assert_eq!(
+            staged.sources(0x10000 + 2 * P, 1),
+            vec![(0x10000 + 2 * P, P as usize, Some(9 * P as usize))]
+        );
+        assert_eq!(Staged::default().sources(0, 1), vec![(0, P as usize, None)]);
+    }
+}
