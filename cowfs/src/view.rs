@@ -6,7 +6,7 @@
 //! Reads plan under the read lock and do their I/O after releasing it;
 //! mutations hold the write lock.
 
-use crate::base::{Base, BaseInode};
+use crate::base::{Base, BaseInode, CAPABILITY};
 use crate::data::{self, Seg};
 use crate::disk::{Layout, Stack, StoreConfig};
 use crate::error::{Context, Error, Result};
@@ -31,6 +31,18 @@ pub struct SetAttr {
     pub atime: Option<Ts>,
     pub mtime: Option<Ts>,
     pub ctime: Option<Ts>,
+}
+
+/// Who writes, truncates or chowns a file, as far as the kernel's rules
+/// for clearing setuid and setgid need to know. The default is the safe
+/// side: no privilege, in no group.
+#[derive(Clone, Debug, Default)]
+pub struct Caller {
+    /// Holds CAP_FSETID, which keeps setuid and setgid on write and
+    /// truncate.
+    pub fsetid: bool,
+    /// Its file system gid and supplementary groups.
+    pub groups: Vec<u32>,
 }
 
 /// An inode a rollback changed that exists after it, as the kernel's
@@ -101,6 +113,18 @@ const SYNCFS_AT: usize = 64;
 const WRITEBACK_AT: usize = 256 << 10;
 
 const NAME_MAX: usize = 255;
+
+/// Clear setuid, and setgid where the kernel would (its
+/// `setattr_should_drop_sgid`): always with group execute; without it only
+/// for a caller neither in the file's group nor holding CAP_FSETID. Called
+/// at a write or truncate by a caller without CAP_FSETID, and at any chown.
+fn kill_suidgid(meta: &mut Meta, caller: &Caller) {
+    let outsider = !caller.fsetid && !caller.groups.contains(&meta.gid);
+    meta.perm &= !libc::S_ISUID;
+    if meta.perm & libc::S_IXGRP != 0 || outsider {
+        meta.perm &= !libc::S_ISGID;
+    }
+}
 
 impl View {
     /// Load a store: replay every layer's journal over the base.
@@ -448,13 +472,22 @@ impl View {
         Ok(())
     }
 
-    pub fn setattr(&self, ino: Ino, set: SetAttr) -> Res<Attr> {
+    /// Change the attributes in `set`, at the request of `caller` (whose
+    /// privileges matter only for a size or owner change).
+    pub fn setattr(&self, ino: Ino, set: SetAttr, caller: &Caller) -> Res<Attr> {
         let mut g = self.lock();
         let now = Ts::now();
+        let kind = self.attr_in(&g.state, ino)?.meta.kind;
+        // chown(2) of anything but a directory clears setuid, setgid (with
+        // group execute) and capabilities, even for root.
+        let chown = (set.uid.is_some() || set.gid.is_some()) && kind != Kind::Dir;
+        if set.size.is_some() && kind != Kind::File {
+            return Err(libc::EINVAL);
+        }
+        if set.size.is_some() || chown {
+            self.drop_capability(&mut g, ino)?;
+        }
         if let Some(size) = set.size {
-            if self.attr_in(&g.state, ino)?.meta.kind != Kind::File {
-                return Err(libc::EINVAL);
-            }
             self.set_size(&mut g, ino, size)?;
             let n = self.node_mut(&mut g, ino)?;
             n.meta.mtime = now;
@@ -463,6 +496,10 @@ impl View {
         let n = self.node_mut(&mut g, ino)?;
         if let Some(mode) = set.mode {
             n.meta.perm = mode & 0o7777;
+        }
+        // Before the owner changes: the kernel decides on the old group.
+        if chown || (set.size.is_some() && !caller.fsetid) {
+            kill_suidgid(&mut n.meta, caller);
         }
         if let Some(uid) = set.uid {
             n.meta.uid = uid;
@@ -478,6 +515,27 @@ impl View {
         }
         n.meta.ctime = set.ctime.unwrap_or(now);
         self.attr_in(&g.state, ino)
+    }
+
+    /// Remove the security.capability xattr of `ino` if it has one: this
+    /// file system's part of FUSE_HANDLE_KILLPRIV_V2 at each write,
+    /// truncate and chown. The kernel stops looking once it has marked an
+    /// inode S_NOSEC, so it cannot be left to the kernel.
+    fn drop_capability(&self, g: &mut Inner, ino: Ino) -> Res<()> {
+        let has = match g.state.nodes.get(&ino) {
+            Some(Node {
+                xattrs: Some(x), ..
+            }) => x.contains_key(CAPABILITY),
+            Some(Node {
+                origin: Some(o), ..
+            }) => self.base.has_capability(ino, o),
+            Some(_) => false,
+            None => self.base.has_capability(ino, &self.base_inode(ino)?.origin),
+        };
+        if has {
+            self.setxattr_locked(g, ino, CAPABILITY, None, 0)?;
+        }
+        Ok(())
     }
 
     // ---- extended attributes ----
@@ -522,7 +580,17 @@ impl View {
     /// Set (`Some`) or remove (`None`) an extended attribute; `flags` are
     /// XATTR_CREATE / XATTR_REPLACE.
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: Option<&[u8]>, flags: i32) -> Res<()> {
-        let mut g = self.lock();
+        self.setxattr_locked(&mut self.lock(), ino, name, value, flags)
+    }
+
+    fn setxattr_locked(
+        &self,
+        g: &mut Inner,
+        ino: Ino,
+        name: &[u8],
+        value: Option<&[u8]>,
+        flags: i32,
+    ) -> Res<()> {
         let mut map = self.xattrs_in(&g.state, ino)?;
         let exists = map.contains_key(name);
         match value {
@@ -540,7 +608,7 @@ impl View {
             ino,
             xattrs: map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         };
-        let n = self.node_mut(&mut g, ino)?;
+        let n = self.node_mut(g, ino)?;
         n.xattrs = Some(map);
         n.meta.ctime = Ts::now();
         g.journal.append(&rec).map_err(eio)
@@ -637,9 +705,13 @@ impl View {
         Ok(buf)
     }
 
-    pub fn write(&self, ino: Ino, off: u64, bytes: &[u8], kill_suid: bool) -> Res<u32> {
+    /// Write `bytes` at `off`. `kill`: the writer, who lacks CAP_FSETID
+    /// (the kernel's FUSE_WRITE_KILL_SUIDGID), so setuid and setgid may go
+    /// too.
+    pub fn write(&self, ino: Ino, off: u64, bytes: &[u8], kill: Option<&Caller>) -> Res<u32> {
         let mut g = self.lock();
         self.write_locked(&mut g, ino, off, bytes)?;
+        self.drop_capability(&mut g, ino)?;
         let writeback = if bytes.len() >= WRITEBACK_AT {
             self.layer_file(g.stack.top(), ino).ok()
         } else {
@@ -650,11 +722,8 @@ impl View {
         n.meta.size = n.meta.size.max(off + bytes.len() as u64);
         n.meta.mtime = now;
         n.meta.ctime = now;
-        if kill_suid {
-            n.meta.perm &= !libc::S_ISUID;
-            if n.meta.perm & libc::S_IXGRP != 0 {
-                n.meta.perm &= !libc::S_ISGID;
-            }
+        if let Some(caller) = kill {
+            kill_suidgid(&mut n.meta, caller);
         }
         drop(g);
         if let Some(f) = writeback {
