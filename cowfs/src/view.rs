@@ -1252,3 +1252,134 @@ fn eio(e: Error) -> Errno {
         _ => libc::EIO,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::ROOT;
+    use std::path::Path;
+
+    /// A view of a new store over `base`.
+    fn view_of(dir: &Path, base: &Path) -> View {
+        let store = crate::Store::create(&dir.join("store"), base, None).unwrap();
+        let layout = Layout {
+            dir: store.dir().to_owned(),
+        };
+        let cfg = layout.read_config().unwrap();
+        View::load(layout, &cfg).unwrap()
+    }
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// Give the host file `path` a capability xattr (needs CAP_SETFCAP).
+    fn set_host_capability(path: &Path) {
+        let value: Vec<u8> = [0x0200_0000u32, 1 << 10, 0, 0, 0]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let n = std::ffi::CString::new(CAPABILITY).unwrap();
+        // SAFETY: both are valid C strings; value is readable for its length.
+        let r = unsafe {
+            libc::lsetxattr(
+                c.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    /// The files each operation is tried on: one made in the top layer
+    /// (its capability set through the view) and, as root, one of the base
+    /// (its capability on the host file, which must stay there).
+    fn files_with_capability(view: &View, base: &Path, op: &str) -> Vec<Ino> {
+        let new = NewNode {
+            kind: Kind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+        };
+        let name = OsString::from(format!("new-{op}"));
+        let ino = view.create(ROOT, &name, new, None).unwrap().ino;
+        view.write(ino, 0, b"data", None).unwrap();
+        view.setxattr(ino, CAPABILITY, Some(b"cap"), 0).unwrap();
+        let mut files = vec![ino];
+        if is_root() {
+            let name = format!("base-{op}");
+            std::fs::write(base.join(&name), b"base data").unwrap();
+            set_host_capability(&base.join(&name));
+            files.push(view.lookup(ROOT, OsStr::new(&name)).unwrap().ino);
+        }
+        for &ino in &files {
+            assert!(view.getxattr(ino, CAPABILITY).is_ok());
+        }
+        files
+    }
+
+    /// The kernel stops looking for security.capability once it has marked
+    /// an inode S_NOSEC (FUSE_HANDLE_KILLPRIV_V2), so the view drops it
+    /// itself at every write, truncate and chown, and nowhere else.
+    #[test]
+    fn write_truncate_and_chown_drop_the_capability() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("base");
+        std::fs::create_dir(&base).unwrap();
+        let view = view_of(t.path(), &base);
+        let root = Caller {
+            fsetid: true,
+            groups: vec![0],
+        };
+        type Op<'a> = (&'a str, Box<dyn Fn(Ino) -> Res<()> + 'a>);
+        let drops: Vec<Op> = vec![
+            (
+                "write",
+                Box::new(|ino| view.write(ino, 1, b"x", None).map(drop)),
+            ),
+            (
+                "truncate",
+                Box::new(|ino| {
+                    let set = SetAttr {
+                        size: Some(2),
+                        ..SetAttr::default()
+                    };
+                    view.setattr(ino, set, &root).map(drop)
+                }),
+            ),
+            (
+                "chown",
+                Box::new(|ino| {
+                    let set = SetAttr {
+                        uid: Some(0),
+                        ..SetAttr::default()
+                    };
+                    view.setattr(ino, set, &root).map(drop)
+                }),
+            ),
+        ];
+        for (op, f) in &drops {
+            for ino in files_with_capability(&view, &base, op) {
+                f(ino).unwrap();
+                assert_eq!(view.getxattr(ino, CAPABILITY), Err(libc::ENODATA), "{op}");
+            }
+        }
+        for ino in files_with_capability(&view, &base, "chmod") {
+            let set = SetAttr {
+                mode: Some(0o600),
+                ..SetAttr::default()
+            };
+            view.setattr(ino, set, &root).unwrap();
+            assert!(view.getxattr(ino, CAPABILITY).is_ok(), "chmod");
+        }
+        if is_root() {
+            let host = crate::sys::get_xattr(&base.join("base-write"), CAPABILITY);
+            assert!(host.is_ok(), "the base file lost its capability");
+        }
+    }
+}
