@@ -20,6 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
+/// The file handle of a file opened for writing (others get 0).
+const WRITER: FileHandle = FileHandle(1);
+
 /// How long the kernel may cache entries and attributes.
 const TTL: Duration = Duration::from_secs(3600);
 
@@ -46,11 +49,38 @@ pub struct KernelCache {
     renew_at_release: Mutex<(HashSet<Ino>, Option<Notifier>)>,
     /// The mount's notifier, set once its session exists.
     notifier: OnceLock<Notifier>,
+    /// Files open for writing: only those can have dirty pages in the
+    /// kernel (close(2) writes a file's pages back before it returns, and a
+    /// shared writable mapping keeps its file open).
+    writers: AtomicU64,
 }
 
 impl KernelCache {
     pub fn set_notifier(&self, notifier: Notifier) {
         let _ = self.notifier.set(notifier);
+    }
+
+    /// Whether the kernel may hold writes this daemon has not seen yet, so
+    /// that a checkpoint or rollback has to make it write them back first.
+    pub fn may_hold_writes(&self) -> bool {
+        self.writers.load(Ordering::SeqCst) > 0
+    }
+
+    /// The handle of a new open: it tells `release` whether it was one of
+    /// the `writers`.
+    fn handle(&self, writable: bool) -> FileHandle {
+        if writable {
+            self.writers.fetch_add(1, Ordering::SeqCst);
+            WRITER
+        } else {
+            FileHandle(0)
+        }
+    }
+
+    fn closed(&self, fh: FileHandle) {
+        if fh == WRITER {
+            self.writers.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Make the kernel ask again for the attributes of `ino`. Needed after
@@ -567,11 +597,14 @@ impl Filesystem for CowFuse {
         )
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.view.attr(ino.0) {
             Ok(_) => {
                 self.view.opened(ino.0);
-                reply.opened(FileHandle(0), self.kernel.keep_cache(ino.0))
+                let fh = self
+                    .kernel
+                    .handle(flags.0 & libc::O_ACCMODE != libc::O_RDONLY);
+                reply.opened(fh, self.kernel.keep_cache(ino.0))
             }
             Err(e) => reply.error(err(e)),
         }
@@ -640,12 +673,13 @@ impl Filesystem for CowFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.kernel.closed(fh);
         let released = self.view.released(ino.0).map(|last| {
             if last {
                 self.kernel.last_release(ino.0);
@@ -796,7 +830,7 @@ impl Filesystem for CowFuse {
         name: &OsStr,
         mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let Some(new) = Self::new_node(req, mode, 0) else {
@@ -810,7 +844,8 @@ impl Filesystem for CowFuse {
                     &TTL,
                     &file_attr(&a),
                     self.kernel.generation(a.ino),
-                    FileHandle(0),
+                    self.kernel
+                        .handle(flags & libc::O_ACCMODE != libc::O_RDONLY),
                     FopenFlags::FOPEN_KEEP_CACHE,
                 )
             }

@@ -7,6 +7,7 @@
 //! mutations hold the write lock.
 
 use crate::base::{Base, BaseInode, CAPABILITY};
+use crate::commit::Committer;
 use crate::data::{self, Seg};
 use crate::disk::{Layout, Stack, StoreConfig};
 use crate::error::{Context, Error, Result};
@@ -98,6 +99,8 @@ struct Inner {
     unsynced: HashSet<Ino>,
     /// Inodes changed in each layer: what a rollback must invalidate.
     touched: HashMap<u32, HashSet<Ino>>,
+    /// The store's commit file (`stack`).
+    committer: Committer,
 }
 
 /// Past this many unsynced files one syncfs is cheaper than fsyncing each.
@@ -141,6 +144,7 @@ impl View {
         let (state, snapshots) = replay(&layout, &stack, cfg.block_size, true)?;
         let touched = touched_by_layer(&layout, &stack)?;
         let journal = Writer::open(&layout.journal(stack.top()))?;
+        let committer = Committer::open(&layout.stack())?;
         let view = View {
             layout,
             base,
@@ -154,6 +158,7 @@ impl View {
                 open: HashMap::new(),
                 unsynced: HashSet::new(),
                 touched,
+                committer,
             }),
             files: Mutex::default(),
             spare: Arc::default(),
@@ -981,7 +986,7 @@ impl View {
     /// Make the next layer directory in the background, off the clock of
     /// the next checkpoint. Only ever creates: by the time it runs the id
     /// may already be in use.
-    fn prepare_spare(&self) {
+    pub fn prepare_spare(&self) {
         let next = self.inner.read().unwrap().stack.next_layer;
         let (layout, spare) = (self.layout.clone(), self.spare.clone());
         std::thread::spawn(move || {
@@ -1008,19 +1013,19 @@ impl View {
 
     /// Seal the top layer as checkpoint `name`; O(1) in the data size (the
     /// data is made durable first, which costs what is not yet on disk).
+    /// The caller prepares the next spare layer (`prepare_spare`) once it
+    /// has answered.
     pub fn checkpoint(&self, name: &str) -> Result<()> {
         let mut g = self.lock();
         let next = g.stack.with_checkpoint(name)?;
         self.sync_locked(&mut g)?;
         self.take_spare(next.top())?;
-        self.layout.write_stack(&next)?;
+        self.layout.commit_stack(&mut g.committer, &next)?;
         let sealed = g.stack.top();
         g.journal = Writer::open(&self.layout.journal(next.top()))?;
         g.stack = next;
         let snap = g.state.clone();
         g.snapshots.insert(sealed, snap);
-        drop(g);
-        self.prepare_spare();
         Ok(())
     }
 
@@ -1038,7 +1043,7 @@ impl View {
             .cloned()
             .ok_or_else(|| Error::BadStore(format!("no state for checkpoint {name:?}")))?;
         self.take_spare(next.top())?;
-        self.layout.write_stack(&next)?;
+        self.layout.commit_stack(&mut g.committer, &next)?;
         let next_ino = snap.next_ino.max(g.state.next_ino);
         let old = std::mem::replace(&mut g.state, snap);
         g.state.next_ino = next_ino;
@@ -1134,7 +1139,7 @@ impl View {
         }
         std::fs::rename(dir, &target).at("rename", dir)?;
         crate::disk::sync_dir(&self.layout.layers())?;
-        self.layout.write_stack(&next)?;
+        self.layout.commit_stack(&mut g.committer, &next)?;
         g.stack = next;
         g.snapshots.remove(&lower);
         if let Some(s) = g.snapshots.remove(&upper) {
@@ -1169,7 +1174,7 @@ impl View {
     pub fn delete_checkpoint(&self, name: &str) -> Result<()> {
         let mut g = self.lock();
         let next = g.stack.without_checkpoint(name)?;
-        self.layout.write_stack(&next)?;
+        self.layout.commit_stack(&mut g.committer, &next)?;
         g.stack = next;
         Ok(())
     }
