@@ -161,3 +161,46 @@ fn checkpoints_commit_through_the_stack_file_and_survive_remount() {
     assert_eq!(fs::read(m.path("f")).unwrap(), b"v2");
     m.umount();
 }
+
+#[test]
+fn writes_still_in_the_kernel_cache_belong_to_the_checkpoint() {
+    if support::skip() {
+        return;
+    }
+    let (_t, base, store, mnt) = support::dirs();
+    fs::write(base.join("old"), pattern(50_000, 1)).unwrap();
+    support::create(&store, &base, None);
+    let m = Mounted::new(&store, &mnt);
+    // The two ways a file gets a writable handle, one at a time: a base
+    // file opened for writing, and a file created open. Nothing is synced
+    // or closed, so with the writeback cache the bytes are still in the
+    // kernel's pages when the checkpoint is taken: the daemon must have
+    // the kernel write them back first.
+    let open_old = || OpenOptions::new().write(true).open(m.path("old"));
+    let create_new = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(m.path("new"))
+    };
+    let ways: [(&str, &dyn Fn() -> std::io::Result<fs::File>); 2] =
+        [("old", &open_old), ("new", &create_new)];
+    for (i, (name, open)) in ways.into_iter().enumerate() {
+        // A file open only for reading does not make a writer.
+        let _reader = fs::File::open(m.path("old")).unwrap();
+        let f = open().unwrap();
+        f.write_all_at(&pattern(50_000, 2), 0).unwrap();
+        let cp = format!("c{i}");
+        // In this process: starting umlctl would close a copy of the
+        // descriptor at its exec, and every close writes the pages back.
+        cowfs::Store::open(&store).unwrap().checkpoint(&cp).unwrap();
+        f.write_all_at(&pattern(50_000, 9), 0).unwrap();
+        f.sync_all().unwrap();
+        ok(&["fs", "rollback", s(&store), &cp]);
+        let got = fs::read(m.path(name)).unwrap();
+        assert!(
+            got == pattern(50_000, 2),
+            "{name}: not the checkpoint's bytes"
+        );
+    }
+}

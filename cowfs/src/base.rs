@@ -23,6 +23,10 @@ pub struct BaseInode {
     pub blocks512: u64,
 }
 
+/// The xattr holding a file's capabilities, which writes, truncates and
+/// chowns remove.
+pub const CAPABILITY: &[u8] = b"security.capability";
+
 pub type Listing = Arc<Vec<(OsString, Ino, Kind)>>;
 
 pub struct Base {
@@ -31,6 +35,10 @@ pub struct Base {
     inodes: RwLock<HashMap<Ino, BaseInode>>,
     listings: RwLock<HashMap<PathBuf, Listing>>,
     files: Mutex<HashMap<Ino, Arc<File>>>,
+    /// Whether each base file asked about has a security.capability
+    /// xattr: every write asks (see `View::drop_capability`), and a
+    /// syscall on the base path per write would cost more than the write.
+    capability: RwLock<HashMap<Ino, bool>>,
 }
 
 impl Base {
@@ -45,6 +53,7 @@ impl Base {
             inodes: RwLock::default(),
             listings: RwLock::default(),
             files: Mutex::default(),
+            capability: RwLock::default(),
         };
         base.stat(Path::new(""));
         Ok(base)
@@ -122,6 +131,17 @@ impl Base {
             .unwrap()
             .insert(dir.to_owned(), listing.clone());
         listing
+    }
+
+    /// Whether the base file `ino` (at `origin`) has a security.capability
+    /// xattr. Cached: the base never changes.
+    pub fn has_capability(&self, ino: Ino, origin: &Path) -> bool {
+        if let Some(&has) = self.capability.read().unwrap().get(&ino) {
+            return has;
+        }
+        let has = crate::sys::get_xattr(&self.path(origin), CAPABILITY).is_ok();
+        self.capability.write().unwrap().insert(ino, has);
+        has
     }
 
     /// An open, read-only handle on a base file.

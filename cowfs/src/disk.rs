@@ -233,7 +233,12 @@ impl Layout {
 
     /// The commit point of checkpoint, rollback, delete and merge.
     pub fn write_stack(&self, stack: &Stack) -> Result<()> {
-        commit::write(&self.stack(), stack)?;
+        self.commit_stack(&mut commit::Committer::open(&self.stack())?, stack)
+    }
+
+    /// `write_stack` through the committer a mounted store holds.
+    pub fn commit_stack(&self, committer: &mut commit::Committer, stack: &Stack) -> Result<()> {
+        committer.commit(stack)?;
         let old = self.dir.join("stack.json");
         if old.exists() {
             fs::remove_file(&old).at("remove", &old)?;

@@ -212,6 +212,7 @@ pub(crate) fn prepare(
             .ctx(|| "duplicate the /dev/fuse descriptor".into())?
     };
     tune_writeback(mountpoint);
+    kernel.set_notifier(session.notifier());
     let live = Live {
         fuse_fd,
         view: view.clone(),

@@ -6,7 +6,8 @@
 //! Reads plan under the read lock and do their I/O after releasing it;
 //! mutations hold the write lock.
 
-use crate::base::{Base, BaseInode};
+use crate::base::{Base, BaseInode, CAPABILITY};
+use crate::commit::Committer;
 use crate::data::{self, Seg};
 use crate::disk::{Layout, Stack, StoreConfig};
 use crate::error::{Context, Error, Result};
@@ -31,6 +32,18 @@ pub struct SetAttr {
     pub atime: Option<Ts>,
     pub mtime: Option<Ts>,
     pub ctime: Option<Ts>,
+}
+
+/// Who writes, truncates or chowns a file, as far as the kernel's rules
+/// for clearing setuid and setgid need to know. The default is the safe
+/// side: no privilege, in no group.
+#[derive(Clone, Debug, Default)]
+pub struct Caller {
+    /// Holds CAP_FSETID, which keeps setuid and setgid on write and
+    /// truncate.
+    pub fsetid: bool,
+    /// Its file system gid and supplementary groups.
+    pub groups: Vec<u32>,
 }
 
 /// An inode a rollback changed that exists after it, as the kernel's
@@ -86,6 +99,8 @@ struct Inner {
     unsynced: HashSet<Ino>,
     /// Inodes changed in each layer: what a rollback must invalidate.
     touched: HashMap<u32, HashSet<Ino>>,
+    /// The store's commit file (`stack`).
+    committer: Committer,
 }
 
 /// Past this many unsynced files one syncfs is cheaper than fsyncing each.
@@ -102,6 +117,18 @@ const WRITEBACK_AT: usize = 256 << 10;
 
 const NAME_MAX: usize = 255;
 
+/// Clear setuid, and setgid where the kernel would (its
+/// `setattr_should_drop_sgid`): always with group execute; without it only
+/// for a caller neither in the file's group nor holding CAP_FSETID. Called
+/// at a write or truncate by a caller without CAP_FSETID, and at any chown.
+fn kill_suidgid(meta: &mut Meta, caller: &Caller) {
+    let outsider = !caller.fsetid && !caller.groups.contains(&meta.gid);
+    meta.perm &= !libc::S_ISUID;
+    if meta.perm & libc::S_IXGRP != 0 || outsider {
+        meta.perm &= !libc::S_ISGID;
+    }
+}
+
 impl View {
     /// Load a store: replay every layer's journal over the base.
     pub fn load(layout: Layout, cfg: &StoreConfig) -> Result<View> {
@@ -117,6 +144,7 @@ impl View {
         let (state, snapshots) = replay(&layout, &stack, cfg.block_size, true)?;
         let touched = touched_by_layer(&layout, &stack)?;
         let journal = Writer::open(&layout.journal(stack.top()))?;
+        let committer = Committer::open(&layout.stack())?;
         let view = View {
             layout,
             base,
@@ -130,6 +158,7 @@ impl View {
                 open: HashMap::new(),
                 unsynced: HashSet::new(),
                 touched,
+                committer,
             }),
             files: Mutex::default(),
             spare: Arc::default(),
@@ -448,13 +477,22 @@ impl View {
         Ok(())
     }
 
-    pub fn setattr(&self, ino: Ino, set: SetAttr) -> Res<Attr> {
+    /// Change the attributes in `set`, at the request of `caller` (whose
+    /// privileges matter only for a size or owner change).
+    pub fn setattr(&self, ino: Ino, set: SetAttr, caller: &Caller) -> Res<Attr> {
         let mut g = self.lock();
         let now = Ts::now();
+        let kind = self.attr_in(&g.state, ino)?.meta.kind;
+        // chown(2) of anything but a directory clears setuid, setgid (with
+        // group execute) and capabilities, even for root.
+        let chown = (set.uid.is_some() || set.gid.is_some()) && kind != Kind::Dir;
+        if set.size.is_some() && kind != Kind::File {
+            return Err(libc::EINVAL);
+        }
+        if set.size.is_some() || chown {
+            self.drop_capability(&mut g, ino)?;
+        }
         if let Some(size) = set.size {
-            if self.attr_in(&g.state, ino)?.meta.kind != Kind::File {
-                return Err(libc::EINVAL);
-            }
             self.set_size(&mut g, ino, size)?;
             let n = self.node_mut(&mut g, ino)?;
             n.meta.mtime = now;
@@ -463,6 +501,10 @@ impl View {
         let n = self.node_mut(&mut g, ino)?;
         if let Some(mode) = set.mode {
             n.meta.perm = mode & 0o7777;
+        }
+        // Before the owner changes: the kernel decides on the old group.
+        if chown || (set.size.is_some() && !caller.fsetid) {
+            kill_suidgid(&mut n.meta, caller);
         }
         if let Some(uid) = set.uid {
             n.meta.uid = uid;
@@ -478,6 +520,27 @@ impl View {
         }
         n.meta.ctime = set.ctime.unwrap_or(now);
         self.attr_in(&g.state, ino)
+    }
+
+    /// Remove the security.capability xattr of `ino` if it has one: this
+    /// file system's part of FUSE_HANDLE_KILLPRIV_V2 at each write,
+    /// truncate and chown. The kernel stops looking once it has marked an
+    /// inode S_NOSEC, so it cannot be left to the kernel.
+    fn drop_capability(&self, g: &mut Inner, ino: Ino) -> Res<()> {
+        let has = match g.state.nodes.get(&ino) {
+            Some(Node {
+                xattrs: Some(x), ..
+            }) => x.contains_key(CAPABILITY),
+            Some(Node {
+                origin: Some(o), ..
+            }) => self.base.has_capability(ino, o),
+            Some(_) => false,
+            None => self.base.has_capability(ino, &self.base_inode(ino)?.origin),
+        };
+        if has {
+            self.setxattr_locked(g, ino, CAPABILITY, None, 0)?;
+        }
+        Ok(())
     }
 
     // ---- extended attributes ----
@@ -522,7 +585,17 @@ impl View {
     /// Set (`Some`) or remove (`None`) an extended attribute; `flags` are
     /// XATTR_CREATE / XATTR_REPLACE.
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: Option<&[u8]>, flags: i32) -> Res<()> {
-        let mut g = self.lock();
+        self.setxattr_locked(&mut self.lock(), ino, name, value, flags)
+    }
+
+    fn setxattr_locked(
+        &self,
+        g: &mut Inner,
+        ino: Ino,
+        name: &[u8],
+        value: Option<&[u8]>,
+        flags: i32,
+    ) -> Res<()> {
         let mut map = self.xattrs_in(&g.state, ino)?;
         let exists = map.contains_key(name);
         match value {
@@ -540,7 +613,7 @@ impl View {
             ino,
             xattrs: map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         };
-        let n = self.node_mut(&mut g, ino)?;
+        let n = self.node_mut(g, ino)?;
         n.xattrs = Some(map);
         n.meta.ctime = Ts::now();
         g.journal.append(&rec).map_err(eio)
@@ -637,9 +710,13 @@ impl View {
         Ok(buf)
     }
 
-    pub fn write(&self, ino: Ino, off: u64, bytes: &[u8], kill_suid: bool) -> Res<u32> {
+    /// Write `bytes` at `off`. `kill`: the writer, who lacks CAP_FSETID
+    /// (the kernel's FUSE_WRITE_KILL_SUIDGID), so setuid and setgid may go
+    /// too.
+    pub fn write(&self, ino: Ino, off: u64, bytes: &[u8], kill: Option<&Caller>) -> Res<u32> {
         let mut g = self.lock();
         self.write_locked(&mut g, ino, off, bytes)?;
+        self.drop_capability(&mut g, ino)?;
         let writeback = if bytes.len() >= WRITEBACK_AT {
             self.layer_file(g.stack.top(), ino).ok()
         } else {
@@ -650,11 +727,8 @@ impl View {
         n.meta.size = n.meta.size.max(off + bytes.len() as u64);
         n.meta.mtime = now;
         n.meta.ctime = now;
-        if kill_suid {
-            n.meta.perm &= !libc::S_ISUID;
-            if n.meta.perm & libc::S_IXGRP != 0 {
-                n.meta.perm &= !libc::S_ISGID;
-            }
+        if let Some(caller) = kill {
+            kill_suidgid(&mut n.meta, caller);
         }
         drop(g);
         if let Some(f) = writeback {
@@ -912,7 +986,7 @@ impl View {
     /// Make the next layer directory in the background, off the clock of
     /// the next checkpoint. Only ever creates: by the time it runs the id
     /// may already be in use.
-    fn prepare_spare(&self) {
+    pub fn prepare_spare(&self) {
         let next = self.inner.read().unwrap().stack.next_layer;
         let (layout, spare) = (self.layout.clone(), self.spare.clone());
         std::thread::spawn(move || {
@@ -939,19 +1013,19 @@ impl View {
 
     /// Seal the top layer as checkpoint `name`; O(1) in the data size (the
     /// data is made durable first, which costs what is not yet on disk).
+    /// The caller prepares the next spare layer (`prepare_spare`) once it
+    /// has answered.
     pub fn checkpoint(&self, name: &str) -> Result<()> {
         let mut g = self.lock();
         let next = g.stack.with_checkpoint(name)?;
         self.sync_locked(&mut g)?;
         self.take_spare(next.top())?;
-        self.layout.write_stack(&next)?;
+        self.layout.commit_stack(&mut g.committer, &next)?;
         let sealed = g.stack.top();
         g.journal = Writer::open(&self.layout.journal(next.top()))?;
         g.stack = next;
         let snap = g.state.clone();
         g.snapshots.insert(sealed, snap);
-        drop(g);
-        self.prepare_spare();
         Ok(())
     }
 
@@ -969,7 +1043,7 @@ impl View {
             .cloned()
             .ok_or_else(|| Error::BadStore(format!("no state for checkpoint {name:?}")))?;
         self.take_spare(next.top())?;
-        self.layout.write_stack(&next)?;
+        self.layout.commit_stack(&mut g.committer, &next)?;
         let next_ino = snap.next_ino.max(g.state.next_ino);
         let old = std::mem::replace(&mut g.state, snap);
         g.state.next_ino = next_ino;
@@ -1065,7 +1139,7 @@ impl View {
         }
         std::fs::rename(dir, &target).at("rename", dir)?;
         crate::disk::sync_dir(&self.layout.layers())?;
-        self.layout.write_stack(&next)?;
+        self.layout.commit_stack(&mut g.committer, &next)?;
         g.stack = next;
         g.snapshots.remove(&lower);
         if let Some(s) = g.snapshots.remove(&upper) {
@@ -1100,7 +1174,7 @@ impl View {
     pub fn delete_checkpoint(&self, name: &str) -> Result<()> {
         let mut g = self.lock();
         let next = g.stack.without_checkpoint(name)?;
-        self.layout.write_stack(&next)?;
+        self.layout.commit_stack(&mut g.committer, &next)?;
         g.stack = next;
         Ok(())
     }
@@ -1181,5 +1255,136 @@ fn eio(e: Error) -> Errno {
     match e {
         Error::Io { source, .. } => errno(source),
         _ => libc::EIO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::ROOT;
+    use std::path::Path;
+
+    /// A view of a new store over `base`.
+    fn view_of(dir: &Path, base: &Path) -> View {
+        let store = crate::Store::create(&dir.join("store"), base, None).unwrap();
+        let layout = Layout {
+            dir: store.dir().to_owned(),
+        };
+        let cfg = layout.read_config().unwrap();
+        View::load(layout, &cfg).unwrap()
+    }
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// Give the host file `path` a capability xattr (needs CAP_SETFCAP).
+    fn set_host_capability(path: &Path) {
+        let value: Vec<u8> = [0x0200_0000u32, 1 << 10, 0, 0, 0]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let n = std::ffi::CString::new(CAPABILITY).unwrap();
+        // SAFETY: both are valid C strings; value is readable for its length.
+        let r = unsafe {
+            libc::lsetxattr(
+                c.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    /// The files each operation is tried on: one made in the top layer
+    /// (its capability set through the view) and, as root, one of the base
+    /// (its capability on the host file, which must stay there).
+    fn files_with_capability(view: &View, base: &Path, op: &str) -> Vec<Ino> {
+        let new = NewNode {
+            kind: Kind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+        };
+        let name = OsString::from(format!("new-{op}"));
+        let ino = view.create(ROOT, &name, new, None).unwrap().ino;
+        view.write(ino, 0, b"data", None).unwrap();
+        view.setxattr(ino, CAPABILITY, Some(b"cap"), 0).unwrap();
+        let mut files = vec![ino];
+        if is_root() {
+            let name = format!("base-{op}");
+            std::fs::write(base.join(&name), b"base data").unwrap();
+            set_host_capability(&base.join(&name));
+            files.push(view.lookup(ROOT, OsStr::new(&name)).unwrap().ino);
+        }
+        for &ino in &files {
+            assert!(view.getxattr(ino, CAPABILITY).is_ok());
+        }
+        files
+    }
+
+    /// The kernel stops looking for security.capability once it has marked
+    /// an inode S_NOSEC (FUSE_HANDLE_KILLPRIV_V2), so the view drops it
+    /// itself at every write, truncate and chown, and nowhere else.
+    #[test]
+    fn write_truncate_and_chown_drop_the_capability() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("base");
+        std::fs::create_dir(&base).unwrap();
+        let view = view_of(t.path(), &base);
+        let root = Caller {
+            fsetid: true,
+            groups: vec![0],
+        };
+        type Op<'a> = (&'a str, Box<dyn Fn(Ino) -> Res<()> + 'a>);
+        let drops: Vec<Op> = vec![
+            (
+                "write",
+                Box::new(|ino| view.write(ino, 1, b"x", None).map(drop)),
+            ),
+            (
+                "truncate",
+                Box::new(|ino| {
+                    let set = SetAttr {
+                        size: Some(2),
+                        ..SetAttr::default()
+                    };
+                    view.setattr(ino, set, &root).map(drop)
+                }),
+            ),
+            (
+                "chown",
+                Box::new(|ino| {
+                    let set = SetAttr {
+                        uid: Some(0),
+                        ..SetAttr::default()
+                    };
+                    view.setattr(ino, set, &root).map(drop)
+                }),
+            ),
+        ];
+        for (op, f) in &drops {
+            for ino in files_with_capability(&view, &base, op) {
+                f(ino).unwrap();
+                assert_eq!(view.getxattr(ino, CAPABILITY), Err(libc::ENODATA), "{op}");
+            }
+        }
+        for ino in files_with_capability(&view, &base, "chmod") {
+            let set = SetAttr {
+                mode: Some(0o600),
+                ..SetAttr::default()
+            };
+            view.setattr(ino, set, &root).unwrap();
+            assert!(view.getxattr(ino, CAPABILITY).is_ok(), "chmod");
+        }
+        if is_root() {
+            let host = crate::sys::get_xattr(&base.join("base-write"), CAPABILITY);
+            assert!(host.is_ok(), "the base file lost its capability");
+        }
     }
 }
