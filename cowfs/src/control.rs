@@ -133,8 +133,9 @@ impl Live {
                 self.view.prepare_spare();
                 crate::merge::spawn(self.view.clone());
             }
+            Request::Rollback(_) => self.view.prepare_spare(),
             Request::Delete(_) => crate::merge::spawn(self.view.clone()),
-            Request::Rollback(_) | Request::Sync => {}
+            Request::Sync => {}
         }
     }
 

@@ -1032,7 +1032,8 @@ impl View {
     /// Return the view to checkpoint `name`: O(1) — swap in its state, drop
     /// the layers above it (renamed into the trash, deleted in the
     /// background). Returns the inodes that changed and still exist: the
-    /// caller invalidates the kernel's caches of them (and of all names).
+    /// caller invalidates the kernel's caches of them (and of all names),
+    /// and prepares the next spare layer (`prepare_spare`) once it answered.
     pub fn rollback(&self, name: &str) -> Result<Vec<Changed>> {
         let mut g = self.lock();
         let (next, dropped) = g.stack.rolled_back(name)?;
@@ -1085,7 +1086,6 @@ impl View {
             .extract_if(|(l, _), _| dropped.contains(l))
             .map(|(_, f)| f)
             .collect();
-        self.prepare_spare();
         // Freeing big states, closing files and moving the dropped layers
         // out of the way take milliseconds, and nothing needs them done
         // now: the commit above no longer lists those layers, and a crash
