@@ -150,6 +150,7 @@ impl Live {
         if let Ok(f) = std::fs::File::open(&self.mountpoint) {
             let _ = nix::unistd::syncfs(&f);
         }
+        self.kernel.write_back_writers();
     }
 
     fn rollback(&self, name: &str) -> Result<()> {

@@ -49,10 +49,11 @@ pub struct KernelCache {
     renew_at_release: Mutex<(HashSet<Ino>, Option<Notifier>)>,
     /// The mount's notifier, set once its session exists.
     notifier: OnceLock<Notifier>,
-    /// Files open for writing: only those can have dirty pages in the
-    /// kernel (close(2) writes a file's pages back before it returns, and a
-    /// shared writable mapping keeps its file open).
-    writers: AtomicU64,
+    /// Files open for writing, with their count of writable opens: only
+    /// those can have dirty pages in the kernel (close(2) writes a file's
+    /// pages back before it returns, and a shared writable mapping keeps
+    /// its file open).
+    writers: Mutex<HashMap<Ino, u64>>,
 }
 
 impl KernelCache {
@@ -63,23 +64,52 @@ impl KernelCache {
     /// Whether the kernel may hold writes this daemon has not seen yet, so
     /// that a checkpoint or rollback has to make it write them back first.
     pub fn may_hold_writes(&self) -> bool {
-        self.writers.load(Ordering::SeqCst) > 0
+        !self.writers.lock().unwrap().is_empty()
     }
 
-    /// The handle of a new open: it tells `release` whether it was one of
-    /// the `writers`.
-    fn handle(&self, writable: bool) -> FileHandle {
+    /// Has the kernel write back the dirty pages of every file open for
+    /// writing, and waits until this daemon has them. A syncfs(2) does not
+    /// wait for that on a FUSE mount (the kernel does not wait on writeback
+    /// an unprivileged daemon may never finish), so a checkpoint taken
+    /// right after one could miss writes still on their way. Invalidating a
+    /// file's pages does wait: each dirty page is written (a WRITE this
+    /// daemon's other threads serve) and waited for before it goes. The
+    /// clean pages go too, to be read again: the price of a checkpoint
+    /// while files are open for writing. Call from a thread that is not
+    /// serving FUSE requests.
+    pub fn write_back_writers(&self) {
+        let inos: Vec<Ino> = self.writers.lock().unwrap().keys().copied().collect();
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
+        for ino in inos {
+            if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+                // ENOENT: the kernel forgot the inode, and with it its pages.
+                tracing::debug!("writing back inode {ino}: {e}");
+            }
+        }
+    }
+
+    /// The handle of a new open of `ino`: it tells `release` whether it was
+    /// one of the `writers`.
+    fn handle(&self, ino: Ino, writable: bool) -> FileHandle {
         if writable {
-            self.writers.fetch_add(1, Ordering::SeqCst);
+            *self.writers.lock().unwrap().entry(ino).or_default() += 1;
             WRITER
         } else {
             FileHandle(0)
         }
     }
 
-    fn closed(&self, fh: FileHandle) {
+    fn closed(&self, ino: Ino, fh: FileHandle) {
         if fh == WRITER {
-            self.writers.fetch_sub(1, Ordering::SeqCst);
+            let mut writers = self.writers.lock().unwrap();
+            if let Some(n) = writers.get_mut(&ino) {
+                *n -= 1;
+                if *n == 0 {
+                    writers.remove(&ino);
+                }
+            }
         }
     }
 
@@ -603,7 +633,7 @@ impl Filesystem for CowFuse {
                 self.view.opened(ino.0);
                 let fh = self
                     .kernel
-                    .handle(flags.0 & libc::O_ACCMODE != libc::O_RDONLY);
+                    .handle(ino.0, flags.0 & libc::O_ACCMODE != libc::O_RDONLY);
                 reply.opened(fh, self.kernel.keep_cache(ino.0))
             }
             Err(e) => reply.error(err(e)),
@@ -679,7 +709,7 @@ impl Filesystem for CowFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.kernel.closed(fh);
+        self.kernel.closed(ino.0, fh);
         let released = self.view.released(ino.0).map(|last| {
             if last {
                 self.kernel.last_release(ino.0);
@@ -845,7 +875,7 @@ impl Filesystem for CowFuse {
                     &file_attr(&a),
                     self.kernel.generation(a.ino),
                     self.kernel
-                        .handle(flags & libc::O_ACCMODE != libc::O_RDONLY),
+                        .handle(a.ino, flags & libc::O_ACCMODE != libc::O_RDONLY),
                     FopenFlags::FOPEN_KEEP_CACHE,
                 )
             }

@@ -64,5 +64,5 @@ pub use diff::{Change, ChangeKind};
 pub use disk::{Checkpoint, DEFAULT_BLOCK_SIZE, FORMAT_VERSION};
 pub use error::{Error, Result};
 pub use fsck::FsckReport;
-pub use mount::{is_mountpoint, unmount, Mount, MountOptions};
+pub use mount::{is_mountpoint, unmount, Mount, MountOptions, DEFAULT_THREADS};
 pub use store::Store;

@@ -19,9 +19,17 @@ pub struct MountOptions {
     pub threads: usize,
 }
 
+/// Worker threads by default. More than CPUs: even one process's lookups
+/// one after another went faster with more threads waiting on /dev/fuse
+/// (10k cold stats here: 1 thread 0.67-0.71 s, 2: 0.30-0.40, 4: 0.36-0.41,
+/// 8: 0.30-0.31, 16: 0.27-0.29; creates unchanged).
+pub const DEFAULT_THREADS: usize = 8;
+
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions { threads: 4 }
+        MountOptions {
+            threads: DEFAULT_THREADS,
+        }
     }
 }
 

@@ -31,7 +31,7 @@ pub enum FsCmd {
         #[arg(long)]
         foreground: bool,
         /// FUSE worker threads.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = cowfs::DEFAULT_THREADS)]
         threads: usize,
     },
     /// Unmount a cowfs mount and wait until its data is durable.
