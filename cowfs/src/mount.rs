@@ -19,11 +19,11 @@ pub struct MountOptions {
     pub threads: usize,
 }
 
-/// Worker threads by default. More than CPUs: even one process's lookups
-/// one after another went faster with more threads waiting on /dev/fuse
-/// (10k cold stats here: 1 thread 0.67-0.71 s, 2: 0.30-0.40, 4: 0.36-0.41,
-/// 8: 0.30-0.31, 16: 0.27-0.29; creates unchanged).
-pub const DEFAULT_THREADS: usize = 8;
+/// Worker threads by default. More made one process's cold stats faster
+/// here (10k of them: 1 thread 0.67-0.71 s, 4: 0.36-0.41, 8: 0.30-0.31,
+/// 16: 0.27-0.29), but checkpoint and rollback slower (8 threads: 0.85-1.29
+/// ms and 3.5-6.5 ms; 4: 0.36-1.14 ms and 3.2-5.2 ms), whose targets 4 meet.
+pub const DEFAULT_THREADS: usize = 4;
 
 impl Default for MountOptions {
     fn default() -> Self {
