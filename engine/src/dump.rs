@@ -103,6 +103,7 @@ fn dump_once(pid: i32, out: &Path, opts: &DumpOptions, lazy: bool) -> Result<Dum
         before_freeze(pid, plan)?;
     }
     let pinned = ptrace::Pinned::near(pid);
+    // Asked now, not first while the target is frozen (see `proc::cpus`).
     proc::cpus();
     let prearm = if lazy && !opts.tree {
         Some(prearm(pid)?)
