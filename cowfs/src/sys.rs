@@ -53,6 +53,29 @@ pub fn get_xattr(path: &Path, name: &[u8]) -> io::Result<Vec<u8>> {
     }
 }
 
+/// Sets one extended attribute of `path` (not following symlinks): the
+/// daemon keeps its own, so only tests write host xattrs.
+#[cfg(test)]
+pub fn set_xattr(path: &Path, name: &[u8], value: &[u8]) -> io::Result<()> {
+    let c = cpath(path)?;
+    let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: both are valid C strings; value is readable for its length.
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Raise the soft limit of open files to the hard limit: the daemon keeps
 /// many layer and base files open.
 pub fn raise_nofile_limit() {
