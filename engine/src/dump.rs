@@ -369,7 +369,8 @@ struct TrackPlan {
     state: Option<crate::track::State>,
     launch: Option<crate::track::TrackerLauncher>,
     /// Where an incremental snapshot stages the pages written since its
-    /// parent, sized before the freeze from what tracking saw so far.
+    /// parent: read before the freeze, and room for the freeze's reads
+    /// (`Staged::pre_read`).
     stage: std::cell::RefCell<memory::Staged>,
 }
 
@@ -412,12 +413,6 @@ fn tracking_plan(pid: i32, opts: &DumpOptions, lazy: bool) -> Result<Option<Trac
         }
         None => None,
     };
-    let stage = match &parent {
-        // Room for what was written so far, and as much again: the target
-        // runs on until the freeze.
-        Some(_) => memory::Staged::with_room(crate::track::written_bytes(pid)? * 2 + (4 << 20))?,
-        None => memory::Staged::default(),
-    };
     let delta = match &parent {
         Some(img) => Some(crate::track::Delta::new(pid, img)?),
         None => None,
@@ -427,7 +422,7 @@ fn tracking_plan(pid: i32, opts: &DumpOptions, lazy: bool) -> Result<Option<Trac
         delta,
         state: crate::track::State::load(pid),
         launch: opts.tracker.clone(),
-        stage: stage.into(),
+        stage: Default::default(),
     }))
 }
 

@@ -369,21 +369,16 @@ struct PreRead {
 }
 
 impl Staged {
-    /// A stage with `room` bytes of memory faulted in now.
-    pub fn with_room(room: u64) -> Result<Staged> {
+    /// Faults in `room` bytes of memory now, for the freeze to read into.
+    fn make_room(&mut self, room: u64) -> Result<()> {
         let room = room.min(STAGE_LIMIT) as usize;
-        if room == 0 {
-            return Ok(Staged::default());
-        }
         let mut arena =
             memmap2::MmapMut::map_anon(room).ctx(|| "map memory to stage pages in".into())?;
         for i in (0..room).step_by(PAGE_SIZE as usize) {
             arena[i] = 1;
         }
-        Ok(Staged {
-            arena: Some(arena),
-            ..Default::default()
-        })
+        self.arena = Some(arena);
+        Ok(())
     }
 
     /// Reads, while the target still runs, the pages written since the
@@ -401,6 +396,9 @@ impl Staged {
         }
         delta.forget_rearmed();
         let total: u64 = runs.iter().map(|r| r.1 * PAGE_SIZE).sum();
+        // Room for the freeze to read as much again: the target runs on
+        // until then.
+        self.make_room(total + (4 << 20))?;
         if total == 0 {
             return Ok(());
         }
@@ -484,20 +482,12 @@ impl Staged {
         if total == 0 {
             return Ok(vec![]);
         }
-        let at = behind.reserve(total);
-        let mut off = at;
-        let index = runs
-            .iter()
-            .map(|&(a, n)| {
-                let e = [a, n, off];
-                off += n * PAGE_SIZE;
-                e
-            })
-            .collect();
+        let mut off = behind.reserve(total);
+        let mut index = Vec::with_capacity(runs.len());
         // (address, bytes, offset in pages.img) of the pages to read now.
         let mut now: Vec<(u64, usize, u64)> = Vec::new();
-        let mut off = at;
         for &(a, n) in runs {
+            index.push([a, n, off]);
             for (a, len, pre) in self.sources(a, n) {
                 match pre {
                     Some(from) => self.runs.push((off, Bytes::Pre(from..from + len))),
@@ -542,7 +532,7 @@ impl Staged {
         }
         let ranges: Vec<(u64, usize)> = now.iter().map(|p| (p.0, p.1)).collect();
         let (from, to) = (self.used, self.used + total);
-        let (base, own) = match &mut self.arena {
+        let (mut at, own) = match &mut self.arena {
             Some(arena) if to <= arena.len() => {
                 mem::vm_read(pid, &ranges, &mut arena[from..to])?;
                 self.used = to;
@@ -552,27 +542,18 @@ impl Staged {
                 let mut own = memmap2::MmapMut::map_anon(total)
                     .ctx(|| "map memory to stage pages in".into())?;
                 mem::vm_read(pid, &ranges, &mut own)?;
-                (0, Some(own))
+                // One map for all the pieces, each written from its part.
+                (0, Some(std::sync::Arc::new(own)))
             }
         };
-        match own {
-            // One image write per piece from a private map: keep it whole
-            // and write pieces from it.
-            Some(own) => {
-                let own = std::sync::Arc::new(own);
-                let mut at = 0;
-                for &(_, len, img) in now {
-                    self.runs.push((img, Bytes::Own(own.clone(), at..at + len)));
-                    at += len;
-                }
-            }
-            None => {
-                let mut at = base;
-                for &(_, len, img) in now {
-                    self.runs.push((img, Bytes::Arena(at..at + len)));
-                    at += len;
-                }
-            }
+        for &(_, len, img) in now {
+            let range = at..at + len;
+            let bytes = match &own {
+                Some(own) => Bytes::Own(own.clone(), range),
+                None => Bytes::Arena(range),
+            };
+            self.runs.push((img, bytes));
+            at += len;
         }
         Ok(())
     }
