@@ -204,15 +204,22 @@ pub fn hash(data: &[u8]) -> u64 {
 }
 
 /// Bytes stored in a store's layers (data files), as allocated on disk.
+/// Background work (merges, the trash) may delete entries while they are
+/// counted: those count as nothing.
 pub fn stored_bytes(store: &Path) -> u64 {
     fn du(p: &Path) -> u64 {
-        let md = std::fs::symlink_metadata(p).unwrap();
+        let md = match std::fs::symlink_metadata(p) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+            Err(e) => panic!("stat {}: {e}", p.display()),
+        };
         if md.is_dir() {
-            std::fs::read_dir(p)
-                .unwrap()
-                .flatten()
-                .map(|e| du(&e.path()))
-                .sum()
+            let entries = match std::fs::read_dir(p) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+                Err(e) => panic!("read {}: {e}", p.display()),
+            };
+            entries.flatten().map(|e| du(&e.path())).sum()
         } else {
             md.blocks() * 512
         }

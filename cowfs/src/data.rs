@@ -83,11 +83,11 @@ pub fn runs(blocks: &[u64]) -> Vec<(u64, u64)> {
     out
 }
 
-pub fn open_data_file(path: &Path) -> io::Result<File> {
+pub fn open_data_file(path: &Path, create: bool) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
+        .create(create)
         .truncate(false)
         .mode(0o600)
         .open(path)

@@ -39,9 +39,12 @@
 //! - `mount`: mounting, the store lock, the `Mount` handle
 //! - `control`: the control socket of a mounted store
 //! - `merge`: merging layers no checkpoint separates, in the background
+//! - `background`: the threads behind that and other deferred work, ended
+//!   at unmount
 //! - `diff`, `fsck`: comparing checkpoints, checking and repairing
 //! - `sys`: small wrappers over libc calls std and nix lack
 
+mod background;
 mod base;
 mod commit;
 mod control;

@@ -16,7 +16,7 @@
 //! that fsck removes), the old ids become aliases of the new one for the
 //! in-memory block maps, and the old layers go to the trash.
 
-use crate::disk::{self, Layout, Stack};
+use crate::disk::{self, Stack};
 use crate::error::{Context, Result};
 use crate::journal;
 use crate::state::{Loc, State};
@@ -38,19 +38,27 @@ pub fn candidate(stack: &Stack) -> Option<(u32, u32)> {
 }
 
 /// Merge every mergeable pair, one after the other, in a background thread.
+/// One merger works at a time: a second one waits, then finds what is left.
 pub fn spawn(view: Arc<View>) {
-    std::thread::spawn(move || {
-        while let Some((lower, upper)) = candidate(&view.stack()) {
-            match merge(&view, lower, upper) {
-                Ok(true) => tracing::info!("merged layers {lower} and {upper}"),
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!("merge of layers {lower} and {upper} failed: {e}");
-                    break;
-                }
+    let v = view.clone();
+    view.background.spawn("cowfs-merge", move || merge_all(&v));
+}
+
+fn merge_all(view: &View) {
+    let _one = view.merging.lock().unwrap();
+    while let Some((lower, upper)) = candidate(&view.stack()) {
+        if view.background.stopping() {
+            break;
+        }
+        match merge(view, lower, upper) {
+            Ok(true) => tracing::info!("merged layers {lower} and {upper}"),
+            Ok(false) => break,
+            Err(e) => {
+                tracing::warn!("merge of layers {lower} and {upper} failed: {e}");
+                break;
             }
         }
-    });
+    }
 }
 
 fn merge(view: &View, lower: u32, upper: u32) -> Result<bool> {
@@ -63,7 +71,13 @@ fn merge(view: &View, lower: u32, upper: u32) -> Result<bool> {
     disk::mkdir(&dir.join("data"))?;
     // The blocks of `lower` still visible once `upper` is applied.
     let state = replay_upto(layout, &view.stack(), upper, view.block_size)?;
-    build_data(layout, &state, lower, upper, &dir, view.block_size)?;
+    let pair = Pair { lower, upper };
+    if !build_data(view, &state, pair, &dir)? {
+        // Unmounting: the half-built directory goes (mount and fsck would
+        // clear it away too).
+        fs::remove_dir_all(&dir).at("remove", &dir)?;
+        return Ok(false);
+    }
     let mut journal = Vec::new();
     for layer in [lower, upper] {
         let path = layout.journal(layer);
@@ -77,16 +91,18 @@ fn merge(view: &View, lower: u32, upper: u32) -> Result<bool> {
     view.commit_merge(lower, upper, &dir)
 }
 
-/// Link the data files into the merged layer and copy in the visible
-/// blocks of `lower`.
-fn build_data(
-    layout: &Layout,
-    state: &State,
+/// The two adjacent layers being merged.
+#[derive(Clone, Copy)]
+struct Pair {
     lower: u32,
     upper: u32,
-    dir: &Path,
-    block_size: u64,
-) -> Result<()> {
+}
+
+/// Link the data files into the merged layer and copy in the visible
+/// blocks of `lower`. Returns false if it gave up (the view is unmounting).
+fn build_data(view: &View, state: &State, pair: Pair, dir: &Path) -> Result<bool> {
+    let Pair { lower, upper } = pair;
+    let (layout, block_size) = (&view.layout, view.block_size);
     let mut inos = BTreeSet::new();
     for layer in [lower, upper] {
         let data = layout.data_dir(layer);
@@ -97,6 +113,9 @@ fn build_data(
         }
     }
     for ino in inos {
+        if view.background.stopping() {
+            return Ok(false);
+        }
         let target: PathBuf = dir.join("data").join(ino.to_string());
         let (from_upper, from_lower) = (layout.data(upper, ino), layout.data(lower, ino));
         if !from_upper.exists() {
@@ -123,6 +142,9 @@ fn build_data(
             .at("open", &target)?;
         let mut buf = vec![0u8; block_size as usize];
         for b in visible {
+            if view.background.stopping() {
+                return Ok(false);
+            }
             buf.fill(0);
             crate::data::pread_full(&src, &mut buf, b * block_size).at("read", &from_lower)?;
             dst.write_all_at(&buf, b * block_size)
@@ -130,5 +152,122 @@ fn build_data(
         }
         dst.sync_data().at("fsync", &target)?;
     }
-    Ok(())
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::Layout;
+    use crate::state::ROOT;
+    use crate::view::NewNode;
+    use crate::Store;
+
+    const BLOCK: usize = 4096;
+
+    fn view_of(dir: &Path) -> View {
+        let base = dir.join("base");
+        fs::create_dir(&base).unwrap();
+        let store = Store::create(&dir.join("store"), &base, Some(BLOCK as u64)).unwrap();
+        let layout = Layout {
+            dir: store.dir().to_owned(),
+        };
+        let cfg = layout.read_config().unwrap();
+        View::load(layout, &cfg).unwrap()
+    }
+
+    /// A file of 64 blocks; each checkpoint round overwrites every other
+    /// block of a different stride, so that the merged layer needs blocks
+    /// of both the layers it merges.
+    fn three_checkpoints(view: &View) -> (u64, Vec<Vec<u8>>) {
+        let new = NewNode {
+            kind: crate::state::Kind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+        };
+        let ino = view.create(ROOT, "f".as_ref(), new, None).unwrap().ino;
+        let mut content = vec![0u8; 64 * BLOCK];
+        let mut at_checkpoint = Vec::new();
+        for (round, name) in [(1u8, "a"), (2, "b"), (3, "c"), (4, "")] {
+            for b in (0..64).filter(|b| b % (round as usize) == 0) {
+                let block = vec![round; BLOCK];
+                view.write(ino, (b * BLOCK) as u64, &block, None).unwrap();
+                content[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&block);
+            }
+            if !name.is_empty() {
+                view.checkpoint(name).unwrap();
+                at_checkpoint.push(content.clone());
+            }
+        }
+        at_checkpoint.push(content);
+        (ino, at_checkpoint)
+    }
+
+    fn read_all(view: &View, ino: u64) -> Vec<u8> {
+        view.read(ino, 0, (64 * BLOCK) as u32).unwrap()
+    }
+
+    /// Mergers started together (a checkpoint's and a delete's, say) must
+    /// not build in each other's directory: one works, the others wait and
+    /// find nothing left to do.
+    #[test]
+    fn mergers_started_together_merge_once_and_exactly() {
+        for round in 0..20u64 {
+            let t = tempfile::tempdir().unwrap();
+            let view = Arc::new(view_of(t.path()));
+            let (ino, contents) = three_checkpoints(&view);
+            view.delete_checkpoint("b").unwrap();
+            let start = Arc::new(std::sync::Barrier::new(8));
+            let mergers: Vec<_> = (0..8)
+                .map(|i| {
+                    let (view, start) = (view.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        // Staggered, so that later ones arrive while the
+                        // first is building or committing.
+                        let step = 100 + 100 * (round % 5);
+                        std::thread::sleep(std::time::Duration::from_micros(i * step));
+                        merge_all(&view);
+                    })
+                })
+                .collect();
+            for m in mergers {
+                m.join().unwrap();
+            }
+            view.background.wait();
+            assert_eq!(view.stack().layers.len(), 3, "{:?}", view.stack());
+            assert!(read_all(&view, ino) == contents[3], "the view changed");
+            view.rollback("c").unwrap();
+            assert!(read_all(&view, ino) == contents[2], "checkpoint c changed");
+            view.rollback("a").unwrap();
+            assert!(read_all(&view, ino) == contents[0], "checkpoint a changed");
+            view.background.stop();
+        }
+    }
+
+    /// A merge that gives up at unmount leaves the stack as it was and no
+    /// directory behind.
+    #[test]
+    fn a_merge_stopped_by_unmount_changes_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let view = view_of(t.path());
+        let (ino, contents) = three_checkpoints(&view);
+        view.delete_checkpoint("b").unwrap();
+        let before = view.stack();
+        view.background.stop();
+        let (lower, upper) = candidate(&before).unwrap();
+        assert!(!merge(&view, lower, upper).unwrap());
+        assert_eq!(view.stack().layers, before.layers);
+        let names: Vec<String> = fs::read_dir(view.layout.layers())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| n.parse::<u32>().is_ok()),
+            "left behind: {names:?}"
+        );
+        assert!(read_all(&view, ino) == contents[3]);
+    }
 }

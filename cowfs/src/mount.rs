@@ -232,7 +232,8 @@ pub(crate) fn prepare(
     crate::merge::spawn(view.clone());
     // Layers dropped by an offline rollback wait in the trash.
     let l = layout.clone();
-    std::thread::spawn(move || l.empty_trash());
+    view.background
+        .spawn("cowfs-trash", move || l.empty_trash());
     Ok(Prepared {
         session,
         server,
@@ -286,6 +287,7 @@ impl Mount {
             s.umount_and_join()
                 .ctx(|| format!("unmount {}", self.mountpoint.display()))?;
         }
+        self.view.background.stop();
         self.view.sync_all()
     }
 }
@@ -310,6 +312,7 @@ pub(crate) fn run(p: Prepared, ready: impl FnOnce()) -> Result<()> {
     ready();
     let r = session.run().ctx(|| "FUSE session".into());
     drop(server);
+    view.background.stop();
     view.sync_all()?;
     drop(lock);
     r

@@ -6,6 +6,7 @@
 //! Reads plan under the read lock and do their I/O after releasing it;
 //! mutations hold the write lock.
 
+use crate::background::Background;
 use crate::base::{Base, BaseInode, CAPABILITY};
 use crate::commit::Committer;
 use crate::data::{self, Seg};
@@ -79,10 +80,17 @@ pub struct View {
     /// Open data files, by (layer, inode).
     files: Mutex<HashMap<(u32, Ino), Arc<File>>>,
     /// Held while the next layer directory is made ahead of time, so that
-    /// a checkpoint or rollback finds it ready.
-    spare: Arc<Mutex<()>>,
+    /// a checkpoint or rollback finds it ready; holds the highest layer id
+    /// taken so far, so that a spare made late is not made for an id
+    /// already used (and maybe dropped since).
+    spare: Arc<Mutex<u32>>,
     /// Layers merged into another one: block maps still name the old ids.
     alias: RwLock<HashMap<u32, u32>>,
+    /// Held by the one merger at work: two merging the same pair would
+    /// build in the same directory and commit each other's half-built one.
+    pub(crate) merging: Mutex<()>,
+    /// Threads working off the caller's clock, ended at unmount.
+    pub(crate) background: Background,
 }
 
 struct Inner {
@@ -163,6 +171,8 @@ impl View {
             files: Mutex::default(),
             spare: Arc::default(),
             alias: RwLock::default(),
+            merging: Mutex::default(),
+            background: Background::default(),
         };
         view.prepare_spare();
         view.drop_orphans().map_err(|e| Error::Io {
@@ -621,15 +631,21 @@ impl View {
 
     // ---- file data ----
 
-    /// An open data file of `ino` in `layer` (created in the top layer).
+    /// An open data file of `ino` in `layer`, made if missing: for the top
+    /// layer, which writes go to.
     fn layer_file(&self, layer: u32, ino: Ino) -> std::io::Result<Arc<File>> {
-        let layer = self
-            .alias
-            .read()
-            .unwrap()
-            .get(&layer)
-            .copied()
-            .unwrap_or(layer);
+        self.data_file(layer, ino, true)
+    }
+
+    /// An open data file of `ino` in `layer`. `create`: only for the top
+    /// layer. A file exists wherever a block map names its layer: one
+    /// missing is damage, an error rather than zeros.
+    fn data_file(&self, layer: u32, ino: Ino, create: bool) -> std::io::Result<Arc<File>> {
+        // Held until the file is cached: a merge renames its layers away
+        // only after it has pointed their ids elsewhere and dropped their
+        // cached files.
+        let alias = self.alias.read().unwrap();
+        let layer = alias.get(&layer).copied().unwrap_or(layer);
         let mut files = self.files.lock().unwrap();
         if let Some(f) = files.get(&(layer, ino)) {
             return Ok(f.clone());
@@ -637,7 +653,10 @@ impl View {
         if files.len() > 2048 {
             files.clear();
         }
-        let f = Arc::new(data::open_data_file(&self.layout.data(layer, ino))?);
+        let path = self.layout.data(layer, ino);
+        let f = Arc::new(data::open_data_file(&path, create).inspect_err(|e| {
+            tracing::error!("data file {}: {e}", path.display());
+        })?);
         files.insert((layer, ino), f.clone());
         Ok(f)
     }
@@ -650,7 +669,8 @@ impl View {
     ) -> Res<Option<Arc<File>>> {
         match seg.loc {
             data::Src::Zero => Ok(None),
-            data::Src::Layer(l) => self.layer_file(l, ino).map(Some).map_err(errno),
+            // Blocks are mapped to a layer only once written to its file.
+            data::Src::Layer(l) => self.data_file(l, ino, false).map(Some).map_err(errno),
             data::Src::Base => {
                 let o = origin.ok_or(libc::EIO)?;
                 self.base.file(ino, o).map(Some).map_err(errno)
@@ -989,9 +1009,9 @@ impl View {
     pub fn prepare_spare(&self) {
         let next = self.inner.read().unwrap().stack.next_layer;
         let (layout, spare) = (self.layout.clone(), self.spare.clone());
-        std::thread::spawn(move || {
-            let _hold = spare.lock().unwrap();
-            if !layout.layer(next).exists() {
+        self.background.spawn("cowfs-spare", move || {
+            let taken = spare.lock().unwrap();
+            if *taken < next && !layout.layer(next).exists() {
                 if let Err(e) = layout.make_layer(next) {
                     tracing::warn!("cannot prepare layer {next}: {e}");
                 }
@@ -999,9 +1019,10 @@ impl View {
         });
     }
 
-    /// Use the spare layer directory (or make it now).
+    /// Use the spare layer directory (or make it now) as layer `id`.
     fn take_spare(&self, id: u32) -> Result<()> {
-        let _hold = self.spare.lock().unwrap();
+        let mut taken = self.spare.lock().unwrap();
+        *taken = (*taken).max(id);
         self.layout.ensure_layer(id)
     }
 
@@ -1092,7 +1113,7 @@ impl View {
         // before they are gone leaves directories that mount and fsck
         // clear away.
         let layout = self.layout.clone();
-        std::thread::spawn(move || {
+        self.background.spawn("cowfs-trash", move || {
             drop((old, gone, closed));
             for &l in &dropped {
                 if let Err(e) = layout.trash_layer(l) {
@@ -1121,10 +1142,11 @@ impl View {
             let _ = std::fs::remove_dir_all(dir);
             return Ok(false);
         }
-        let _hold = self.spare.lock().unwrap();
+        let mut taken = self.spare.lock().unwrap();
         let mut next = g.stack.clone();
         let id = next.next_layer;
         next.next_layer += 1;
+        *taken = (*taken).max(id);
         let p = pos.expect("checked");
         next.layers.splice(p..p + 2, [id]);
         for c in &mut next.checkpoints {
@@ -1162,7 +1184,7 @@ impl View {
             .lock()
             .unwrap()
             .retain(|(l, _), _| *l != lower && *l != upper);
-        drop(_hold);
+        drop(taken);
         drop(g);
         self.layout.trash_layer(lower)?;
         self.layout.trash_layer(upper)?;
@@ -1272,6 +1294,35 @@ mod tests {
         };
         let cfg = layout.read_config().unwrap();
         View::load(layout, &cfg).unwrap()
+    }
+
+    /// A spare made late (its thread delayed past a checkpoint that took
+    /// its id and a rollback that dropped that layer) must not bring the
+    /// dropped layer's directory back: fsck would report it.
+    #[test]
+    fn a_spare_made_late_does_not_bring_back_a_dropped_layer() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("base");
+        std::fs::create_dir(&base).unwrap();
+        let view = view_of(t.path(), &base);
+        view.background.wait();
+        let next = view.stack().next_layer;
+        {
+            let mut taken = view.spare.lock().unwrap();
+            view.prepare_spare(); // its thread now waits for the lock
+            *taken = next;
+            std::fs::remove_dir_all(view.layout.layer(next)).unwrap();
+        }
+        view.background.wait();
+        assert!(!view.layout.layer(next).exists());
+        // Ahead of the ids taken, spares are made as before.
+        view.prepare_spare();
+        view.background.wait();
+        assert!(!view.layout.layer(next).exists());
+        view.checkpoint("a").unwrap();
+        view.prepare_spare();
+        view.background.wait();
+        assert!(view.layout.is_empty_layer(next + 1));
     }
 
     /// Whether the parts that need root (host xattrs of base files) run:
