@@ -20,6 +20,10 @@ impl Background {
     pub fn spawn(&self, name: &str, work: impl FnOnce() + Send + 'static) {
         let mut threads = self.threads.lock().unwrap();
         threads.retain(|t| !t.is_finished());
+        let work = move || {
+            lower_priority();
+            work()
+        };
         match std::thread::Builder::new().name(name.into()).spawn(work) {
             Ok(t) => threads.push(t),
             Err(e) => tracing::warn!("cannot start {name}: {e}"),
@@ -49,6 +53,19 @@ impl Background {
                 let _ = t.join();
             }
         }
+    }
+}
+
+/// Make the calling thread yield to the file system's callers: a rollback
+/// answers while its layers are freed and deleted, and its caller should
+/// not wait behind that for a CPU (on 2 cores it did, 1-4 ms). Nice, not
+/// SCHED_IDLE: some of this work holds locks a caller may wait for.
+pub fn lower_priority() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority on this thread's id; an error leaves it as it was.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) } != 0 {
+        tracing::debug!("cannot lower a background thread's priority");
     }
 }
 

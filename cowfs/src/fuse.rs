@@ -267,6 +267,9 @@ impl KernelCache {
         }
         let notifier = notifier.clone();
         std::thread::spawn(move || {
+            // Dropping a big file's pages takes milliseconds of CPU, which
+            // the caller of the rollback should not wait behind.
+            crate::background::lower_priority();
             for (dir, name) in later {
                 let _ = notifier.inval_entry(INodeNo(dir), &name);
             }

@@ -1066,6 +1066,8 @@ impl View {
             .ok_or_else(|| Error::BadStore(format!("no state for checkpoint {name:?}")))?;
         self.take_spare(next.top())?;
         self.layout.commit_stack(&mut g.committer, &next)?;
+        // Inodes numbered from here on were made after the checkpoint.
+        let born_after = snap.next_ino;
         let next_ino = snap.next_ino.max(g.state.next_ino);
         let old = std::mem::replace(&mut g.state, snap);
         g.state.next_ino = next_ino;
@@ -1078,10 +1080,13 @@ impl View {
             .map(|(_, s)| s)
             .collect();
         g.stack = next;
-        let mut touched = HashSet::new();
-        for l in &dropped {
-            touched.extend(g.touched.remove(l).unwrap_or_default());
-        }
+        // Made after the checkpoint: gone now, nothing to look up (most
+        // of what a rollback drops, often by thousands).
+        let touched: HashSet<Ino> = dropped
+            .iter()
+            .flat_map(|l| g.touched.remove(l).unwrap_or_default())
+            .filter(|&ino| ino < born_after)
+            .collect();
         let changed: Vec<Changed> = touched
             .into_iter()
             .filter_map(|ino| {
