@@ -75,15 +75,27 @@ fn pjdfstest_fails_nothing_that_passes_natively() {
     fs::create_dir(&native).unwrap();
     let want = run(&bin, &native);
 
-    // The suite runs inside a directory of the base, with base files around.
-    let (base, store) = (t.path().join("base"), t.path().join("store"));
-    fs::create_dir_all(base.join("work")).unwrap();
-    fs::write(base.join("work/base-file"), "from the base").unwrap();
-    ok(&["fs", "create", s(&store), "--base", s(&base)]);
-    let m = Mounted::new(&store, &t.path().join("mnt"));
-    let got = run(&bin, &m.path("work"));
-    drop(m);
+    // The suite runs inside a directory of the base, with base files
+    // around, in both modes: the writeback cache (the default) and
+    // passthrough (which writes through).
+    fs::create_dir_all(t.path().join("base/work")).unwrap();
+    fs::write(t.path().join("base/work/base-file"), "from the base").unwrap();
+    for options in [&[][..], &["--passthrough"][..]] {
+        let got = run_on_cowfs(&bin, t.path(), options);
+        check(&want, &got, options);
+    }
+}
 
+fn run_on_cowfs(bin: &Path, dir: &Path, options: &[&str]) -> BTreeMap<String, String> {
+    let store = dir.join(format!("store{}", options.join("")));
+    ok(&["fs", "create", s(&store), "--base", s(&dir.join("base"))]);
+    let (m, _) = Mounted::with(&store, &dir.join("mnt"), options);
+    let got = run(bin, &m.path("work"));
+    m.umount();
+    got
+}
+
+fn check(want: &BTreeMap<String, String>, got: &BTreeMap<String, String>, options: &[&str]) {
     let regressions: Vec<_> = want
         .iter()
         .filter(|(name, r)| *r == "ok" && got.get(*name).is_some_and(|g| g != "ok"))
@@ -91,7 +103,7 @@ fn pjdfstest_fails_nothing_that_passes_natively() {
         .collect();
     let failed = got.values().filter(|r| *r == "FAILED").count();
     eprintln!(
-        "pjdfstest: native {} ok; cowfs {} ok, {failed} failed",
+        "pjdfstest: native {} ok; cowfs {options:?} {} ok, {failed} failed",
         want.values().filter(|r| *r == "ok").count(),
         got.values().filter(|r| *r == "ok").count()
     );
@@ -103,7 +115,7 @@ fn pjdfstest_fails_nothing_that_passes_natively() {
         .collect();
     assert!(
         regressions.is_empty(),
-        "pass natively, not on cowfs: {regressions:#?}"
+        "pass natively, not on cowfs {options:?}: {regressions:#?}"
     );
-    assert_eq!(failed, 0, "pjdfstest failures on cowfs");
+    assert_eq!(failed, 0, "pjdfstest failures on cowfs {options:?}");
 }

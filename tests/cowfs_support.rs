@@ -72,12 +72,21 @@ pub struct Mounted {
 
 impl Mounted {
     pub fn new(store: &Path, mnt: &Path) -> Mounted {
+        Self::with(store, mnt, &[]).0
+    }
+
+    /// Mount with extra `fs mount` options; also returns the daemon's pid.
+    pub fn with(store: &Path, mnt: &Path, options: &[&str]) -> (Mounted, u32) {
         std::fs::create_dir_all(mnt).unwrap();
-        ok(&["fs", "mount", s(store), s(mnt)]);
-        Mounted {
+        let mut args = vec!["--json", "fs", "mount", s(store), s(mnt)];
+        args.extend(options);
+        let out: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+        let pid = out["pid"].as_u64().expect("daemon pid") as u32;
+        let m = Mounted {
             store: store.to_owned(),
             mnt: mnt.to_owned(),
-        }
+        };
+        (m, pid)
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {

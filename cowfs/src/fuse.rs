@@ -20,8 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-/// The file handle of a file opened for writing (others get 0).
-const WRITER: FileHandle = FileHandle(1);
+use crate::passthrough::{Passthrough, WRITER_BIT};
 
 /// How long the kernel may cache entries and attributes.
 const TTL: Duration = Duration::from_secs(3600);
@@ -95,14 +94,14 @@ impl KernelCache {
     fn handle(&self, ino: Ino, writable: bool) -> FileHandle {
         if writable {
             *self.writers.lock().unwrap().entry(ino).or_default() += 1;
-            WRITER
+            FileHandle(WRITER_BIT)
         } else {
             FileHandle(0)
         }
     }
 
     fn closed(&self, ino: Ino, fh: FileHandle) {
-        if fh == WRITER {
+        if fh.0 & WRITER_BIT != 0 {
             let mut writers = self.writers.lock().unwrap();
             if let Some(n) = writers.get_mut(&ino) {
                 *n -= 1;
@@ -282,15 +281,46 @@ pub struct CowFuse {
     kernel: Arc<KernelCache>,
     next_fh: AtomicU64,
     dirs: Mutex<HashMap<u64, Listing>>,
+    /// Asked for at mount (`MountOptions::passthrough`).
+    want_passthrough: bool,
+    /// Set at INIT if the kernel agreed.
+    passthrough: Option<Passthrough>,
 }
 
 impl CowFuse {
-    pub fn new(view: Arc<View>, kernel: Arc<KernelCache>) -> Self {
+    pub fn new(view: Arc<View>, kernel: Arc<KernelCache>, passthrough: bool) -> Self {
         CowFuse {
             view,
             kernel,
             next_fh: AtomicU64::new(1),
             dirs: Mutex::default(),
+            want_passthrough: passthrough,
+            passthrough: None,
+        }
+    }
+
+    /// Passthrough if asked for and the kernel has it (the daemon also
+    /// needs CAP_SYS_ADMIN to register backing files, checked per open);
+    /// else the writeback cache, which the kernel does not combine with it.
+    fn choose_caching(&mut self, config: &mut KernelConfig) {
+        if self.want_passthrough {
+            if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
+                // The base may not itself be stacked (depth 0); one level
+                // lets the backing files be opened and keeps cowfs
+                // stackable under another overlay.
+                let _ = config.set_max_stack_depth(1);
+                // Direct I/O opens (beside passthrough ones) stay mappable.
+                let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+                self.passthrough = Some(Passthrough::default());
+                return;
+            }
+            tracing::warn!("the kernel lacks FUSE passthrough: using the writeback cache");
+        }
+        if config
+            .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+            .is_err()
+        {
+            tracing::info!("kernel lacks the FUSE writeback cache");
         }
     }
 
@@ -449,8 +479,8 @@ fn xattr_reply(r: Res<Vec<u8>>, size: u32, reply: ReplyXattr) {
 
 impl Filesystem for CowFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        self.choose_caching(config);
         for cap in [
-            InitFlags::FUSE_WRITEBACK_CACHE,
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
@@ -634,10 +664,13 @@ impl Filesystem for CowFuse {
         match self.view.attr(ino.0) {
             Ok(_) => {
                 self.view.opened(ino.0);
-                let fh = self
-                    .kernel
-                    .handle(ino.0, flags.0 & libc::O_ACCMODE != libc::O_RDONLY);
-                reply.opened(fh, self.kernel.keep_cache(ino.0))
+                let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+                let fh = self.kernel.handle(ino.0, writable);
+                let cached = self.kernel.keep_cache(ino.0);
+                match &self.passthrough {
+                    Some(p) => p.open(&self.view, ino.0, fh, writable, cached, reply),
+                    None => reply.opened(fh, cached),
+                }
             }
             Err(e) => reply.error(err(e)),
         }
@@ -713,6 +746,9 @@ impl Filesystem for CowFuse {
         reply: ReplyEmpty,
     ) {
         self.kernel.closed(ino.0, fh);
+        if let Some(p) = &self.passthrough {
+            p.released(ino.0, fh);
+        }
         let released = self.view.released(ino.0).map(|last| {
             if last {
                 self.kernel.last_release(ino.0);
@@ -873,6 +909,9 @@ impl Filesystem for CowFuse {
             Ok(a) => {
                 self.kernel.saw(parent.0, name, a.ino);
                 self.view.opened(a.ino);
+                if let Some(p) = &self.passthrough {
+                    p.created(a.ino);
+                }
                 reply.created(
                     &TTL,
                     &file_attr(&a),

@@ -36,6 +36,8 @@
 //! - `data`: which layer each block of a file comes from; data file I/O
 //! - `view`: the live view: every file system operation, checkpoint, rollback
 //! - `fuse`: the FUSE adapter (fuser) over `view`
+//! - `passthrough`: the opt-in mode where the kernel reads unchanged base
+//!   files directly, and the bookkeeping of open modes it needs
 //! - `mount`: mounting, the store lock, the `Mount` handle
 //! - `control`: the control socket of a mounted store
 //! - `merge`: merging layers no checkpoint separates, in the background
@@ -57,6 +59,7 @@ mod fuse;
 mod journal;
 mod merge;
 mod mount;
+mod passthrough;
 mod state;
 mod store;
 mod sys;

@@ -17,6 +17,10 @@ use std::sync::Arc;
 pub struct MountOptions {
     /// FUSE worker threads.
     pub threads: usize,
+    /// Serve read-only opens of files no layer changed from the base file
+    /// directly (FUSE passthrough: native read speed), at the price of the
+    /// writeback cache (see the `passthrough` module).
+    pub passthrough: bool,
 }
 
 /// Worker threads by default. More made one process's cold stats faster
@@ -29,6 +33,7 @@ impl Default for MountOptions {
     fn default() -> Self {
         MountOptions {
             threads: DEFAULT_THREADS,
+            passthrough: false,
         }
     }
 }
@@ -188,7 +193,7 @@ pub(crate) fn prepare(
     crate::sys::raise_nofile_limit();
     let view = Arc::new(view);
     let kernel = Arc::new(KernelCache::default());
-    let fs = CowFuse::new(view.clone(), kernel.clone());
+    let fs = CowFuse::new(view.clone(), kernel.clone(), opts.passthrough);
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::FSName(format!("cowfs:{}", layout.dir.display())),

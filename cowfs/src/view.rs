@@ -208,6 +208,19 @@ impl View {
         self.base.inode(ino).ok_or(libc::ESTALE)
     }
 
+    /// The base file behind `ino` if no layer has changed it (not even its
+    /// metadata): what a passthrough open can read directly.
+    pub fn unchanged_base_file(&self, ino: Ino) -> Option<Arc<File>> {
+        if self.inner.read().unwrap().state.nodes.contains_key(&ino) {
+            return None;
+        }
+        let b = self.base.inode(ino)?;
+        if b.meta.kind != Kind::File {
+            return None;
+        }
+        self.base.file(ino, &b.origin).ok()
+    }
+
     fn tree<'a>(&'a self, state: &'a State) -> Tree<'a> {
         Tree {
             base: &self.base,

@@ -33,6 +33,10 @@ pub enum FsCmd {
         /// FUSE worker threads.
         #[arg(long, default_value_t = cowfs::DEFAULT_THREADS)]
         threads: usize,
+        /// Let the kernel read files no layer changed straight from the
+        /// base (native read speed; writes lose the writeback cache).
+        #[arg(long)]
+        passthrough: bool,
     },
     /// Unmount a cowfs mount and wait until its data is durable.
     Umount { mountpoint: PathBuf },
@@ -64,6 +68,8 @@ pub enum FsCmd {
         mountpoint: PathBuf,
         #[arg(long)]
         threads: usize,
+        #[arg(long)]
+        passthrough: bool,
     },
 }
 
@@ -121,13 +127,17 @@ pub fn run(out: Output, cmd: FsCmd) -> CliResult {
             mountpoint,
             foreground,
             threads,
+            passthrough,
         } => {
             let s = open(&store)?;
-            let opts = MountOptions { threads };
+            let opts = MountOptions {
+                threads,
+                passthrough,
+            };
             if foreground {
                 return s.serve(&mountpoint, &opts, || {}).map_err(cli);
             }
-            let pid = spawn_daemon(&s, &mountpoint, threads)?;
+            let pid = spawn_daemon(&s, &mountpoint, &opts)?;
             out.emit(
                 &json!({"store": s.dir(), "mountpoint": mountpoint, "pid": pid}),
                 || {
@@ -144,9 +154,14 @@ pub fn run(out: Output, cmd: FsCmd) -> CliResult {
             store,
             mountpoint,
             threads,
+            passthrough,
         } => {
             let s = open(&store)?;
-            s.serve(&mountpoint, &MountOptions { threads }, || {
+            let opts = MountOptions {
+                threads,
+                passthrough,
+            };
+            s.serve(&mountpoint, &opts, || {
                 println!("ready");
                 // Nothing more goes to the parent: it has stopped reading.
                 if let Ok(null) = std::fs::File::create("/dev/null") {
@@ -235,7 +250,7 @@ pub fn run(out: Output, cmd: FsCmd) -> CliResult {
 /// Start `umlctl fs __daemon` in its own process group, wait until it has
 /// mounted (it prints "ready"), and return its pid. Its log (and, on
 /// failure, its error) is in the store's daemon.log.
-fn spawn_daemon(store: &Store, mountpoint: &Path, threads: usize) -> CliResult<u32> {
+fn spawn_daemon(store: &Store, mountpoint: &Path, opts: &MountOptions) -> CliResult<u32> {
     let log_path = store.log_path();
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -249,7 +264,8 @@ fn spawn_daemon(store: &Store, mountpoint: &Path, threads: usize) -> CliResult<u
         .args(["fs", "__daemon"])
         .arg(store.dir())
         .arg(mountpoint)
-        .arg(format!("--threads={threads}"))
+        .arg(format!("--threads={}", opts.threads))
+        .args(opts.passthrough.then_some("--passthrough"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)

@@ -28,6 +28,9 @@ pub struct FsBenchArgs {
     /// "rollback", "warm"); all of them by default.
     #[arg(long)]
     pub only: Option<String>,
+    /// Mount cowfs with FUSE passthrough (see `umlctl fs mount --passthrough`).
+    #[arg(long)]
+    pub passthrough: bool,
     /// Work directory (the base is kept there between runs).
     #[arg(long, default_value = "/var/tmp/umlctl-bench-fs")]
     pub dir: PathBuf,
@@ -175,8 +178,12 @@ impl Bench {
             Setup::Cowfs => {
                 let store = cowfs::Store::create(&scratch.join("store"), &self.base, None)
                     .map_err(|e| err("cowfs create", e))?;
+                let opts = cowfs::MountOptions {
+                    passthrough: self.args.passthrough,
+                    ..Default::default()
+                };
                 let m = store
-                    .mount(&mnt, &cowfs::MountOptions::default())
+                    .mount(&mnt, &opts)
                     .map_err(|e| err("cowfs mount", e))?;
                 view.cowfs = Some((store, m));
             }
