@@ -1,10 +1,13 @@
 //! The metadata journal of one layer: an append-only file of records, each
 //! framed as `[u32 length][u64 xxh3 of the payload][JSON payload]`.
 //!
-//! Records are buffered in memory and written out on fsync, checkpoint,
-//! unmount and when the buffer grows; a crash can leave a torn last record,
-//! which replay detects (length or checksum) and stops before. Everything
-//! fsync returned for is complete before the torn tail.
+//! Records are buffered in memory and written out only by `sync`, which
+//! the view calls on fsync, checkpoint, unmount and when the buffer is
+//! `full`, each time after making the data of the blocks they name
+//! durable: a record in the file never names a block whose bytes may still
+//! be lost. A crash can leave a torn last record, which replay detects
+//! (length or checksum) and stops before. Everything fsync returned for is
+//! complete before the torn tail.
 
 use crate::error::{Context, Result};
 use crate::state::{Ino, Meta};
@@ -70,8 +73,8 @@ impl Record {
 }
 
 const HEADER: usize = 12;
-/// Write the buffer out once it holds this much.
-const FLUSH_AT: usize = 1 << 20;
+/// The view syncs (data, then this journal) once the buffer holds this much.
+const FULL_AT: usize = 1 << 20;
 
 /// The open journal of the writable top layer.
 pub struct Writer {
@@ -100,14 +103,16 @@ impl Writer {
 
     pub fn append(&mut self, rec: &Record) -> Result<()> {
         encode(rec, &mut self.buf);
-        if self.buf.len() >= FLUSH_AT {
-            self.flush()?;
-        }
         Ok(())
     }
 
+    /// Whether enough is buffered that the view should sync.
+    pub fn full(&self) -> bool {
+        self.buf.len() >= FULL_AT
+    }
+
     /// Write buffered records to the file (no fsync).
-    pub fn flush(&mut self) -> Result<()> {
+    fn flush(&mut self) -> Result<()> {
         if !self.buf.is_empty() {
             self.file
                 .write_all(&self.buf)
