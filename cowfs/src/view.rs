@@ -103,8 +103,12 @@ struct Inner {
     snapshots: HashMap<u32, State>,
     /// Open file counts, so that an unlinked open file lives until closed.
     open: HashMap<Ino, u32>,
-    /// Files of the top layer written since their data was last fsynced.
-    unsynced: HashSet<Ino>,
+    /// Files of the top layer written since their data was last fsynced,
+    /// with the `writes` count at their last write.
+    unsynced: HashMap<Ino, u64>,
+    /// Writes so far: tells a sync whether a file was written again after
+    /// it synced the file's data without the lock.
+    writes: u64,
     /// Inodes changed in each layer: what a rollback must invalidate.
     touched: HashMap<u32, HashSet<Ino>>,
     /// The store's commit file (`stack`).
@@ -164,7 +168,8 @@ impl View {
                 dirty: HashSet::new(),
                 snapshots,
                 open: HashMap::new(),
-                unsynced: HashSet::new(),
+                unsynced: HashMap::new(),
+                writes: 0,
                 touched,
                 committer,
             }),
@@ -792,7 +797,9 @@ impl View {
             return Err(libc::EINVAL);
         }
         let file = self.layer_file(top, ino).map_err(errno)?;
-        g.unsynced.insert(ino);
+        g.writes += 1;
+        let n = g.writes;
+        g.unsynced.insert(ino, n);
         let end = off + bytes.len() as u64;
         let mut fresh = Vec::new();
         let mut b = off / bs;
@@ -991,9 +998,52 @@ impl View {
     /// sync, not only this one's, so the data of all of them goes first
     /// (as ext4's ordered mode writes all ordered data at a commit); with
     /// one file written, as a VM disk image, that is only its own.
+    ///
+    /// The data is synced without the lock (other operations wait for the
+    /// journal's fdatasync only, not the data's); under the lock, what was
+    /// written after that is synced too before the journal goes out.
     pub fn fsync(&self, _ino: Option<Ino>) -> Res<()> {
+        let synced = self.sync_data_unlocked();
         let mut g = self.lock();
+        Self::forget_synced(&mut g, &synced);
         self.sync_locked(&mut g).map_err(eio)
+    }
+
+    /// Files whose data `sync_data_unlocked` made durable, unless written
+    /// again since: those stay for `sync_locked`.
+    fn forget_synced(g: &mut Inner, synced: &[(Ino, u64)]) {
+        for (ino, at) in synced {
+            if g.unsynced.get(ino) == Some(at) {
+                g.unsynced.remove(ino);
+            }
+        }
+    }
+
+    /// fdatasync the files written so far, without holding the lock;
+    /// returns those synced, each with the `writes` count its sync covers.
+    /// What is not synced here (many files: one syncfs; an error, or a
+    /// layer a rollback dropped meanwhile) is left to `sync_locked`, which
+    /// reports errors.
+    fn sync_data_unlocked(&self) -> Vec<(Ino, u64)> {
+        let (top, files): (u32, Vec<(Ino, u64)>) = {
+            let g = self.inner.read().unwrap();
+            if g.unsynced.len() > SYNCFS_AT {
+                return Vec::new();
+            }
+            let files = g.unsynced.iter().map(|(&i, &n)| (i, n)).collect();
+            (g.stack.top(), files)
+        };
+        let mut synced = Vec::with_capacity(files.len());
+        for (ino, at) in files {
+            match self.data_file(top, ino, false).and_then(|f| f.sync_data()) {
+                Ok(()) => synced.push((ino, at)),
+                Err(e) => {
+                    tracing::debug!("fsync of inode {ino} left to the locked pass: {e}");
+                    break;
+                }
+            }
+        }
+        synced
     }
 
     /// Make everything written so far durable (data of all files too).
@@ -1010,7 +1060,7 @@ impl View {
             let f = File::open(&dir).at("open", &dir)?;
             nix::unistd::syncfs(&f).ctx(|| "syncfs of the store".into())?;
         } else {
-            for &ino in &g.unsynced {
+            for &ino in g.unsynced.keys() {
                 let path = self.layout.data(top, ino);
                 match self.layer_file(top, ino) {
                     Ok(f) => f.sync_data().at("fsync", &path)?,
@@ -1347,6 +1397,33 @@ mod tests {
         view.write(b, 0, b"fsynced", None).unwrap();
         view.fsync(Some(b)).unwrap();
         assert!(view.inner.read().unwrap().unsynced.is_empty());
+    }
+
+    /// fsync syncs data without the lock; a file written again after that
+    /// (or first written after it) must still be synced under the lock
+    /// before the journal, which holds its new records, goes out.
+    #[test]
+    fn writes_racing_with_an_fsync_are_synced_before_its_journal() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("base");
+        std::fs::create_dir(&base).unwrap();
+        let view = view_of(t.path(), &base);
+        let (a, b, c) = (
+            new_file(&view, "a"),
+            new_file(&view, "b"),
+            new_file(&view, "c"),
+        );
+        view.write(a, 0, b"a1", None).unwrap();
+        view.write(b, 0, b"b1", None).unwrap();
+        let synced = view.sync_data_unlocked();
+        assert_eq!(synced.len(), 2);
+        view.write(a, 4096, b"a2", None).unwrap();
+        view.write(c, 0, b"c1", None).unwrap();
+        let mut g = view.lock();
+        View::forget_synced(&mut g, &synced);
+        let mut left: Vec<Ino> = g.unsynced.keys().copied().collect();
+        left.sort();
+        assert_eq!(left, vec![a, c]);
     }
 
     /// Records reach the journal file only with a sync, data first, even
