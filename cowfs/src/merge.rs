@@ -71,8 +71,7 @@ fn merge(view: &View, lower: u32, upper: u32) -> Result<bool> {
     disk::mkdir(&dir.join("data"))?;
     // The blocks of `lower` still visible once `upper` is applied.
     let state = replay_upto(layout, &view.stack(), upper, view.block_size)?;
-    let pair = Pair { lower, upper };
-    if !build_data(view, &state, pair, &dir)? {
+    if !build_data(view, &state, lower, upper, &dir)? {
         // Unmounting: the half-built directory goes (mount and fsck would
         // clear it away too).
         fs::remove_dir_all(&dir).at("remove", &dir)?;
@@ -91,17 +90,9 @@ fn merge(view: &View, lower: u32, upper: u32) -> Result<bool> {
     view.commit_merge(lower, upper, &dir)
 }
 
-/// The two adjacent layers being merged.
-#[derive(Clone, Copy)]
-struct Pair {
-    lower: u32,
-    upper: u32,
-}
-
 /// Link the data files into the merged layer and copy in the visible
 /// blocks of `lower`. Returns false if it gave up (the view is unmounting).
-fn build_data(view: &View, state: &State, pair: Pair, dir: &Path) -> Result<bool> {
-    let Pair { lower, upper } = pair;
+fn build_data(view: &View, state: &State, lower: u32, upper: u32, dir: &Path) -> Result<bool> {
     let (layout, block_size) = (&view.layout, view.block_size);
     let mut inos = BTreeSet::new();
     for layer in [lower, upper] {
@@ -158,36 +149,21 @@ fn build_data(view: &View, state: &State, pair: Pair, dir: &Path) -> Result<bool
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::Layout;
-    use crate::state::ROOT;
-    use crate::view::NewNode;
-    use crate::Store;
+    use crate::view::tests::{new_file, view_with_blocks};
 
     const BLOCK: usize = 4096;
 
     fn view_of(dir: &Path) -> View {
         let base = dir.join("base");
         fs::create_dir(&base).unwrap();
-        let store = Store::create(&dir.join("store"), &base, Some(BLOCK as u64)).unwrap();
-        let layout = Layout {
-            dir: store.dir().to_owned(),
-        };
-        let cfg = layout.read_config().unwrap();
-        View::load(layout, &cfg).unwrap()
+        view_with_blocks(dir, &base, Some(BLOCK as u64))
     }
 
     /// A file of 64 blocks; each checkpoint round overwrites every other
     /// block of a different stride, so that the merged layer needs blocks
     /// of both the layers it merges.
     fn three_checkpoints(view: &View) -> (u64, Vec<Vec<u8>>) {
-        let new = NewNode {
-            kind: crate::state::Kind::File,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-        };
-        let ino = view.create(ROOT, "f".as_ref(), new, None).unwrap().ino;
+        let ino = new_file(view, "f");
         let mut content = vec![0u8; 64 * BLOCK];
         let mut at_checkpoint = Vec::new();
         for (round, name) in [(1u8, "a"), (2, "b"), (3, "c"), (4, "")] {

@@ -1356,14 +1356,20 @@ fn eio(e: Error) -> Errno {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::state::ROOT;
     use std::path::Path;
 
-    /// A view of a new store over `base`.
+    /// A view of a new store over `base` (in `dir`), with the default
+    /// block size.
     fn view_of(dir: &Path, base: &Path) -> View {
-        let store = crate::Store::create(&dir.join("store"), base, None).unwrap();
+        view_with_blocks(dir, base, None)
+    }
+
+    /// A view of a new store over `base` (in `dir`).
+    pub(crate) fn view_with_blocks(dir: &Path, base: &Path, block_size: Option<u64>) -> View {
+        let store = crate::Store::create(&dir.join("store"), base, block_size).unwrap();
         let layout = Layout {
             dir: store.dir().to_owned(),
         };
@@ -1371,7 +1377,8 @@ mod tests {
         View::load(layout, &cfg).unwrap()
     }
 
-    fn new_file(view: &View, name: &str) -> Ino {
+    /// A new empty file `name` in the root, owned by root.
+    pub(crate) fn new_file(view: &View, name: &str) -> Ino {
         let new = NewNode {
             kind: Kind::File,
             perm: 0o644,
@@ -1504,15 +1511,7 @@ mod tests {
     /// (its capability set through the view) and, as root, one of the base
     /// (its capability on the host file, which must stay there).
     fn files_with_capability(view: &View, base: &Path, op: &str) -> Vec<Ino> {
-        let new = NewNode {
-            kind: Kind::File,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-        };
-        let name = OsString::from(format!("new-{op}"));
-        let ino = view.create(ROOT, &name, new, None).unwrap().ino;
+        let ino = new_file(view, &format!("new-{op}"));
         view.write(ino, 0, b"data", None).unwrap();
         view.setxattr(ino, CAPABILITY, Some(b"cap"), 0).unwrap();
         let mut files = vec![ino];
