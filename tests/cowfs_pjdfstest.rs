@@ -76,11 +76,18 @@ fn pjdfstest_fails_nothing_that_passes_natively() {
     let want = run(&bin, &native);
 
     // The suite runs inside a directory of the base, with base files
-    // around, in both modes: the writeback cache (the default) and
-    // passthrough (which writes through).
+    // around, in each mode: the writeback cache (the default), passthrough
+    // (which writes through), and requests taken by io_uring.
     fs::create_dir_all(t.path().join("base/work")).unwrap();
     fs::write(t.path().join("base/work/base-file"), "from the base").unwrap();
-    for options in [&[][..], &["--passthrough"][..]] {
+    let mut modes = vec![&[][..], &["--passthrough"][..]];
+    if !common::skip_unless(
+        support::io_uring(),
+        "FUSE over io_uring is off: pjdfstest not run with --io-uring (tools/setup turns it on)",
+    ) {
+        modes.push(&["--io-uring"][..]);
+    }
+    for options in modes {
         let got = run_on_cowfs(&bin, t.path(), options);
         check(&want, &got, options);
     }

@@ -38,6 +38,12 @@ pub fn skip() -> bool {
         )
 }
 
+/// Whether FUSE over io_uring is on (`fs mount --io-uring` can work).
+pub fn io_uring() -> bool {
+    std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y")
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 test path")
 }

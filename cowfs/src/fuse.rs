@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use crate::mount::MountOptions;
 use crate::passthrough::{Passthrough, WRITER_BIT};
 
 /// How long the kernel may cache entries and attributes.
@@ -285,17 +286,20 @@ pub struct CowFuse {
     want_passthrough: bool,
     /// Set at INIT if the kernel agreed.
     passthrough: Option<Passthrough>,
+    /// Asked for at mount (`MountOptions::io_uring`).
+    want_io_uring: bool,
 }
 
 impl CowFuse {
-    pub fn new(view: Arc<View>, kernel: Arc<KernelCache>, passthrough: bool) -> Self {
+    pub fn new(view: Arc<View>, kernel: Arc<KernelCache>, opts: &MountOptions) -> Self {
         CowFuse {
             view,
             kernel,
             next_fh: AtomicU64::new(1),
             dirs: Mutex::default(),
-            want_passthrough: passthrough,
+            want_passthrough: opts.passthrough,
             passthrough: None,
+            want_io_uring: opts.io_uring,
         }
     }
 
@@ -480,6 +484,17 @@ fn xattr_reply(r: Res<Vec<u8>>, size: u32, reply: ReplyXattr) {
 impl Filesystem for CowFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         self.choose_caching(config);
+        if self.want_io_uring
+            && config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_err()
+        {
+            let e = format!(
+                "the kernel refused FUSE over io_uring ({})",
+                crate::mount::URING_SWITCH
+            );
+            return Err(std::io::Error::other(e));
+        }
         for cap in [
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,

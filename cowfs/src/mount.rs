@@ -21,6 +21,11 @@ pub struct MountOptions {
     /// directly (FUSE passthrough: native read speed), at the price of the
     /// writeback cache (see the `passthrough` module).
     pub passthrough: bool,
+    /// Take requests by FUSE over io_uring: one queue per CPU, each served
+    /// by threads pinned to that CPU, so a request and its reply never
+    /// wake another CPU (see fuser's `ring.rs`). Needs Linux 6.14 with
+    /// `/sys/module/fuse/parameters/enable_uring` set to Y.
+    pub io_uring: bool,
 }
 
 /// Worker threads by default. More made one process's cold stats faster
@@ -34,9 +39,13 @@ impl Default for MountOptions {
         MountOptions {
             threads: DEFAULT_THREADS,
             passthrough: false,
+            io_uring: false,
         }
     }
 }
+
+/// The kernel's switch for FUSE over io_uring.
+pub const URING_SWITCH: &str = "/sys/module/fuse/parameters/enable_uring";
 
 /// Hold the store's lock; `Conflict` if another process holds it.
 pub fn lock(layout: &Layout) -> Result<Option<Flock<File>>> {
@@ -190,10 +199,16 @@ pub(crate) fn prepare(
             "/dev/fuse is missing: load the fuse module (modprobe fuse)".into(),
         ));
     }
+    if opts.io_uring && !fuser::io_uring_available() {
+        return Err(Error::Environment(format!(
+            "FUSE over io_uring is off in this kernel: turn it on with \
+             `echo Y > {URING_SWITCH}` (Linux 6.14 or later), or mount without --io-uring"
+        )));
+    }
     crate::sys::raise_nofile_limit();
     let view = Arc::new(view);
     let kernel = Arc::new(KernelCache::default());
-    let fs = CowFuse::new(view.clone(), kernel.clone(), opts.passthrough);
+    let fs = CowFuse::new(view.clone(), kernel.clone(), opts);
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::FSName(format!("cowfs:{}", layout.dir.display())),

@@ -37,6 +37,10 @@ pub enum FsCmd {
         /// base (native read speed; writes lose the writeback cache).
         #[arg(long)]
         passthrough: bool,
+        /// Take requests by FUSE over io_uring, one queue per CPU (faster
+        /// metadata; needs /sys/module/fuse/parameters/enable_uring = Y).
+        #[arg(long)]
+        io_uring: bool,
     },
     /// Unmount a cowfs mount and wait until its data is durable.
     Umount { mountpoint: PathBuf },
@@ -70,6 +74,8 @@ pub enum FsCmd {
         threads: usize,
         #[arg(long)]
         passthrough: bool,
+        #[arg(long)]
+        io_uring: bool,
     },
 }
 
@@ -128,11 +134,13 @@ pub fn run(out: Output, cmd: FsCmd) -> CliResult {
             foreground,
             threads,
             passthrough,
+            io_uring,
         } => {
             let s = open(&store)?;
             let opts = MountOptions {
                 threads,
                 passthrough,
+                io_uring,
             };
             if foreground {
                 return s.serve(&mountpoint, &opts, || {}).map_err(cli);
@@ -155,11 +163,13 @@ pub fn run(out: Output, cmd: FsCmd) -> CliResult {
             mountpoint,
             threads,
             passthrough,
+            io_uring,
         } => {
             let s = open(&store)?;
             let opts = MountOptions {
                 threads,
                 passthrough,
+                io_uring,
             };
             s.serve(&mountpoint, &opts, || {
                 println!("ready");
@@ -266,6 +276,7 @@ fn spawn_daemon(store: &Store, mountpoint: &Path, opts: &MountOptions) -> CliRes
         .arg(mountpoint)
         .arg(format!("--threads={}", opts.threads))
         .args(opts.passthrough.then_some("--passthrough"))
+        .args(opts.io_uring.then_some("--io-uring"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)

@@ -31,6 +31,9 @@ pub struct FsBenchArgs {
     /// Mount cowfs with FUSE passthrough (see `umlctl fs mount --passthrough`).
     #[arg(long)]
     pub passthrough: bool,
+    /// Mount cowfs with FUSE over io_uring (see `umlctl fs mount --io-uring`).
+    #[arg(long)]
+    pub io_uring: bool,
     /// Work directory (the base is kept there between runs).
     #[arg(long, default_value = "/var/tmp/umlctl-bench-fs")]
     pub dir: PathBuf,
@@ -180,6 +183,7 @@ impl Bench {
                     .map_err(|e| err("cowfs create", e))?;
                 let opts = cowfs::MountOptions {
                     passthrough: self.args.passthrough,
+                    io_uring: self.args.io_uring,
                     ..Default::default()
                 };
                 let m = store

@@ -1,0 +1,180 @@
+//! `umlctl fs mount --io-uring`: requests reach the daemon through the
+//! kernel's per-CPU io_uring queues, each served by threads pinned to its
+//! CPU, and the file system behaves exactly as over /dev/fuse.
+
+#[path = "common/mod.rs"]
+mod common;
+#[path = "cowfs_support.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use support::{ok, pattern, s, Mounted};
+
+const MIB: usize = 1 << 20;
+
+fn skip() -> bool {
+    support::skip()
+        || common::skip_unless(
+            support::io_uring(),
+            "FUSE over io_uring is off (tools/setup turns it on)",
+        )
+}
+
+/// The daemon's threads: name -> (allowed CPUs, voluntary context switches).
+fn threads(pid: u32) -> BTreeMap<String, (String, u64)> {
+    let mut out = BTreeMap::new();
+    for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        let (Ok(name), Ok(status)) = (
+            fs::read_to_string(dir.join("comm")),
+            fs::read_to_string(dir.join("status")),
+        ) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        let switches = field("voluntary_ctxt_switches:").parse().unwrap();
+        out.insert(
+            name.trim().to_string(),
+            (field("Cpus_allowed_list:"), switches),
+        );
+    }
+    out
+}
+
+fn pin_this_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; sched_setaffinity(0) touches
+    // only this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
+
+/// Woken-up counts of the ring threads of `cpu` and of the /dev/fuse ones.
+fn wakeups(t: &BTreeMap<String, (String, u64)>, cpu: usize) -> (u64, u64) {
+    let ring = format!("fuser-ring-{cpu}.");
+    let sum = |pick: &dyn Fn(&str) -> bool| -> u64 {
+        t.iter().filter(|(n, _)| pick(n)).map(|(_, (_, w))| w).sum()
+    };
+    (
+        sum(&|n| n.starts_with(&ring)),
+        sum(&|n| n.starts_with("fuser-") && !n.starts_with("fuser-ring")),
+    )
+}
+
+#[test]
+fn requests_are_served_by_ring_threads_pinned_to_the_callers_cpu() {
+    if skip() {
+        return;
+    }
+    let (_t, base, store, mnt) = support::dirs();
+    fs::write(base.join("file"), "base").unwrap();
+    support::create(&store, &base, None);
+    let (m, pid) = Mounted::with(&store, &mnt, &["--io-uring"]);
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    // The daemon starts its threads just after it reports the mount.
+    let last = format!("fuser-ring-{}.1", cpus - 1);
+    for _ in 0..100 {
+        if threads(pid).contains_key(&last) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let before = threads(pid);
+    for cpu in 0..cpus {
+        for k in 0..2 {
+            let name = format!("fuser-ring-{cpu}.{k}");
+            let (allowed, _) = before.get(&name).unwrap_or_else(|| {
+                panic!("no thread {name} in the daemon: {before:?}");
+            });
+            assert_eq!(allowed, &cpu.to_string(), "{name} is not pinned");
+        }
+    }
+    // Listing xattrs is never cached by the kernel: each call is a request.
+    let path = m.path("file");
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            pin_this_thread(0);
+            let before = threads(pid);
+            for _ in 0..500 {
+                xattr_names(&path);
+            }
+            let after = threads(pid);
+            let (ring0, dev0) = wakeups(&before, 0);
+            let (ring1, dev1) = wakeups(&after, 0);
+            assert!(
+                ring1 - ring0 >= 500,
+                "500 requests from CPU 0 woke CPU 0's ring threads {} times",
+                ring1 - ring0
+            );
+            assert!(
+                dev1 - dev0 < 50,
+                "the /dev/fuse threads served requests: {} wakeups",
+                dev1 - dev0
+            );
+        });
+    });
+    m.umount();
+}
+
+fn xattr_names(path: &std::path::Path) {
+    let c = std::ffi::CString::new(s(path)).unwrap();
+    let mut buf = [0u8; 256];
+    // SAFETY: a valid C string and a buffer of the size given.
+    let n = unsafe { libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n >= 0, "listxattr: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn big_writes_reads_and_rollback_are_exact_through_the_rings() {
+    if skip() {
+        return;
+    }
+    let (_t, base, store, mnt) = support::dirs();
+    fs::write(base.join("big"), pattern(8 * MIB, 1)).unwrap();
+    support::create(&store, &base, None);
+    let (m, pid) = Mounted::with(&store, &mnt, &["--io-uring"]);
+    ok(&["fs", "checkpoint", s(&store), "before"]);
+    // Writes of the largest size a request carries, unaligned, and sync.
+    let f = OpenOptions::new().write(true).open(m.path("big")).unwrap();
+    let mut want = pattern(8 * MIB, 1);
+    let new = pattern(3 * MIB + 123, 2);
+    f.write_all_at(&new, 1000).unwrap();
+    want[1000..1000 + new.len()].copy_from_slice(&new);
+    f.sync_all().unwrap();
+    drop(f);
+    fs::write(m.path("new"), pattern(2 * MIB, 3)).unwrap();
+    assert!(fs::read(m.path("big")).unwrap() == want);
+    ok(&["fs", "rollback", s(&store), "before"]);
+    assert!(fs::read(m.path("big")).unwrap() == pattern(8 * MIB, 1));
+    assert!(!m.path("new").exists());
+    m.umount();
+    // Unmounting ends the daemon, ring threads and all.
+    for _ in 0..100 {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        if matches!(state, None | Some("Z")) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("daemon {pid} still runs after umount");
+}

@@ -1,0 +1,480 @@
+//! FUSE over io_uring (Linux 6.14 and later). Added to this copy of fuser by
+//! the umlctl project; see PATCHES.md.
+//!
+//! With `/dev/fuse`, a request wakes whichever daemon thread has waited
+//! longest, on whatever CPU it last ran, and the reply wakes the caller back
+//! across CPUs. On a virtual machine whose idle CPUs halt, each such wakeup
+//! costs tens of microseconds, more than the work of a `stat`. The kernel's
+//! io_uring transport keeps one queue per CPU: a request made on CPU n goes
+//! to a thread waiting on queue n, which this module pins to CPU n, so a
+//! request and its reply stay on one CPU.
+//!
+//! Per queue, [`THREADS_PER_QUEUE`] threads each own an io_uring with one
+//! ring entry: a header buffer and a payload buffer that the kernel fills
+//! with a request and reads the reply from.
+//!
+//! ```text
+//!   REGISTER ──► the kernel puts a request in the entry ──► CQE
+//!      ▲                                                     │
+//!      └─ COMMIT_AND_FETCH (the reply is in the entry) ◄── dispatch
+//! ```
+//!
+//! Interrupts, forgets and notifications still go through `/dev/fuse`, so
+//! the session's usual threads keep running beside these.
+
+use std::alloc::Layout;
+use std::io;
+use std::io::IoSlice;
+use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
+use std::os::fd::BorrowedFd;
+use std::os::fd::RawFd;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::Condvar;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use io_uring::IoUring;
+use io_uring::cqueue;
+use io_uring::opcode;
+use io_uring::squeue::Entry128;
+use io_uring::types;
+use log::error;
+use log::warn;
+
+use crate::Filesystem;
+use crate::ReplyEmpty;
+use crate::channel::ChannelSender;
+use crate::ll::Operation;
+use crate::passthrough::BackingId;
+use crate::request::RequestWithSender;
+use crate::session::SessionEventLoop;
+
+/// Threads, each with one ring entry, per CPU queue: while one waits on a
+/// slow request (an fsync), the other serves the rest of that CPU.
+pub(crate) const THREADS_PER_QUEUE: usize = 2;
+
+// The kernel's interface, from include/uapi/linux/fuse.h.
+const CMD_REGISTER: u32 = 1;
+const CMD_COMMIT_AND_FETCH: u32 = 2;
+/// `struct fuse_uring_req_header`: `in_out[128]`, `op_in[128]`, then
+/// `struct fuse_uring_ent_in_out { flags, commit_id, payload_sz, .. }`.
+const HEADER_LEN: usize = 288;
+const OP_IN: usize = 128;
+const OP_IN_MAX: usize = 128;
+const COMMIT_ID: usize = 264;
+const PAYLOAD_SZ: usize = 272;
+/// `struct fuse_in_header` and `struct fuse_out_header`.
+const IN_HEADER_LEN: usize = 40;
+const OUT_HEADER_LEN: usize = 16;
+const FUSE_FORGET: u32 = 2;
+const FUSE_BATCH_FORGET: u32 = 42;
+
+const ENTRY: u64 = 1;
+const STOP: u64 = 2;
+
+/// Whether the kernel offers the transport: it must be built in and turned
+/// on (`/sys/module/fuse/parameters/enable_uring`).
+pub fn available() -> bool {
+    std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|s| s.trim() == "Y")
+}
+
+/// The ring threads of a session, and the way to stop them.
+pub(crate) struct Rings {
+    threads: Vec<JoinHandle<()>>,
+    stop: std::fs::File,
+}
+
+impl Rings {
+    /// Registers ring entries for every possible CPU and serves them.
+    pub(crate) fn start<FS: Filesystem>(
+        make_loop: impl Fn(String) -> SessionEventLoop<FS>,
+        payload_len: usize,
+    ) -> io::Result<Rings> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: efd is ours and open.
+        let stop: std::fs::File = unsafe { std::os::fd::FromRawFd::from_raw_fd(efd) };
+        let mut rings = Rings {
+            threads: Vec::new(),
+            stop,
+        };
+        if let Err(e) = rings.spawn(make_loop, payload_len, efd) {
+            rings.stop();
+            return Err(e);
+        }
+        Ok(rings)
+    }
+
+    fn spawn<FS: Filesystem>(
+        &mut self,
+        make_loop: impl Fn(String) -> SessionEventLoop<FS>,
+        payload_len: usize,
+        stop_fd: RawFd,
+    ) -> io::Result<()> {
+        for qid in 0..possible_cpus()? {
+            for k in 0..THREADS_PER_QUEUE {
+                let name = format!("fuser-ring-{qid}.{k}");
+                let se = make_loop(name.clone());
+                let ring = Worker::new(qid, payload_len, stop_fd)?;
+                let t = std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || ring.serve(se))?;
+                self.threads.push(t);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends every ring thread (after the kernel ended the connection, their
+    /// entries are cancelled with the rings) and waits for them.
+    pub(crate) fn stop(self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our eventfd.
+        let _ = unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), 8) };
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The kernel makes one queue per possible CPU and needs entries on all of
+/// them before it uses any.
+fn possible_cpus() -> io::Result<u16> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let mut max = 0u16;
+    for part in text.trim().split(',') {
+        let last = part.rsplit('-').next().unwrap_or(part);
+        let n: u16 = last
+            .parse()
+            .map_err(|_| io::Error::other(format!("cannot read CPU list {text:?}")))?;
+        max = max.max(n);
+    }
+    Ok(max + 1)
+}
+
+fn pin_to_cpu(cpu: u16) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity
+    // only touch it and this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            // An offline CPU: the queue still needs its entries.
+            warn!("cannot pin ring thread to CPU {cpu}");
+        }
+    }
+}
+
+/// Page-aligned memory that the kernel reads and writes through the ring.
+struct PageBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain memory; who touches it when is ruled by the ring protocol
+// (the kernel between submission and completion, else one request's thread).
+unsafe impl Send for PageBuf {}
+unsafe impl Sync for PageBuf {}
+
+impl PageBuf {
+    fn new(len: usize) -> io::Result<PageBuf> {
+        let layout = Layout::from_size_align(len, 4096).map_err(io::Error::other)?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(PageBuf { ptr, len })
+    }
+
+    fn read(&self, at: usize, out: &mut [u8]) {
+        assert!(at + out.len() <= self.len);
+        // SAFETY: in bounds (checked); the kernel is not writing now.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(at), out.as_mut_ptr(), out.len())
+        }
+    }
+
+    fn write(&self, at: usize, data: &[u8]) {
+        assert!(at + data.len() <= self.len);
+        // SAFETY: in bounds (checked); the kernel is not reading now.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(at), data.len())
+        }
+    }
+
+    fn u32_at(&self, at: usize) -> u32 {
+        let mut b = [0u8; 4];
+        self.read(at, &mut b);
+        u32::from_ne_bytes(b)
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len, 4096).expect("checked in new");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+/// One ring entry's buffers, shared by its thread and the reply.
+struct Entry {
+    header: PageBuf,
+    payload: PageBuf,
+    state: Mutex<Reply>,
+    done: Condvar,
+}
+
+/// Whether the reply is in, and whether the entry's thread sleeps on it
+/// (only then does the reply wake it: most replies come from that thread,
+/// and a futex wake per request is measurable).
+#[derive(Default)]
+struct Reply {
+    sent: bool,
+    waiting: bool,
+}
+
+/// Sends a reply into a ring entry; the entry's thread commits it.
+#[derive(Clone)]
+pub(crate) struct RingSender {
+    entry: Arc<Entry>,
+    ch: ChannelSender,
+}
+
+impl std::fmt::Debug for RingSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RingSender")
+    }
+}
+
+impl RingSender {
+    pub(crate) fn send(&self, data: &[IoSlice<'_>]) -> io::Result<()> {
+        let e = &self.entry;
+        let total: usize = data.iter().map(|s| s.len()).sum();
+        let result = if total < OUT_HEADER_LEN || total - OUT_HEADER_LEN > e.payload.len {
+            error!("reply of {total} bytes does not fit a ring entry");
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        } else {
+            // The out header goes to the header buffer, the rest to the
+            // payload, wherever the slices happen to split.
+            let mut at = 0;
+            for s in data {
+                let head = OUT_HEADER_LEN.saturating_sub(at).min(s.len());
+                e.header.write(at.min(OUT_HEADER_LEN), &s[..head]);
+                e.payload
+                    .write((at + head).saturating_sub(OUT_HEADER_LEN), &s[head..]);
+                at += s.len();
+            }
+            let payload = (total - OUT_HEADER_LEN) as u32;
+            e.header.write(PAYLOAD_SZ, &payload.to_ne_bytes());
+            Ok(())
+        };
+        if result.is_err() {
+            // The kernel still waits for an answer: an EIO.
+            if let Some(head) = data.first().filter(|s| s.len() >= OUT_HEADER_LEN) {
+                e.header.write(0, &head[..OUT_HEADER_LEN]);
+            }
+            e.header.write(4, &(-libc::EIO).to_ne_bytes());
+            e.header.write(PAYLOAD_SZ, &0u32.to_ne_bytes());
+        }
+        let mut state = e.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.sent = true;
+        if state.waiting {
+            e.done.notify_one();
+        }
+        result
+    }
+
+    pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> io::Result<BackingId> {
+        self.ch.open_backing(fd)
+    }
+
+    pub(crate) unsafe fn wrap_backing(&self, id: u32) -> BackingId {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.ch.wrap_backing(id) }
+    }
+}
+
+/// One thread's ring and its entry.
+struct Worker {
+    qid: u16,
+    ring: IoUring<Entry128, cqueue::Entry>,
+    entry: Arc<Entry>,
+    /// Where REGISTER tells the kernel the buffers are; boxed so that the
+    /// address stays put while the command is in flight.
+    iov: Box<[libc::iovec; 2]>,
+    stop_fd: RawFd,
+}
+
+// SAFETY: the iovecs point into `entry`, which the worker owns and moves
+// with it; nothing else reads them.
+unsafe impl Send for Worker {}
+
+impl Worker {
+    fn new(qid: u16, payload_len: usize, stop_fd: RawFd) -> io::Result<Worker> {
+        let entry = Arc::new(Entry {
+            header: PageBuf::new(4096)?,
+            payload: PageBuf::new(payload_len)?,
+            state: Mutex::default(),
+            done: Condvar::new(),
+        });
+        let iov = Box::new([
+            libc::iovec {
+                iov_base: entry.header.ptr.as_ptr().cast(),
+                iov_len: HEADER_LEN,
+            },
+            libc::iovec {
+                iov_base: entry.payload.ptr.as_ptr().cast(),
+                iov_len: payload_len,
+            },
+        ]);
+        Ok(Worker {
+            qid,
+            ring: IoUring::builder().build(4)?,
+            entry,
+            iov,
+            stop_fd,
+        })
+    }
+
+    /// A uring command for the queue: REGISTER (with the buffers) or
+    /// COMMIT_AND_FETCH (naming the request answered).
+    fn command(&self, fd: RawFd, op: u32, commit_id: u64) -> Entry128 {
+        let mut cmd = [0u8; 80];
+        cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
+        cmd[16..18].copy_from_slice(&self.qid.to_ne_bytes());
+        let addr = (op == CMD_REGISTER).then(|| self.iov.as_ptr() as u64);
+        let mut sqe = opcode::UringCmd80::new(types::Fd(fd), op)
+            .cmd(cmd)
+            .addr(addr)
+            .build()
+            .user_data(ENTRY);
+        if op == CMD_REGISTER {
+            // io-uring's builder has no `len` for URING_CMD, and REGISTER
+            // needs it: the number of iovecs.
+            // SAFETY: Entry128 is repr(C), 128 bytes: an io_uring_sqe,
+            // whose `len` is the u32 at byte 24, then 64 bytes of command.
+            let bytes = unsafe { &mut *(&raw mut sqe).cast::<[u8; 128]>() };
+            bytes[24..28].copy_from_slice(&2u32.to_ne_bytes());
+        }
+        sqe
+    }
+
+    fn push(&mut self, sqe: &Entry128) -> io::Result<()> {
+        // SAFETY: the buffers the command names (iov, entry) live as long
+        // as the worker, which outlives the ring's commands.
+        unsafe { self.ring.submission().push(sqe) }
+            .map_err(|_| io::Error::other("io_uring submission queue full"))
+    }
+
+    fn serve<FS: Filesystem>(mut self, se: SessionEventLoop<FS>) {
+        pin_to_cpu(self.qid);
+        if let Err(e) = self.run(&se) {
+            error!("{}: {e}", se.thread_name);
+        }
+    }
+
+    fn run<FS: Filesystem>(&mut self, se: &SessionEventLoop<FS>) -> io::Result<()> {
+        let fd = se.ch.as_fd().as_raw_fd();
+        let stop = opcode::PollAdd::new(types::Fd(self.stop_fd), libc::POLLIN as u32)
+            .build()
+            .user_data(STOP);
+        self.push(&Entry128::from(stop))?;
+        let mut last = self.command(fd, CMD_REGISTER, 0);
+        self.push(&last)?;
+        let mut request = Vec::with_capacity(IN_HEADER_LEN + OP_IN_MAX + self.entry.payload.len);
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+            let Some(cqe) = self.ring.completion().next() else {
+                continue;
+            };
+            if cqe.user_data() == STOP {
+                return Ok(());
+            }
+            match -cqe.result() {
+                0 => {}
+                libc::EINTR | libc::EAGAIN => {
+                    self.push(&last)?;
+                    continue;
+                }
+                // The connection ended.
+                libc::ENOTCONN | libc::ENODEV | libc::ECANCELED => return Ok(()),
+                errno => return Err(io::Error::from_raw_os_error(errno)),
+            }
+            let commit_id = self.request(&mut request)?;
+            self.dispatch(se, &request);
+            last = self.command(fd, CMD_COMMIT_AND_FETCH, commit_id);
+            self.push(&last)?;
+        }
+    }
+
+    /// Lays the entry's request out as `/dev/fuse` would deliver it: the
+    /// in header, the operation's header, then the payload. Returns the
+    /// request's commit id.
+    fn request(&self, out: &mut Vec<u8>) -> io::Result<u64> {
+        let e = &self.entry;
+        let mut id = [0u8; 8];
+        e.header.read(COMMIT_ID, &mut id);
+        let len = e.header.u32_at(0) as usize;
+        let payload = e.header.u32_at(PAYLOAD_SZ) as usize;
+        let op_in = len
+            .checked_sub(IN_HEADER_LEN + payload)
+            .filter(|&n| n <= OP_IN_MAX && payload <= e.payload.len)
+            .ok_or_else(|| {
+                io::Error::other(format!("bad ring request: len {len}, payload {payload}"))
+            })?;
+        out.resize(len, 0);
+        e.header.read(0, &mut out[..IN_HEADER_LEN]);
+        e.header
+            .read(OP_IN, &mut out[IN_HEADER_LEN..IN_HEADER_LEN + op_in]);
+        e.payload.read(0, &mut out[IN_HEADER_LEN + op_in..]);
+        Ok(u64::from_ne_bytes(id))
+    }
+
+    /// Hands the request to the file system and waits for its reply (which
+    /// it may send from another thread).
+    fn dispatch<FS: Filesystem>(&self, se: &SessionEventLoop<FS>, request: &[u8]) {
+        let e = &self.entry;
+        *e.state.lock().unwrap_or_else(|p| p.into_inner()) = Reply::default();
+        let opcode = u32::from_ne_bytes(request[4..8].try_into().expect("4 bytes"));
+        let sender = RingSender {
+            entry: e.clone(),
+            ch: se.ch.sender(),
+        };
+        match RequestWithSender::new_ring(se.ch.sender(), sender.clone(), request) {
+            Some(req) => {
+                if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                    req.reply::<ReplyEmpty>().ok();
+                } else {
+                    req.dispatch(se);
+                }
+            }
+            None => {
+                // Unreadable: answer EIO, as the kernel waits for an answer.
+                let mut header = [0u8; OUT_HEADER_LEN];
+                header[..4].copy_from_slice(&(OUT_HEADER_LEN as u32).to_ne_bytes());
+                header[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
+                header[8..16].copy_from_slice(&request[8..16]);
+                let _ = sender.send(&[IoSlice::new(&header)]);
+            }
+        }
+        if matches!(opcode, FUSE_FORGET | FUSE_BATCH_FORGET) {
+            // No reply is due (these come through /dev/fuse anyway).
+            return;
+        }
+        let mut state = e.state.lock().unwrap_or_else(|p| p.into_inner());
+        while !state.sent {
+            state.waiting = true;
+            state = e.done.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
