@@ -213,22 +213,33 @@ impl KernelCache {
         changed: &[Changed],
     ) {
         let all: HashSet<Ino> = changed.iter().map(|c| c.ino).collect();
-        let renew: HashSet<Ino> = changed
-            .iter()
-            .filter(|c| c.file && !c.open)
-            .map(|c| c.ino)
-            .collect();
+        let renew: HashSet<Ino> = {
+            // A file open when the rollback looked may have had its last
+            // release since, which found nothing to renew: it is renewed
+            // here. Decided under this lock, which `last_release` takes
+            // after the view has counted the close, so exactly one of the
+            // two renews it.
+            let mut pending = self.renew_at_release.lock().unwrap();
+            let renew: HashSet<Ino> = changed
+                .iter()
+                .filter(|c| c.file && (!c.open || !view.is_open(c.ino)))
+                .map(|c| c.ino)
+                .collect();
+            pending.0.extend(
+                changed
+                    .iter()
+                    .filter(|c| c.file && !renew.contains(&c.ino))
+                    .map(|c| c.ino),
+            );
+            pending.1 = Some(notifier.clone());
+            renew
+        };
         {
             let mut gens = self.generations.lock().unwrap();
             for &ino in &renew {
                 *gens.entry(ino).or_default() += 1;
             }
             self.renewed.lock().unwrap().extend(&renew);
-            let mut pending = self.renew_at_release.lock().unwrap();
-            pending
-                .0
-                .extend(changed.iter().filter(|c| c.file && c.open).map(|c| c.ino));
-            pending.1 = Some(notifier.clone());
         }
         let all_at_once = match crate::sys::fuse_inc_epoch(fuse_fd) {
             Ok(()) => true,

@@ -953,6 +953,11 @@ impl View {
         *self.lock().open.entry(ino).or_default() += 1;
     }
 
+    /// Whether any open of `ino` has not been released.
+    pub fn is_open(&self, ino: Ino) -> bool {
+        self.inner.read().unwrap().open.contains_key(&ino)
+    }
+
     /// One open of `ino` ended; true when it was the last.
     pub fn released(&self, ino: Ino) -> Res<bool> {
         let mut g = self.lock();
