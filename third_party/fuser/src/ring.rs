@@ -434,28 +434,19 @@ impl Worker {
                 libc::ENOTCONN | libc::ENODEV | libc::ECANCELED => return Ok(()),
                 errno => return Err(io::Error::from_raw_os_error(errno)),
             }
-            let (commit_id, len, op_in) = self.sizes()?;
+            let (commit_id, sizes) = self.sizes();
             let e = &self.entry;
-            let held = if e.header.u32_at(4) == FUSE_WRITE {
-                // A WRITE's data stays where the kernel put it: its headers
-                // go in the slack just before, and the reply is held until
-                // the request is done with.
-                let start = SLACK - IN_HEADER_LEN - op_in;
-                let mut head = [0u8; IN_HEADER_LEN + OP_IN_MAX];
-                e.header.read(0, &mut head[..IN_HEADER_LEN]);
-                e.header
-                    .read(OP_IN, &mut head[IN_HEADER_LEN..IN_HEADER_LEN + op_in]);
-                e.data.write(start, &head[..IN_HEADER_LEN + op_in]);
-                // SAFETY: `len` bytes from `start` lie in the buffer (checked
-                // by `sizes`) and were written by us and the kernel, and
-                // nothing writes them while the slice lives: the kernel
-                // waits for our commit, and the reply is held.
-                let request =
-                    unsafe { std::slice::from_raw_parts(e.data.ptr.as_ptr().add(start), len) };
-                self.dispatch(se, request, true)
-            } else {
-                self.copy_request(&mut request, len, op_in);
-                self.dispatch(se, &request, false)
+            let held = match sizes {
+                Ok((len, op_in)) => self.serve_request(se, &mut request, len, op_in),
+                Err(err) => {
+                    // The kernel waits for an answer whatever the request.
+                    error!("{}: {err}", se.thread_name);
+                    let mut reply = [0u8; OUT_HEADER_LEN];
+                    reply[..4].copy_from_slice(&(OUT_HEADER_LEN as u32).to_ne_bytes());
+                    reply[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
+                    e.header.read(8, &mut reply[8..16]);
+                    Some(reply.to_vec())
+                }
             };
             if let Some(reply) = held {
                 let _ = self.entry.put(&[&reply]);
@@ -465,8 +456,41 @@ impl Worker {
         }
     }
 
-    /// The request's commit id, length and operation header length.
-    fn sizes(&self) -> io::Result<(u64, usize, usize)> {
+    /// Serves the request in the entry; returns the reply if it was held.
+    fn serve_request<FS: Filesystem>(
+        &self,
+        se: &SessionEventLoop<FS>,
+        request: &mut Vec<u8>,
+        len: usize,
+        op_in: usize,
+    ) -> Option<Vec<u8>> {
+        let e = &self.entry;
+        if e.header.u32_at(4) == FUSE_WRITE {
+            // A WRITE's data stays where the kernel put it: its headers
+            // go in the slack just before, and the reply is held until
+            // the request is done with.
+            let start = SLACK - IN_HEADER_LEN - op_in;
+            let mut head = [0u8; IN_HEADER_LEN + OP_IN_MAX];
+            e.header.read(0, &mut head[..IN_HEADER_LEN]);
+            e.header
+                .read(OP_IN, &mut head[IN_HEADER_LEN..IN_HEADER_LEN + op_in]);
+            e.data.write(start, &head[..IN_HEADER_LEN + op_in]);
+            // SAFETY: `len` bytes from `start` lie in the buffer (checked
+            // by `sizes`) and were written by us and the kernel, and
+            // nothing writes them while the slice lives: the kernel
+            // waits for our commit, and the reply is held.
+            let request =
+                unsafe { std::slice::from_raw_parts(e.data.ptr.as_ptr().add(start), len) };
+            self.dispatch(se, request, true)
+        } else {
+            self.copy_request(request, len, op_in);
+            self.dispatch(se, request, false)
+        }
+    }
+
+    /// The request's commit id, and its length and operation header
+    /// length if they make sense.
+    fn sizes(&self) -> (u64, io::Result<(usize, usize)>) {
         let e = &self.entry;
         let mut id = [0u8; 8];
         e.header.read(COMMIT_ID, &mut id);
@@ -475,10 +499,11 @@ impl Worker {
         let op_in = len
             .checked_sub(IN_HEADER_LEN + payload)
             .filter(|&n| n <= OP_IN_MAX && payload <= e.payload_len)
+            .map(|op_in| (len, op_in))
             .ok_or_else(|| {
                 io::Error::other(format!("bad ring request: len {len}, payload {payload}"))
-            })?;
-        Ok((u64::from_ne_bytes(id), len, op_in))
+            });
+        (u64::from_ne_bytes(id), op_in)
     }
 
     /// Lays the entry's request out as `/dev/fuse` would deliver it: the
