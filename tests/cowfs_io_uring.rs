@@ -115,8 +115,10 @@ fn requests_are_served_by_ring_threads_pinned_to_the_callers_cpu() {
             let after = threads(pid);
             let (ring0, dev0) = wakeups(&before, 0);
             let (ring1, dev1) = wakeups(&after, 0);
+            // At least one wakeup per two requests: a thread that finds
+            // the next request already there when it commits does not sleep.
             assert!(
-                ring1 - ring0 >= 500,
+                ring1 - ring0 >= 250,
                 "500 requests from CPU 0 woke CPU 0's ring threads {} times",
                 ring1 - ring0
             );
