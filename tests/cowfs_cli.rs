@@ -392,9 +392,14 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     // The mountpoint is in use; the store is already mounted.
     let other = t.path().join("other");
     support::create(&other, &base, None);
+    let before = tree(&other);
     let out = umlctl(&["fs", "mount", s(&other), s(&mnt)]);
     assert_eq!(out.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+    assert_eq!(code(&["fs", "mount", s(&other), s(&missing)]), 7);
+    // Nothing started on the refused store goes on changing it.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(tree(&other), before, "a refused mount changed the store");
     assert_eq!(
         code(&["fs", "mount", s(&store), s(&t.path().join("m2"))]),
         6
@@ -415,6 +420,25 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("upgrade"));
     assert_eq!(code(&["fs", "list", s(&store)]), 3);
     assert!(!cowfs_mounted(&mnt));
+}
+
+/// Every path under the store `dir`, sorted, but the lock file and the
+/// daemon's log (a mount attempt makes both).
+fn tree(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out.retain(|p| p != &dir.join("lock") && p != &dir.join("daemon.log"));
+    out.sort();
+    out
 }
 
 fn cowfs_mounted(mnt: &Path) -> bool {

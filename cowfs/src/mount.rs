@@ -168,13 +168,10 @@ pub(crate) struct Prepared {
     pub mountpoint: PathBuf,
 }
 
-pub(crate) fn prepare(
-    layout: &Layout,
-    view: View,
-    lock: Flock<File>,
-    mountpoint: &Path,
-    opts: &MountOptions,
-) -> Result<Prepared> {
+/// What can be checked before the store is loaded: the mountpoint and the
+/// kernel. Loading starts background work (the spare layer) that a failed
+/// mount would otherwise leave changing the store.
+pub(crate) fn check(mountpoint: &Path, opts: &MountOptions) -> Result<()> {
     let md = std::fs::metadata(mountpoint).map_err(|e| {
         Error::NotFound(format!(
             "mountpoint {} is not usable: {e}",
@@ -205,8 +202,42 @@ pub(crate) fn prepare(
              `echo Y > {URING_SWITCH}` (Linux 6.14 or later), or mount without --io-uring"
         )));
     }
-    crate::sys::raise_nofile_limit();
+    Ok(())
+}
+
+/// Mount `view` (its store checked by `check`). On failure, the view's
+/// background work is ended before the store lock goes.
+pub(crate) fn prepare(
+    layout: &Layout,
+    view: View,
+    lock: Flock<File>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<Prepared> {
     let view = Arc::new(view);
+    match start_session(layout, &view, mountpoint, opts) {
+        Ok((session, server)) => Ok(Prepared {
+            session,
+            server,
+            view,
+            lock,
+            mountpoint: mountpoint.to_owned(),
+        }),
+        Err(e) => {
+            view.background.stop();
+            drop(lock);
+            Err(e)
+        }
+    }
+}
+
+fn start_session(
+    layout: &Layout,
+    view: &Arc<View>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<(fuser::Session<CowFuse>, Server)> {
+    crate::sys::raise_nofile_limit();
     let kernel = Arc::new(KernelCache::default());
     let fs = CowFuse::new(view.clone(), kernel.clone(), opts);
     let mut cfg = Config::default();
@@ -254,13 +285,7 @@ pub(crate) fn prepare(
     let l = layout.clone();
     view.background
         .spawn("cowfs-trash", move || l.empty_trash());
-    Ok(Prepared {
-        session,
-        server,
-        view,
-        lock,
-        mountpoint: mountpoint.to_owned(),
-    })
+    Ok((session, server))
 }
 
 /// A store mounted by this process, served by background threads.

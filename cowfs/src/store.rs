@@ -123,6 +123,7 @@ impl Store {
                 self.dir().display()
             ))
         })?;
+        mount::check(mountpoint, opts)?;
         let view = View::load(self.layout.clone(), &self.config)?;
         mount::prepare(&self.layout, view, lock, mountpoint, opts)
     }
