@@ -55,6 +55,9 @@ fn reports_the_uml_in_use_and_boots_a_guest() {
     for name in ["ptrace", "userfaultfd", "fuse", "tun", "namespaces"] {
         assert!(check(&report, name)["ok"].is_boolean());
     }
+    // tools/setup turns FUSE over io_uring on; doctor mounts with it.
+    let uring = check(&report, "fuse-io-uring");
+    assert_eq!(uring["ok"], vm_support::fuse_io_uring_on(), "{uring}");
 }
 
 #[test]

@@ -57,6 +57,7 @@ pub fn run(out: Output, args: DoctorArgs) -> CliResult {
         check("ptrace", false, ptrace_seize()),
         check("userfaultfd", false, userfaultfd()),
         check("fuse", true, open_rw("/dev/fuse")),
+        check("fuse-io-uring", false, fuse_io_uring()),
         check("tun", false, open_rw("/dev/net/tun")),
         check("namespaces", false, namespaces()),
         check("iproute2", false, tool_runs("ip", &["-V"])),
@@ -155,6 +156,31 @@ fn tool_runs(tool: &str, args: &[&str]) -> Result<String, String> {
         .unwrap_or_default()
         .trim()
         .to_string())
+}
+
+/// Mounts a scratch cowfs store with FUSE over io_uring and reads a file
+/// through it: what `umlctl fs mount --io-uring` needs.
+fn fuse_io_uring() -> Result<String, String> {
+    let t = tempfile::tempdir().map_err(|e| format!("scratch directory: {e}"))?;
+    let (base, mnt) = (t.path().join("base"), t.path().join("mnt"));
+    for d in [&base, &mnt] {
+        std::fs::create_dir(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    std::fs::write(base.join("probe"), "io_uring").map_err(|e| format!("base: {e}"))?;
+    let store =
+        cowfs::Store::create(&t.path().join("store"), &base, None).map_err(|e| e.to_string())?;
+    let opts = cowfs::MountOptions {
+        io_uring: true,
+        ..Default::default()
+    };
+    let m = store.mount(&mnt, &opts).map_err(|e| e.to_string())?;
+    let read = std::fs::read_to_string(mnt.join("probe"));
+    m.unmount().map_err(|e| e.to_string())?;
+    match read {
+        Ok(text) if text == "io_uring" => Ok("a cowfs mount with --io-uring serves reads".into()),
+        Ok(text) => Err(format!("read {text:?} through a --io-uring mount")),
+        Err(e) => Err(format!("read through a --io-uring mount: {e}")),
+    }
 }
 
 fn open_rw(path: &str) -> Result<String, String> {
