@@ -162,7 +162,12 @@ fn a_vm_whose_uml_dies_is_dead_and_restarts() {
     assert!(err.contains("dead"), "{err}");
     // Starting it again brings it back.
     lab.ok(&["vm", "start", "d"]);
-    assert_eq!(lab.sh("d", "echo back").1, "back\n");
+    let back = lab.run(&["vm", "exec", "d", "--timeout", "60", "--", "echo", "back"]);
+    assert_eq!(
+        String::from_utf8_lossy(&back.stdout),
+        "back\n",
+        "exec after the restart: {back:?}"
+    );
 
     // Supervisor and UML killed together (as by a crash of the host's
     // session): dead, and the next start clears what they left (run files,
