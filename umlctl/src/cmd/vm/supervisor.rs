@@ -353,9 +353,12 @@ fn spawn_exec_reader(shared: Arc<Shared>, from_guest: OwnedFd, to_exec: Sender<S
             let Ok(line) = line else { break };
             let line = line.trim_end_matches('\r').to_string();
             if line == AGENT_READY {
-                set_phase(&shared, Phase::Ready);
-                // An agent that restarts mid-command will never answer it.
+                // Queued before the phase says Ready, so that an exec that
+                // sees Ready finds the banner and drops it; queued after, it
+                // could reach that exec as the sign of an agent restart. (An
+                // agent that restarts mid-command never answers it.)
                 let _ = to_exec.send(line);
+                set_phase(&shared, Phase::Ready);
             } else if line.starts_with("R ") {
                 let _ = to_exec.send(line);
             } else {
