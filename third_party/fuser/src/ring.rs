@@ -256,7 +256,7 @@ impl Entry {
     /// Puts a reply in the entry: the out header in the header buffer, the
     /// rest in the payload, wherever the slices happen to split. A reply
     /// too big for the entry becomes an EIO, since the kernel waits for one.
-    fn put(&self, data: &[&[u8]]) -> io::Result<()> {
+    fn put<S: std::ops::Deref<Target = [u8]>>(&self, data: &[S]) -> io::Result<()> {
         let total: usize = data.iter().map(|s| s.len()).sum();
         if total < OUT_HEADER_LEN || total - OUT_HEADER_LEN > self.payload_len {
             error!("reply of {total} bytes does not fit a ring entry");
@@ -302,8 +302,7 @@ impl RingSender {
             state.held = Some(data.iter().flat_map(|s| s.iter().copied()).collect());
             Ok(())
         } else {
-            let slices: Vec<&[u8]> = data.iter().map(|s| &s[..]).collect();
-            e.put(&slices)
+            e.put(data)
         };
         state.sent = true;
         if state.waiting {
@@ -449,7 +448,7 @@ impl Worker {
                 }
             };
             if let Some(reply) = held {
-                let _ = self.entry.put(&[&reply]);
+                let _ = self.entry.put(&[reply.as_slice()]);
             }
             last = self.command(fd, CMD_COMMIT_AND_FETCH, commit_id);
             self.push(&last)?;
