@@ -66,18 +66,6 @@ fn workload(mnt: &Path, round: u64, durable: Arc<Mutex<Durable>>) {
     }
 }
 
-fn mount_json(store: &Path, mnt: &Path) -> i32 {
-    mount_json_with(store, mnt, &[])
-}
-
-fn mount_json_with(store: &Path, mnt: &Path, options: &[&str]) -> i32 {
-    let mut args = vec!["--json", "fs", "mount", s(store), s(mnt)];
-    args.extend(options);
-    let out = ok(&args);
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    v["pid"].as_i64().unwrap() as i32
-}
-
 fn fsck(store: &Path, check_only: bool) -> serde_json::Value {
     let mut args = vec!["--json", "fs", "fsck", s(store)];
     if check_only {
@@ -97,19 +85,19 @@ fn sigkill_during_writes_loses_nothing_fsynced() {
     support::create(&store, &base, Some("16K"));
 
     // The checkpoint every round must find intact.
-    let pid = mount_json(&store, &mnt);
+    support::mount(&store, &mnt, &[]);
     fs::write(mnt.join("kept"), "before the checkpoint").unwrap();
     ok(&["fs", "checkpoint", s(&store), "safe"]);
     ok(&["fs", "umount", s(&mnt)]);
-    let _ = pid;
 
     let durable = Arc::new(Mutex::new(Durable::default()));
     let seed = Instant::now().elapsed().subsec_nanos() as u64 ^ std::process::id() as u64;
     for round in 0..3u64 {
         // One round takes its requests by io_uring (replies committed in
         // ring entries), where the kernel has it.
-        let io_uring = round == 1 && support::io_uring();
-        let pid = mount_json_with(&store, &mnt, if io_uring { &["--io-uring"] } else { &[] });
+        let io_uring = round == 1 && common::fuse_io_uring_on();
+        let options: &[&str] = if io_uring { &["--io-uring"] } else { &[] };
+        let pid = support::mount(&store, &mnt, options) as i32;
         let d = durable.clone();
         let m = mnt.clone();
         let writer = std::thread::spawn(move || workload(&m, round + 1, d));
@@ -137,7 +125,7 @@ fn sigkill_during_writes_loses_nothing_fsynced() {
             "round {round}: not clean after repair: {clean}"
         );
 
-        mount_json(&store, &mnt);
+        support::mount(&store, &mnt, &[]);
         let mut d = durable.lock().unwrap();
         assert!(
             !d.files.is_empty(),
@@ -178,7 +166,7 @@ fn sigkill_during_writes_loses_nothing_fsynced() {
     }
 
     ok(&["fs", "rollback", s(&store), "safe"]);
-    mount_json(&store, &mnt);
+    support::mount(&store, &mnt, &[]);
     assert_eq!(
         fs::read_to_string(mnt.join("kept")).unwrap(),
         "before the checkpoint"

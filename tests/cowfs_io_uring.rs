@@ -17,7 +17,7 @@ const MIB: usize = 1 << 20;
 fn skip() -> bool {
     support::skip()
         || common::skip_unless(
-            support::io_uring(),
+            common::fuse_io_uring_on(),
             "FUSE over io_uring is off (tools/setup turns it on)",
         )
 }

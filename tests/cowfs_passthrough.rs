@@ -38,7 +38,6 @@ fn unchanged_files_bypass_the_daemon_only_with_passthrough() {
         return;
     }
     let (_t, base, store, mnt) = support::dirs();
-    fs::create_dir_all(&base).unwrap();
     fs::write(base.join("big"), pattern(4 * MIB, 1)).unwrap();
     support::create(&store, &base, None);
 
@@ -65,7 +64,6 @@ fn writers_beside_passthrough_readers_are_exact_and_the_base_is_untouched() {
         return;
     }
     let (_t, base, store, mnt) = support::dirs();
-    fs::create_dir_all(&base).unwrap();
     let original = pattern(MIB, 2);
     fs::write(base.join("f"), &original).unwrap();
     fs::write(base.join("g"), b"other file").unwrap();

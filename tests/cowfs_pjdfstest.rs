@@ -82,7 +82,7 @@ fn pjdfstest_fails_nothing_that_passes_natively() {
     fs::write(t.path().join("base/work/base-file"), "from the base").unwrap();
     let mut modes = vec![&[][..], &["--passthrough"][..]];
     if !common::skip_unless(
-        support::io_uring(),
+        common::fuse_io_uring_on(),
         "FUSE over io_uring is off: pjdfstest not run with --io-uring (tools/setup turns it on)",
     ) {
         modes.push(&["--io-uring"][..]);

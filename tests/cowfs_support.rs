@@ -38,12 +38,6 @@ pub fn skip() -> bool {
         )
 }
 
-/// Whether FUSE over io_uring is on (`fs mount --io-uring` can work).
-pub fn io_uring() -> bool {
-    std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
-        .is_ok_and(|v| v.trim() == "Y")
-}
-
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 test path")
 }
@@ -70,6 +64,16 @@ pub fn create(store: &Path, base: &Path, block_size: Option<&str>) {
     ok(&args);
 }
 
+/// `umlctl fs mount STORE MNT [OPTIONS]` (making MNT if needed); returns
+/// the daemon's pid. `Mounted` unmounts on drop; this leaves it mounted.
+pub fn mount(store: &Path, mnt: &Path, options: &[&str]) -> u32 {
+    std::fs::create_dir_all(mnt).unwrap();
+    let mut args = vec!["--json", "fs", "mount", s(store), s(mnt)];
+    args.extend(options);
+    let out: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    out["pid"].as_u64().expect("daemon pid") as u32
+}
+
 /// A mounted store, unmounted when dropped.
 pub struct Mounted {
     pub store: PathBuf,
@@ -83,11 +87,7 @@ impl Mounted {
 
     /// Mount with extra `fs mount` options; also returns the daemon's pid.
     pub fn with(store: &Path, mnt: &Path, options: &[&str]) -> (Mounted, u32) {
-        std::fs::create_dir_all(mnt).unwrap();
-        let mut args = vec!["--json", "fs", "mount", s(store), s(mnt)];
-        args.extend(options);
-        let out: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
-        let pid = out["pid"].as_u64().expect("daemon pid") as u32;
+        let pid = mount(store, mnt, options);
         let m = Mounted {
             store: store.to_owned(),
             mnt: mnt.to_owned(),

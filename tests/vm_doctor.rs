@@ -57,7 +57,7 @@ fn reports_the_uml_in_use_and_boots_a_guest() {
     }
     // tools/setup turns FUSE over io_uring on; doctor mounts with it.
     let uring = check(&report, "fuse-io-uring");
-    assert_eq!(uring["ok"], vm_support::fuse_io_uring_on(), "{uring}");
+    assert_eq!(uring["ok"], common::fuse_io_uring_on(), "{uring}");
 }
 
 #[test]

@@ -19,12 +19,6 @@ pub fn uml_ready() -> bool {
     common::is_root() && Path::new(&uml_dir).join("uml.conf").is_file()
 }
 
-/// Whether FUSE over io_uring is switched on in this kernel.
-pub fn fuse_io_uring_on() -> bool {
-    std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
-        .is_ok_and(|v| v.trim() == "Y")
-}
-
 impl Lab {
     /// A lab with an image built with these extra `--add HOST:GUEST` files,
     /// or None (test skipped) when the host cannot run UML.

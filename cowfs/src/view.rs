@@ -1372,6 +1372,16 @@ pub(crate) mod tests {
         view_with_blocks(dir, base, None)
     }
 
+    /// A view of a new store over an empty base, in a scratch directory
+    /// that lives as long as the returned guard.
+    fn empty_view() -> (tempfile::TempDir, View) {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("base");
+        std::fs::create_dir(&base).unwrap();
+        let view = view_of(t.path(), &base);
+        (t, view)
+    }
+
     /// A view of a new store over `base` (in `dir`).
     pub(crate) fn view_with_blocks(dir: &Path, base: &Path, block_size: Option<u64>) -> View {
         let store = crate::Store::create(&dir.join("store"), base, block_size).unwrap();
@@ -1400,10 +1410,7 @@ pub(crate) mod tests {
     /// never reached the disk, and its hole would hide the base's bytes.
     #[test]
     fn fsync_makes_every_published_block_durable_first() {
-        let t = tempfile::tempdir().unwrap();
-        let base = t.path().join("base");
-        std::fs::create_dir(&base).unwrap();
-        let view = view_of(t.path(), &base);
+        let (_t, view) = empty_view();
         let (a, b) = (new_file(&view, "a"), new_file(&view, "b"));
         view.write(a, 0, b"not fsynced", None).unwrap();
         view.write(b, 0, b"fsynced", None).unwrap();
@@ -1416,10 +1423,7 @@ pub(crate) mod tests {
     /// before the journal, which holds its new records, goes out.
     #[test]
     fn writes_racing_with_an_fsync_are_synced_before_its_journal() {
-        let t = tempfile::tempdir().unwrap();
-        let base = t.path().join("base");
-        std::fs::create_dir(&base).unwrap();
-        let view = view_of(t.path(), &base);
+        let (_t, view) = empty_view();
         let (a, b, c) = (
             new_file(&view, "a"),
             new_file(&view, "b"),
@@ -1443,10 +1447,7 @@ pub(crate) mod tests {
     /// syncs.
     #[test]
     fn a_full_journal_buffer_is_synced_data_first() {
-        let t = tempfile::tempdir().unwrap();
-        let base = t.path().join("base");
-        std::fs::create_dir(&base).unwrap();
-        let view = view_of(t.path(), &base);
+        let (_t, view) = empty_view();
         let ino = new_file(&view, "f");
         let journal = view.layout.journal(view.stack().top());
         let mut block = 0;
@@ -1468,10 +1469,7 @@ pub(crate) mod tests {
     /// dropped layer's directory back: fsck would report it.
     #[test]
     fn a_spare_made_late_does_not_bring_back_a_dropped_layer() {
-        let t = tempfile::tempdir().unwrap();
-        let base = t.path().join("base");
-        std::fs::create_dir(&base).unwrap();
-        let view = view_of(t.path(), &base);
+        let (_t, view) = empty_view();
         view.background.wait();
         let next = view.stack().next_layer;
         {

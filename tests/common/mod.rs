@@ -44,6 +44,13 @@ pub fn skip_unless(ok: bool, what: &str) -> bool {
     true
 }
 
+/// Whether FUSE over io_uring is switched on in this kernel
+/// (`umlctl fs mount --io-uring` can work; tools/setup turns it on).
+pub fn fuse_io_uring_on() -> bool {
+    std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y")
+}
+
 /// True when running as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
