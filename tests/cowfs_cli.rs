@@ -413,13 +413,58 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     let cfg = store.join("store.json");
     let text = fs::read_to_string(&cfg)
         .unwrap()
-        .replace("\"format\": 1", "\"format\": 99");
+        .replace(&format_field(cowfs::FORMAT_VERSION), &format_field(99));
     fs::write(&cfg, text).unwrap();
     let out = umlctl(&["fs", "mount", s(&store), s(&mnt)]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("upgrade"));
     assert_eq!(code(&["fs", "list", s(&store)]), 3);
     assert!(!cowfs_mounted(&mnt));
+}
+
+fn format_field(version: u32) -> String {
+    format!("\"format\": {version}")
+}
+
+/// A store made before layers had an fsync log (format 1) mounts, gets a
+/// log, keeps its data, and is marked with the current format so that an
+/// older cowfs, which would ignore the log after a crash, refuses it.
+#[test]
+fn a_store_of_the_format_before_the_fsync_log_mounts_and_is_upgraded() {
+    if support::skip() {
+        return;
+    }
+    let (_t, base, store, mnt) = support::dirs();
+    support::create(&store, &base, None);
+    {
+        let _m = Mounted::new(&store, &mnt);
+        fs::write(mnt.join("kept"), b"from format 1").unwrap();
+    }
+    let cfg = store.join("store.json");
+    let text = fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains(&format_field(cowfs::FORMAT_VERSION)));
+    fs::write(
+        &cfg,
+        text.replace(&format_field(cowfs::FORMAT_VERSION), &format_field(1)),
+    )
+    .unwrap();
+    for layer in fs::read_dir(store.join("layers")).unwrap() {
+        let _ = fs::remove_file(layer.unwrap().path().join("wal"));
+    }
+    let _m = Mounted::new(&store, &mnt);
+    assert_eq!(fs::read(mnt.join("kept")).unwrap(), b"from format 1");
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("kept"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"FROM", 0).unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(fs::read(mnt.join("kept")).unwrap(), b"FROM format 1");
+    let text = fs::read_to_string(&cfg).unwrap();
+    assert!(
+        text.contains(&format_field(cowfs::FORMAT_VERSION)),
+        "{text}"
+    );
 }
 
 /// Every path under the store `dir`, sorted, but the lock file and the

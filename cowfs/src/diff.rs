@@ -33,6 +33,12 @@ impl Store {
         self.sync()?;
         let layout = self.layout();
         let stack = layout.read_stack()?;
+        // Unmounted after a crash: fsynced writes may still be only in the
+        // fsync log; replay it as a mount would (a mounted store's was
+        // emptied by the sync).
+        if let Some(_lock) = crate::mount::lock(layout)? {
+            crate::wal::recover(layout, stack.top())?;
+        }
         let (current, snaps) = replay(layout, &stack, self.block_size(), false)?;
         let pick = |name: &str| -> Result<State> {
             let layer = stack.find(name)?.layer;

@@ -8,6 +8,7 @@
 //!                         by older versions have `stack.json` until their
 //!                         first commit)
 //! STORE/layers/ID/journal metadata records of layer ID (see `journal`)
+//! STORE/layers/ID/wal     the fsync log of layer ID while it is the top (see `wal`)
 //! STORE/layers/ID/data/INO the blocks of inode INO written in layer ID (sparse)
 //! STORE/trash/            dropped layers, deleted in the background
 //! STORE/lock              flock()ed by the daemon while the store is mounted
@@ -24,7 +25,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &str = "cowfs-store";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: layers have an fsync log (`wal`), which an older cowfs would ignore
+/// after a crash. A format 1 store becomes 2 when first mounted.
+pub const FORMAT_VERSION: u32 = 2;
 pub const DEFAULT_BLOCK_SIZE: u64 = 64 * 1024;
 
 /// `store.json`: fixed at creation.
@@ -154,6 +157,9 @@ impl Layout {
     pub fn journal(&self, id: u32) -> PathBuf {
         self.layer(id).join("journal")
     }
+    pub fn wal(&self, id: u32) -> PathBuf {
+        self.layer(id).join("wal")
+    }
     pub fn data_dir(&self, id: u32) -> PathBuf {
         self.layer(id).join("data")
     }
@@ -201,6 +207,22 @@ impl Layout {
             )));
         }
         Ok(cfg)
+    }
+
+    /// Mark an older store as this format (before it is written to in
+    /// ways older versions would misread).
+    pub fn upgrade_format(&self, cfg: &StoreConfig) -> Result<()> {
+        if cfg.format >= FORMAT_VERSION {
+            return Ok(());
+        }
+        let cfg = StoreConfig {
+            format: FORMAT_VERSION,
+            ..cfg.clone()
+        };
+        write_atomic(
+            &self.config(),
+            &serde_json::to_vec_pretty(&cfg).expect("serializable"),
+        )
     }
 
     /// The stack as last committed. Stores made before the `stack` commit
@@ -260,7 +282,7 @@ impl Layout {
         mkdir(&new)?;
         mkdir(&new.join("data"))?;
         create_file(&new.join("journal"))?;
-        sync_dir(&new)?;
+        crate::wal::create(&new.join("wal"))?;
         fs::rename(&new, &dir).at("rename into place", &new)?;
         sync_dir(&self.layers())
     }

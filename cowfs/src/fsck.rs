@@ -1,5 +1,6 @@
 //! `fsck`: check a store that is not mounted, and with `repair` fix what a
-//! crash can leave behind: a torn journal tail (unfinished writes), layer
+//! crash can leave behind: fsynced writes still only in the fsync log, a
+//! torn journal tail (unfinished writes), layer
 //! directories a checkpoint, rollback or merge did not commit, temporary
 //! files, inodes left with no link.
 
@@ -9,6 +10,7 @@ use crate::journal::{self, Record};
 use crate::mount;
 use crate::store::Store;
 use crate::view::replay;
+use crate::wal;
 use serde::Serialize;
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -38,6 +40,7 @@ impl Store {
         })?;
         let mut r = FsckReport::default();
         let mut stack = l.read_stack()?;
+        check_wal(&l, &stack, repair, &mut r)?;
         check_journals(&l, &stack, repair, &mut r)?;
         check_checkpoints(&l, &mut stack, repair, &mut r)?;
         check_leftovers(&l, &stack, repair, &mut r)?;
@@ -49,6 +52,23 @@ impl Store {
         r.repaired = repair && !r.clean();
         Ok(r)
     }
+}
+
+/// Fsynced writes the fsync log holds and the data files and journal may
+/// not: what a crash leaves normally. Replayed first, as mount does, so
+/// that the journal checks see them.
+fn check_wal(l: &Layout, stack: &Stack, repair: bool, r: &mut FsckReport) -> Result<()> {
+    let top = stack.top();
+    let batches = wal::read(&l.wal(top))?.len();
+    if batches > 0 {
+        r.unfinished.push(format!(
+            "{batches} fsynced writes in the fsync log of layer {top} to replay"
+        ));
+        if repair {
+            wal::recover(l, top)?;
+        }
+    }
+    Ok(())
 }
 
 /// Torn journal tails: normal in the top layer, damage in a sealed one.

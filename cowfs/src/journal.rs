@@ -4,8 +4,9 @@
 //! Records are buffered in memory and written out only by `sync`, which
 //! the view calls on fsync, checkpoint, unmount and when the buffer is
 //! `full`, each time after making the data of the blocks they name
-//! durable: a record in the file never names a block whose bytes may still
-//! be lost. A crash can leave a torn last record, which replay detects
+//! durable, or by a small fsync once the fsync log (`wal`) holds both them
+//! and those blocks: a record in the file never names a block whose bytes
+//! may still be lost. A crash can leave a torn last record, which replay detects
 //! (length or checksum) and stops before. Everything fsync returned for is
 //! complete before the torn tail.
 
@@ -81,6 +82,8 @@ pub struct Writer {
     path: PathBuf,
     file: File,
     buf: Vec<u8>,
+    /// The file's length: where `buf` goes.
+    len: u64,
     /// Bytes written to the file since the last fsync.
     unsynced: bool,
 }
@@ -93,10 +96,12 @@ impl Writer {
             .mode(0o600)
             .open(path)
             .at("open journal", path)?;
+        let len = file.metadata().at("stat", path)?.len();
         Ok(Writer {
             path: path.to_owned(),
             file,
             buf: Vec::new(),
+            len,
             unsynced: false,
         })
     }
@@ -111,12 +116,19 @@ impl Writer {
         self.buf.len() >= FULL_AT
     }
 
+    /// The buffered records and the file offset they will be written at
+    /// (what the fsync log keeps of them).
+    pub fn pending(&self) -> (u64, &[u8]) {
+        (self.len, &self.buf)
+    }
+
     /// Write buffered records to the file (no fsync).
-    fn flush(&mut self) -> Result<()> {
+    pub fn flush(&mut self) -> Result<()> {
         if !self.buf.is_empty() {
             self.file
                 .write_all(&self.buf)
                 .at("write journal", &self.path)?;
+            self.len += self.buf.len() as u64;
             self.buf.clear();
             self.unsynced = true;
         }

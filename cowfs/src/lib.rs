@@ -30,6 +30,7 @@
 //! - `disk`: the on-disk layout, `store.json`, atomic writes
 //! - `commit`: the `stack` file, committed with one fdatasync
 //! - `journal`: per-layer metadata records, checksummed, torn tails detected
+//! - `wal`: the fsync log of the top layer: a small fsync costs one flush
 //! - `state`: in-memory metadata of a view (persistent maps: O(1) clones)
 //! - `base`: the read-only base tree, read lazily and cached
 //! - `tree`: reading a view (the merge of a state over the base)
@@ -67,6 +68,7 @@ mod store;
 mod sys;
 mod tree;
 mod view;
+mod wal;
 
 pub use diff::{Change, ChangeKind};
 pub use disk::{Checkpoint, DEFAULT_BLOCK_SIZE, FORMAT_VERSION};

@@ -15,7 +15,8 @@ use crate::error::{Context, Error, Result};
 use crate::journal::{self, Record, Writer};
 use crate::state::{self, Ino, Kind, Loc, Meta, Node, State, Ts};
 use crate::tree::Tree;
-use std::collections::{HashMap, HashSet};
+use crate::wal::{self, Wal};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -97,6 +98,14 @@ struct Inner {
     state: State,
     stack: Stack,
     journal: Writer,
+    /// The fsync log of the top layer.
+    wal: Wal,
+    /// Blocks of the top layer written since the last sync of either kind:
+    /// what a logged fsync puts into the log.
+    dirty_blocks: BTreeSet<(Ino, u64)>,
+    /// A change since the last full sync that the log cannot replay (too
+    /// many blocks, a data file cut or punched): the next fsync is full.
+    unloggable: bool,
     /// Inodes whose metadata changed since their last Node record.
     dirty: HashSet<Ino>,
     /// The state at each checkpointed layer, for O(1) rollback.
@@ -153,9 +162,12 @@ impl View {
         })?;
         let stack = layout.read_stack()?;
         layout.trash_unlisted(&stack)?;
+        layout.upgrade_format(cfg)?;
+        wal::recover(&layout, stack.top())?;
         let (state, snapshots) = replay(&layout, &stack, cfg.block_size, true)?;
         let touched = touched_by_layer(&layout, &stack)?;
         let journal = Writer::open(&layout.journal(stack.top()))?;
+        let wal = Wal::open(&layout.wal(stack.top()))?;
         let committer = Committer::open(&layout.stack())?;
         let view = View {
             layout,
@@ -165,6 +177,9 @@ impl View {
                 state,
                 stack,
                 journal,
+                wal,
+                dirty_blocks: BTreeSet::new(),
+                unloggable: false,
                 dirty: HashSet::new(),
                 snapshots,
                 open: HashMap::new(),
@@ -823,9 +838,24 @@ impl View {
             if loc != Some(Loc::Layer(top)) {
                 fresh.push(b);
             }
+            Self::note_dirty(g, ino, b, bs);
             b += 1;
         }
         self.mark_blocks(g, ino, &fresh, Loc::Layer(top))
+    }
+
+    /// Remember block `b` for the next logged fsync, or give up on logging
+    /// when more blocks are dirty than a batch holds.
+    fn note_dirty(g: &mut Inner, ino: Ino, b: u64, bs: u64) {
+        if g.unloggable {
+            return;
+        }
+        if (g.dirty_blocks.len() as u64 + 1) * bs > wal::BATCH_MAX {
+            g.unloggable = true;
+            g.dirty_blocks.clear();
+        } else {
+            g.dirty_blocks.insert((ino, b));
+        }
     }
 
     /// Record that blocks now live at `loc`, in runs.
@@ -873,6 +903,7 @@ impl View {
             if self.layout.data(top, ino).exists() {
                 let f = self.layer_file(top, ino).map_err(errno)?;
                 f.set_len(size).map_err(errno)?;
+                g.unloggable = true;
             }
         }
         self.node_mut(g, ino)?.meta.size = size;
@@ -945,6 +976,7 @@ impl View {
         if self.layout.data(top, ino).exists() {
             let f = self.layer_file(top, ino).map_err(errno)?;
             data::punch_hole(&f, first_full * bs, (last_full - first_full) * bs).map_err(errno)?;
+            g.unloggable = true;
         }
         Ok(())
     }
@@ -990,7 +1022,11 @@ impl View {
         Ok(())
     }
 
-    /// fsync(2) of a file: its data in the top layer, then the journal.
+    /// fsync(2) of a file. When few blocks changed since the last sync,
+    /// they go with the pending journal records into the fsync log: one
+    /// fdatasync of a preallocated file, a cache flush (see `wal`).
+    ///
+    /// Otherwise a full sync: the data in the top layer, then the journal.
     /// Two fdatasyncs, in this order: a journal record durable before the
     /// block it names would, after a power loss, let the data file's hole
     /// hide the lower layer's bytes of a copied-up block. Not one fsync for
@@ -1008,10 +1044,71 @@ impl View {
     /// journal's fdatasync only, not the data's); under the lock, what was
     /// written after that is synced too before the journal goes out.
     pub fn fsync(&self, _ino: Option<Ino>) -> Res<()> {
+        if self.log_sync(&mut self.lock()).map_err(eio)? {
+            return Ok(());
+        }
         let synced = self.sync_data_unlocked();
         let mut g = self.lock();
         Self::forget_synced(&mut g, &synced);
         self.sync_locked(&mut g).map_err(eio)
+    }
+
+    /// A logged fsync: the dirty blocks (as the data files hold them now)
+    /// and the pending journal records into the log, then the records into
+    /// the journal file, unsynced: the log makes both durable. False when
+    /// the batch is too big for the log or it is full: a full sync then.
+    fn log_sync(&self, g: &mut Inner) -> Result<bool> {
+        if g.unloggable {
+            return Ok(false);
+        }
+        Self::flush_dirty(g)?;
+        let top = g.stack.top();
+        let mut batch = Vec::with_capacity(g.dirty_blocks.len() + 1);
+        let mut size = 0;
+        for &(ino, b) in &g.dirty_blocks {
+            // Truncated away, zeroed or dropped since: nothing to keep.
+            let here = g.state.nodes.get(&ino).and_then(|n| n.blocks.get(&b));
+            if here != Some(&Loc::Layer(top)) {
+                continue;
+            }
+            let bytes = self.block_bytes(top, ino, b)?;
+            size += wal::Entry::frame_len(bytes.len());
+            batch.push(wal::Entry::Block {
+                ino,
+                off: b * self.block_size,
+                bytes,
+            });
+        }
+        let (off, records) = g.journal.pending();
+        if !records.is_empty() {
+            size += wal::Entry::frame_len(records.len());
+            batch.push(wal::Entry::Journal {
+                off,
+                bytes: records.to_vec(),
+            });
+        }
+        if batch.is_empty() {
+            return Ok(true);
+        }
+        if size > wal::BATCH_MAX || size + 64 > g.wal.room() {
+            return Ok(false);
+        }
+        g.wal.append(&batch)?;
+        g.journal.flush()?;
+        g.dirty_blocks.clear();
+        Ok(true)
+    }
+
+    /// Block `b` of `ino` as the top layer's data file holds it, cut at
+    /// the file's end.
+    fn block_bytes(&self, top: u32, ino: Ino, b: u64) -> Result<Vec<u8>> {
+        let path = self.layout.data(top, ino);
+        let f = self.data_file(top, ino, false).at("open", &path)?;
+        let len = f.metadata().at("stat", &path)?.len();
+        let start = b * self.block_size;
+        let mut bytes = vec![0u8; len.saturating_sub(start).min(self.block_size) as usize];
+        data::pread_full(&f, &mut bytes, start).at("read", &path)?;
+        Ok(bytes)
     }
 
     /// Files whose data `sync_data_unlocked` made durable, unless written
@@ -1075,7 +1172,14 @@ impl View {
         }
         g.unsynced.clear();
         Self::flush_dirty(g)?;
-        g.journal.sync()
+        g.journal.sync()?;
+        // Everything the log held is durable in place now.
+        if !g.wal.is_empty() {
+            g.wal.reset()?;
+        }
+        g.dirty_blocks.clear();
+        g.unloggable = false;
+        Ok(())
     }
 
     /// Make the next layer directory in the background, off the clock of
@@ -1119,7 +1223,13 @@ impl View {
         self.layout.commit_stack(&mut g.committer, &next)?;
         let sealed = g.stack.top();
         g.journal = Writer::open(&self.layout.journal(next.top()))?;
+        g.wal = Wal::open(&self.layout.wal(next.top()))?;
         g.stack = next;
+        // A sealed layer's log is empty (synced above) and never used again.
+        let old = self.layout.wal(sealed);
+        self.background.spawn("cowfs-trash", move || {
+            let _ = std::fs::remove_file(old);
+        });
         let snap = g.state.clone();
         g.snapshots.insert(sealed, snap);
         Ok(())
@@ -1148,7 +1258,10 @@ impl View {
         g.state.next_ino = next_ino;
         g.dirty.clear();
         g.unsynced.clear();
+        g.dirty_blocks.clear();
+        g.unloggable = false;
         g.journal = Writer::open(&self.layout.journal(next.top()))?;
+        g.wal = Wal::open(&self.layout.wal(next.top()))?;
         let gone: Vec<State> = g
             .snapshots
             .extract_if(|l, _| !next.layers.contains(l))
@@ -1404,10 +1517,24 @@ pub(crate) mod tests {
         view.create(ROOT, OsStr::new(name), new, None).unwrap().ino
     }
 
+    /// The blocks in the committed batches of the top layer's fsync log.
+    fn logged_blocks(view: &View) -> Vec<(Ino, Vec<u8>)> {
+        let path = view.layout.wal(view.stack().top());
+        let mut out = Vec::new();
+        for e in wal::read(&path).unwrap().into_iter().flatten() {
+            if let wal::Entry::Block { ino, bytes, .. } = e {
+                out.push((ino, bytes));
+            }
+        }
+        out
+    }
+
     /// fsync of one file publishes the journal records of every file
     /// written since the last sync, so their data must be durable first:
     /// else, after a power loss, a record could name a block whose bytes
     /// never reached the disk, and its hole would hide the base's bytes.
+    /// A few blocks go into the fsync log with the records; more than a
+    /// batch holds take the full sync, every file's data first.
     #[test]
     fn fsync_makes_every_published_block_durable_first() {
         let (_t, view) = empty_view();
@@ -1415,7 +1542,64 @@ pub(crate) mod tests {
         view.write(a, 0, b"not fsynced", None).unwrap();
         view.write(b, 0, b"fsynced", None).unwrap();
         view.fsync(Some(b)).unwrap();
+        let mut logged = logged_blocks(&view);
+        logged.sort();
+        assert_eq!(
+            logged,
+            vec![(a, b"not fsynced".to_vec()), (b, b"fsynced".to_vec())]
+        );
+        let blocks = wal::BATCH_MAX / view.block_size + 1;
+        for i in 0..blocks {
+            view.write(a, i * view.block_size, b"many", None).unwrap();
+        }
+        view.write(b, 0, b"again", None).unwrap();
+        view.fsync(Some(b)).unwrap();
         assert!(view.inner.read().unwrap().unsynced.is_empty());
+        assert!(
+            logged_blocks(&view).is_empty(),
+            "a full sync resets the log"
+        );
+    }
+
+    /// A power loss after a logged fsync can lose everything else written
+    /// since the last full sync: the journal's new records and the data
+    /// files. Loading the store replays the log: the copied-up block (with
+    /// the base's bytes around the write) and a new file are back.
+    #[test]
+    fn a_logged_fsync_survives_losing_the_unsynced_journal_and_data() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("base");
+        std::fs::create_dir(&base).unwrap();
+        let pattern: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(base.join("f"), &pattern).unwrap();
+        let view = view_of(t.path(), &base);
+        let f = view.lookup(ROOT, OsStr::new("f")).unwrap().ino;
+        let top = view.stack().top();
+        let journal = view.layout.journal(top);
+        let synced_len = std::fs::metadata(&journal).unwrap().len();
+        view.write(f, 70_000, &[0xee; 4096], None).unwrap();
+        let n = new_file(&view, "n");
+        view.write(n, 0, b"hello", None).unwrap();
+        view.fsync(Some(f)).unwrap();
+        assert_eq!(logged_blocks(&view).len(), 2, "the fsync was logged");
+        let layout = view.layout.clone();
+        drop(view);
+        // The power loss: nothing but the log made it to the disk.
+        let j = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&journal)
+            .unwrap();
+        j.set_len(synced_len).unwrap();
+        std::fs::remove_dir_all(layout.data_dir(top)).unwrap();
+        std::fs::create_dir(layout.data_dir(top)).unwrap();
+        let cfg = layout.read_config().unwrap();
+        let view = View::load(layout, &cfg).unwrap();
+        let mut want = pattern.clone();
+        want[70_000..74_096].fill(0xee);
+        assert_eq!(view.read(f, 0, 300_000).unwrap(), want);
+        let n = view.lookup(ROOT, OsStr::new("n")).unwrap().ino;
+        assert_eq!(view.read(n, 0, 100).unwrap(), b"hello");
+        assert!(logged_blocks(&view).is_empty(), "replayed, then reset");
     }
 
     /// fsync syncs data without the lock; a file written again after that
