@@ -96,7 +96,8 @@ impl Wal {
         let mut wal = Wal {
             path: path.to_owned(),
             file,
-            generation: header.unwrap_or(0),
+            // After a torn header, a generation no earlier frame can have.
+            generation: header.unwrap_or_else(unused_generation),
             pos: HEADER,
         };
         // A new generation only if old frames would still read as valid:
@@ -138,10 +139,17 @@ impl Wal {
                 source: io::Error::new(ErrorKind::StorageFull, "batch does not fit"),
             });
         }
-        self.file
+        let written = self
+            .file
             .write_all_at(&buf, self.pos)
-            .at("write", &self.path)?;
-        self.file.sync_data().at("fsync", &self.path)?;
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // Frames of this failed batch may be on disk, valid, past where
+            // the next batch would end: no more batches in this generation
+            // (the next fsync is full, and resets).
+            self.pos = SIZE;
+            return Err(e).at("write", &self.path);
+        }
         self.pos += buf.len() as u64;
         Ok(())
     }
@@ -179,6 +187,12 @@ impl Wal {
         self.pos = HEADER;
         Ok(())
     }
+}
+
+/// A generation from the clock, far from any a log counted up to.
+fn unused_generation() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(1 << 62, |d| d.as_nanos() as u64)
 }
 
 fn checksum(generation: u64, kind: u32, body: &[u8]) -> u64 {
