@@ -138,6 +138,18 @@ const WRITEBACK_AT: usize = 256 << 10;
 
 const NAME_MAX: usize = 255;
 
+/// Before a block new to the top layer is partly written: make the rest of
+/// its range in the data file read as zero. The file normally has nothing
+/// there, but after a crash it can: the data of an inode whose records the
+/// crash lost (its number is handed out again) or of a lost copy-up. Only
+/// checked where the file reaches that far, so appending costs nothing.
+fn clear_stale(file: &File, start: u64, bs: u64) -> std::io::Result<()> {
+    if file.metadata()?.len() > start {
+        data::punch_hole(file, start, bs)?;
+    }
+    Ok(())
+}
+
 /// Clear setuid, and setgid where the kernel would (its
 /// `setattr_should_drop_sgid`): always with group execute; without it only
 /// for a caller neither in the file's group nor holding CAP_FSETID. Called
@@ -824,7 +836,11 @@ impl View {
             let chunk = &bytes[(s - off) as usize..(e - off) as usize];
             let loc = node.blocks.get(&b).copied();
             let covers = s == bstart && (e == bend || e >= node.meta.size);
-            if loc == Some(Loc::Layer(top)) || covers || !data::has_data_below(&node, b, bs) {
+            let fresh_block = loc != Some(Loc::Layer(top));
+            if !fresh_block || covers || !data::has_data_below(&node, b, bs) {
+                if fresh_block && (s, e) != (bstart, bend) {
+                    clear_stale(&file, bstart, bs).map_err(errno)?;
+                }
                 data::pwrite_all(&file, chunk, s).map_err(errno)?;
             } else {
                 // Copy-up: the merged block, with the write laid over it.
@@ -833,6 +849,9 @@ impl View {
                 let segs = data::plan(&node, bstart, node.meta.size.min(bend), bs);
                 self.fill(ino, node.origin.as_deref(), &segs, bstart, &mut block)?;
                 block[(s - bstart) as usize..(e - bstart) as usize].copy_from_slice(chunk);
+                if valid < bend {
+                    clear_stale(&file, bstart, bs).map_err(errno)?;
+                }
                 data::pwrite_all(&file, &block, bstart).map_err(errno)?;
             }
             if loc != Some(Loc::Layer(top)) {
@@ -1559,6 +1578,35 @@ pub(crate) mod tests {
             logged_blocks(&view).is_empty(),
             "a full sync resets the log"
         );
+    }
+
+    /// A crash can lose the records of a new inode but not its data file;
+    /// the inode's number is then handed out again. The new file must not
+    /// show the lost one's bytes where it has not written.
+    #[test]
+    fn an_inode_number_given_again_after_a_crash_shows_no_stale_bytes() {
+        let (t, view) = empty_view();
+        let lost = new_file(&view, "lost");
+        view.write(lost, 0, &[0xab; 200_000], None).unwrap();
+        let layout = view.layout.clone();
+        // The crash: the journal buffer never reached the file.
+        drop(view);
+        let cfg = layout.read_config().unwrap();
+        let view = View::load(layout, &cfg).unwrap();
+        let again = new_file(&view, "again");
+        assert_eq!(again, lost, "the test needs the number given again");
+        view.write(again, 10, b"new", None).unwrap();
+        view.write(again, 70_000, b"more", None).unwrap();
+        let set = SetAttr {
+            size: Some(150_000),
+            ..SetAttr::default()
+        };
+        view.setattr(again, set, &Caller::default()).unwrap();
+        let mut want = vec![0u8; 150_000];
+        want[10..13].copy_from_slice(b"new");
+        want[70_000..70_004].copy_from_slice(b"more");
+        assert!(view.read(again, 0, 150_000).unwrap() == want, "stale bytes");
+        drop(t);
     }
 
     /// A power loss after a logged fsync can lose everything else written
