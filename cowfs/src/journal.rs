@@ -30,6 +30,10 @@ pub enum Record {
         meta: Meta,
         origin: Option<PathBuf>,
         base_limit: u64,
+        /// The data of a small file kept in the metadata (see
+        /// `state::Node::inline`); absent in records of older versions.
+        #[serde(default, skip_serializing_if = "Option::is_none", with = "hex")]
+        inline: Option<Vec<u8>>,
     },
     /// The target of a symlink created in a layer.
     Symlink { ino: Ino, target: Vec<u8> },
@@ -70,6 +74,43 @@ impl Record {
             | Record::Drop { ino } => *ino,
             Record::Entry { dir, .. } => *dir,
         }
+    }
+}
+
+/// Inline file data as a hex string: half the size of serde_json's array
+/// of numbers, and no crate is needed for it.
+mod hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(bytes) => {
+                let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                s.serialize_some(&text)
+            }
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let digits = text.as_bytes();
+        if digits.len() % 2 != 0 {
+            return Err(serde::de::Error::custom("odd number of hex digits"));
+        }
+        let byte = |pair: &[u8]| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| serde::de::Error::custom("bad hex digit"))
+        };
+        digits
+            .chunks(2)
+            .map(byte)
+            .collect::<Result<_, _>>()
+            .map(Some)
     }
 }
 

@@ -16,6 +16,8 @@ pub const ROOT: Ino = 1;
 /// Inodes created in layers are numbered from here; base inodes keep the
 /// host's inode number, so both are stable across remounts.
 pub const FIRST_NEW_INO: Ino = 1 << 40;
+/// The most data a file keeps inline (see `Node::inline`).
+pub const INLINE_MAX: u64 = 4096;
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Kind {
@@ -148,6 +150,12 @@ pub struct Node {
     pub blocks: imbl::OrdMap<u64, Loc>,
     /// Files: bytes of the origin still visible (a truncate lowers it).
     pub base_limit: u64,
+    /// Files made in a layer and never bigger than `INLINE_MAX` bytes of
+    /// data: the data itself, kept in the metadata (and its journal
+    /// records) instead of a data file, which would cost a file creation
+    /// (tens of microseconds) per small file. Zeros follow up to the size.
+    /// A file with inline data has no blocks.
+    pub inline: Option<Vec<u8>>,
     /// Symlinks made in a layer.
     pub symlink: Option<Vec<u8>>,
     /// Extended attributes, once changed (`None` = the origin's).
@@ -162,6 +170,7 @@ impl Node {
             entries: imbl::OrdMap::new(),
             blocks: imbl::OrdMap::new(),
             base_limit,
+            inline: None,
             symlink: None,
             xattrs: match origin {
                 Some(_) => None,
@@ -176,6 +185,7 @@ impl Node {
             meta: self.meta,
             origin: self.origin.clone(),
             base_limit: self.base_limit,
+            inline: self.inline.clone(),
         }
     }
 }
@@ -209,6 +219,7 @@ impl State {
                 meta,
                 origin,
                 base_limit,
+                inline,
             } => {
                 if ino >= FIRST_NEW_INO {
                     self.next_ino = self.next_ino.max(ino + 1);
@@ -218,9 +229,12 @@ impl State {
                         n.meta = meta;
                         n.origin = origin;
                         n.base_limit = base_limit;
+                        n.inline = inline;
                     }
                     None => {
-                        self.nodes.insert(ino, Node::new(meta, origin, base_limit));
+                        let mut n = Node::new(meta, origin, base_limit);
+                        n.inline = inline;
+                        self.nodes.insert(ino, n);
                     }
                 }
             }
@@ -269,6 +283,9 @@ pub fn truncate_blocks(n: &mut Node, size: u64, block_size: u64) {
     let (below, _) = n.blocks.split(&keep);
     n.blocks = below;
     n.base_limit = n.base_limit.min(size);
+    if let Some(bytes) = &mut n.inline {
+        bytes.truncate(size as usize);
+    }
 }
 
 /// Set a directory entry; a removal in a directory that has no base origin

@@ -65,7 +65,8 @@ impl Tree<'_> {
                     Some(_) => n.base_limit.div_ceil(512),
                     None => 0,
                 };
-                let used = in_layers * self.block_size / 512 + base;
+                let inline = n.inline.as_ref().map_or(0, |b| b.len() as u64);
+                let used = in_layers * self.block_size / 512 + base + inline.div_ceil(512);
                 used.min(n.meta.size.div_ceil(4096) * 8)
             }
             Kind::Dir => 8,

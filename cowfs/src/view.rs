@@ -13,7 +13,7 @@ use crate::data::{self, Seg};
 use crate::disk::{Layout, Stack, StoreConfig};
 use crate::error::{Context, Error, Result};
 use crate::journal::{self, Record, Writer};
-use crate::state::{self, Ino, Kind, Loc, Meta, Node, State, Ts};
+use crate::state::{self, Ino, Kind, Loc, Meta, Node, State, Ts, INLINE_MAX};
 use crate::tree::Tree;
 use crate::wal::{self, Wal};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -137,6 +137,17 @@ const SYNCFS_AT: usize = 64;
 const WRITEBACK_AT: usize = 256 << 10;
 
 const NAME_MAX: usize = 255;
+
+/// Bytes `off..end` of a file whose data is `data` followed by zeros.
+fn read_inline(data: &[u8], off: u64, end: u64) -> Vec<u8> {
+    if end <= off {
+        return Vec::new();
+    }
+    let mut buf = vec![0u8; (end - off) as usize];
+    let have = (data.len() as u64).clamp(off, end);
+    buf[..(have - off) as usize].copy_from_slice(&data[off as usize..have as usize]);
+    buf
+}
 
 /// Before a block new to the top layer is partly written: make the rest of
 /// its range in the data file read as zero. The file normally has nothing
@@ -761,6 +772,9 @@ impl View {
                         return Err(libc::EINVAL);
                     }
                     let end = (off + size as u64).min(n.meta.size);
+                    if let Some(data) = &n.inline {
+                        return Ok(read_inline(data, off, end));
+                    }
                     let segs = data::plan(n, off, end, self.block_size);
                     (segs, n.origin.clone(), end)
                 }
@@ -789,7 +803,9 @@ impl View {
     /// too.
     pub fn write(&self, ino: Ino, off: u64, bytes: &[u8], kill: Option<&Caller>) -> Res<u32> {
         let mut g = self.lock();
-        self.write_locked(&mut g, ino, off, bytes)?;
+        if !self.write_inline(&mut g, ino, off, bytes)? {
+            self.write_locked(&mut g, ino, off, bytes)?;
+        }
         self.drop_capability(&mut g, ino)?;
         let writeback = if bytes.len() >= WRITEBACK_AT {
             self.layer_file(g.stack.top(), ino).ok()
@@ -814,9 +830,37 @@ impl View {
         Ok(bytes.len() as u32)
     }
 
+    /// Write into the inline data of a small file made in a layer (see
+    /// `Node::inline`). False when the file is not one, or the write would
+    /// take it past `INLINE_MAX`: `write_locked` then moves its data to a
+    /// data file.
+    fn write_inline(&self, g: &mut Inner, ino: Ino, off: u64, bytes: &[u8]) -> Res<bool> {
+        let end = off + bytes.len() as u64;
+        let n = self.node_mut(g, ino)?;
+        let small = n.meta.kind == Kind::File
+            && n.origin.is_none()
+            && n.blocks.is_empty()
+            && end <= INLINE_MAX.min(self.block_size);
+        if !small {
+            return Ok(false);
+        }
+        let data = n.inline.get_or_insert_with(Vec::new);
+        if data.len() < end as usize {
+            data.resize(end as usize, 0);
+        }
+        data[off as usize..end as usize].copy_from_slice(bytes);
+        Ok(true)
+    }
+
     /// Write into the top layer, copying up the part of each touched block
     /// that the write does not cover (only when it holds data below).
     fn write_locked(&self, g: &mut Inner, ino: Ino, off: u64, bytes: &[u8]) -> Res<()> {
+        if let Some(data) = self.node_mut(g, ino)?.inline.take() {
+            // Outgrown: the inline data moves to the data file first.
+            if !data.is_empty() {
+                self.write_locked(g, ino, 0, &data)?;
+            }
+        }
         let top = g.stack.top();
         let bs = self.block_size;
         let node = self.node_mut(g, ino)?.clone();
@@ -965,6 +1009,12 @@ impl View {
 
     fn zero_range(&self, g: &mut Inner, ino: Ino, start: u64, end: u64) -> Res<()> {
         if end <= start {
+            return Ok(());
+        }
+        if let Some(data) = &mut self.node_mut(g, ino)?.inline {
+            // Past its inline bytes a file reads as zeros already.
+            let len = data.len() as u64;
+            data[start.min(len) as usize..end.min(len) as usize].fill(0);
             return Ok(());
         }
         let bs = self.block_size;
@@ -1558,14 +1608,17 @@ pub(crate) mod tests {
     fn fsync_makes_every_published_block_durable_first() {
         let (_t, view) = empty_view();
         let (a, b) = (new_file(&view, "a"), new_file(&view, "b"));
-        view.write(a, 0, b"not fsynced", None).unwrap();
-        view.write(b, 0, b"fsynced", None).unwrap();
+        // Past INLINE_MAX: files with data files.
+        let at = INLINE_MAX as usize;
+        view.write(a, at as u64, b"not fsynced", None).unwrap();
+        view.write(b, at as u64, b"fsynced", None).unwrap();
         view.fsync(Some(b)).unwrap();
         let mut logged = logged_blocks(&view);
         logged.sort();
+        let block = |text: &[u8]| [vec![0u8; at], text.to_vec()].concat();
         assert_eq!(
             logged,
-            vec![(a, b"not fsynced".to_vec()), (b, b"fsynced".to_vec())]
+            vec![(a, block(b"not fsynced")), (b, block(b"fsynced"))]
         );
         let blocks = wal::BATCH_MAX / view.block_size + 1;
         for i in 0..blocks {
@@ -1578,6 +1631,63 @@ pub(crate) mod tests {
             logged_blocks(&view).is_empty(),
             "a full sync resets the log"
         );
+    }
+
+    /// A small new file keeps its data in the metadata: no data file, the
+    /// bytes survive a reload, truncate, punch and rollback act on them,
+    /// and a write past INLINE_MAX moves them to a data file intact.
+    #[test]
+    fn small_files_keep_their_data_inline_until_they_outgrow_it() {
+        let (_t, view) = empty_view();
+        let f = new_file(&view, "f");
+        let top = view.stack().top();
+        view.write(f, 0, b"hello world", None).unwrap();
+        view.write(f, 100, b"!", None).unwrap();
+        assert!(!view.layout.data(top, f).exists(), "a data file was made");
+        let mut want = b"hello world".to_vec();
+        want.resize(101, 0);
+        want[100] = b'!';
+        assert_eq!(view.read(f, 0, 4096).unwrap(), want);
+        view.fallocate(
+            f,
+            2,
+            3,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        )
+        .unwrap();
+        want[2..5].fill(0);
+        let cut = SetAttr {
+            size: Some(50),
+            ..SetAttr::default()
+        };
+        view.setattr(f, cut, &Caller::default()).unwrap();
+        want.truncate(50);
+        let grow = SetAttr {
+            size: Some(200),
+            ..SetAttr::default()
+        };
+        view.setattr(f, grow, &Caller::default()).unwrap();
+        want.resize(200, 0);
+        assert_eq!(view.read(f, 0, 4096).unwrap(), want);
+        view.checkpoint("small").unwrap();
+        view.write(f, 0, b"HELLO", None).unwrap();
+        view.rollback("small").unwrap();
+        assert_eq!(view.read(f, 0, 4096).unwrap(), want);
+        // A reload replays the data from the journal.
+        view.sync_all().unwrap();
+        let layout = view.layout.clone();
+        drop(view);
+        let cfg = layout.read_config().unwrap();
+        let view = View::load(layout, &cfg).unwrap();
+        assert_eq!(view.read(f, 0, 4096).unwrap(), want);
+        // Outgrown: into a data file, the inline bytes first.
+        view.write(f, INLINE_MAX, b"big", None).unwrap();
+        let top = view.stack().top();
+        assert!(view.layout.data(top, f).exists());
+        want.resize(INLINE_MAX as usize, 0);
+        want.extend_from_slice(b"big");
+        assert_eq!(view.read(f, 0, 8192).unwrap(), want);
+        assert!(view.inner.read().unwrap().state.nodes[&f].inline.is_none());
     }
 
     /// A crash can lose the records of a new inode but not its data file;
@@ -1627,7 +1737,9 @@ pub(crate) mod tests {
         let synced_len = std::fs::metadata(&journal).unwrap().len();
         view.write(f, 70_000, &[0xee; 4096], None).unwrap();
         let n = new_file(&view, "n");
-        view.write(n, 0, b"hello", None).unwrap();
+        view.write(n, 0, &[0x11; 10_000], None).unwrap();
+        let small = new_file(&view, "small");
+        view.write(small, 0, b"inline", None).unwrap();
         view.fsync(Some(f)).unwrap();
         assert_eq!(logged_blocks(&view).len(), 2, "the fsync was logged");
         let layout = view.layout.clone();
@@ -1646,7 +1758,9 @@ pub(crate) mod tests {
         want[70_000..74_096].fill(0xee);
         assert_eq!(view.read(f, 0, 300_000).unwrap(), want);
         let n = view.lookup(ROOT, OsStr::new("n")).unwrap().ino;
-        assert_eq!(view.read(n, 0, 100).unwrap(), b"hello");
+        assert_eq!(view.read(n, 0, 20_000).unwrap(), vec![0x11; 10_000]);
+        let small = view.lookup(ROOT, OsStr::new("small")).unwrap().ino;
+        assert_eq!(view.read(small, 0, 100).unwrap(), b"inline");
         assert!(logged_blocks(&view).is_empty(), "replayed, then reset");
     }
 
@@ -1661,12 +1775,14 @@ pub(crate) mod tests {
             new_file(&view, "b"),
             new_file(&view, "c"),
         );
-        view.write(a, 0, b"a1", None).unwrap();
-        view.write(b, 0, b"b1", None).unwrap();
+        // Past INLINE_MAX: files with data files.
+        let at = INLINE_MAX;
+        view.write(a, at, b"a1", None).unwrap();
+        view.write(b, at, b"b1", None).unwrap();
         let synced = view.sync_data_unlocked();
         assert_eq!(synced.len(), 2);
-        view.write(a, 4096, b"a2", None).unwrap();
-        view.write(c, 0, b"c1", None).unwrap();
+        view.write(a, at + 4096, b"a2", None).unwrap();
+        view.write(c, at, b"c1", None).unwrap();
         let mut g = view.lock();
         View::forget_synced(&mut g, &synced);
         let mut left: Vec<Ino> = g.unsynced.keys().copied().collect();
