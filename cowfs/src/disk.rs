@@ -9,7 +9,8 @@
 //!                         first commit)
 //! STORE/layers/ID/journal metadata records of layer ID (see `journal`)
 //! STORE/layers/ID/wal     the fsync log of layer ID while it is the top (see `wal`)
-//! STORE/layers/ID/data/INO the blocks of inode INO written in layer ID (sparse)
+//! STORE/layers/ID/data/INO the blocks of inode INO written in layer ID (sparse;
+//!                         none for a small file, whose data is inline: `state`)
 //! STORE/trash/            dropped layers, deleted in the background
 //! STORE/lock              flock()ed by the daemon while the store is mounted
 //! STORE/control.sock      the daemon's control socket (see `control`)
@@ -282,7 +283,7 @@ impl Layout {
         mkdir(&new)?;
         mkdir(&new.join("data"))?;
         create_file(&new.join("journal"))?;
-        crate::wal::create(&new.join("wal"))?;
+        sync_dir(&new)?;
         fs::rename(&new, &dir).at("rename into place", &new)?;
         sync_dir(&self.layers())
     }

@@ -68,6 +68,7 @@ impl Store {
         disk::mkdir(&layout.trash())?;
         let stack = Stack::initial();
         layout.make_layer(stack.top())?;
+        crate::wal::create(&layout.wal(stack.top()))?;
         layout.write_stack(&stack)?;
         let config = StoreConfig {
             magic: disk::MAGIC.into(),

@@ -1292,13 +1292,8 @@ impl View {
         self.layout.commit_stack(&mut g.committer, &next)?;
         let sealed = g.stack.top();
         g.journal = Writer::open(&self.layout.journal(next.top()))?;
-        g.wal = Wal::open(&self.layout.wal(next.top()))?;
+        g.wal.move_to(&self.layout.wal(next.top()))?;
         g.stack = next;
-        // A sealed layer's log is empty (synced above) and never used again.
-        let old = self.layout.wal(sealed);
-        self.background.spawn("cowfs-trash", move || {
-            let _ = std::fs::remove_file(old);
-        });
         let snap = g.state.clone();
         g.snapshots.insert(sealed, snap);
         Ok(())
@@ -1330,7 +1325,7 @@ impl View {
         g.dirty_blocks.clear();
         g.unloggable = false;
         g.journal = Writer::open(&self.layout.journal(next.top()))?;
-        g.wal = Wal::open(&self.layout.wal(next.top()))?;
+        g.wal.move_to(&self.layout.wal(next.top()))?;
         let gone: Vec<State> = g
             .snapshots
             .extract_if(|l, _| !next.layers.contains(l))
@@ -1688,6 +1683,38 @@ pub(crate) mod tests {
         want.extend_from_slice(b"big");
         assert_eq!(view.read(f, 0, 8192).unwrap(), want);
         assert!(view.inner.read().unwrap().state.nodes[&f].inline.is_none());
+    }
+
+    /// The fsync log goes with the top layer: after a checkpoint and after a
+    /// rollback only the new top has it, logged fsyncs work there, and what
+    /// a dropped layer logged is not replayed.
+    #[test]
+    fn the_fsync_log_moves_with_the_top_layer() {
+        let (_t, view) = empty_view();
+        let f = new_file(&view, "f");
+        let logs = |view: &View| -> Vec<u32> {
+            let stack = view.stack();
+            let with = stack
+                .layers
+                .iter()
+                .filter(|&&l| view.layout.wal(l).exists());
+            with.copied().collect()
+        };
+        view.write(f, INLINE_MAX, b"one", None).unwrap();
+        view.fsync(Some(f)).unwrap();
+        view.checkpoint("a").unwrap();
+        assert_eq!(logs(&view), vec![view.stack().top()]);
+        view.write(f, INLINE_MAX, b"two", None).unwrap();
+        view.fsync(Some(f)).unwrap();
+        assert_eq!(logged_blocks(&view).len(), 1);
+        view.rollback("a").unwrap();
+        assert_eq!(logs(&view), vec![view.stack().top()]);
+        assert!(logged_blocks(&view).is_empty());
+        let layout = view.layout.clone();
+        drop(view);
+        let cfg = layout.read_config().unwrap();
+        let view = View::load(layout, &cfg).unwrap();
+        assert_eq!(view.read(f, INLINE_MAX, 10).unwrap(), b"one");
     }
 
     /// A crash can lose the records of a new inode but not its data file;
