@@ -307,7 +307,16 @@ impl Mount {
             lock,
             mountpoint,
         } = p;
+        let (ready, started) = std::sync::mpsc::channel();
+        let mut session = session;
+        session.on_ready(move || {
+            let _ = ready.send(());
+        });
         let session = session.spawn().ctx(|| "start the FUSE session".into())?;
+        // Answer once requests are served at full speed (with io_uring:
+        // every ring entry registered); a session that ended at once
+        // drops the sender, and unmounting reports why.
+        let _ = started.recv();
         Ok(Mount {
             session: Some(session),
             server: Some(server),
@@ -346,15 +355,15 @@ impl Drop for Mount {
 }
 
 /// Serve a mount in this thread until it is unmounted (`umount`).
-pub(crate) fn run(p: Prepared, ready: impl FnOnce()) -> Result<()> {
+pub(crate) fn run(p: Prepared, ready: impl FnOnce() + Send + 'static) -> Result<()> {
     let Prepared {
-        session,
+        mut session,
         server,
         view,
         lock,
         ..
     } = p;
-    ready();
+    session.on_ready(ready);
     let r = session.run().ctx(|| "FUSE session".into());
     drop(server);
     view.background.stop();

@@ -135,13 +135,13 @@ impl Store {
         Mount::start(self.prepare(mountpoint, opts)?)
     }
 
-    /// Mount and serve in this thread until unmounted; `ready` runs once the
-    /// mount is live.
+    /// Mount and serve in this thread until unmounted; `ready` runs (in a
+    /// session thread) once requests are served at full speed.
     pub fn serve(
         &self,
         mountpoint: &Path,
         opts: &MountOptions,
-        ready: impl FnOnce(),
+        ready: impl FnOnce() + Send + 'static,
     ) -> Result<()> {
         mount::run(self.prepare(mountpoint, opts)?, ready)
     }

@@ -22,6 +22,7 @@
 //! Interrupts, forgets and notifications still go through `/dev/fuse`, so
 //! the session's usual threads keep running beside these.
 
+use std::sync::mpsc::Sender;
 use std::alloc::Layout;
 use std::io;
 use std::io::IoSlice;
@@ -59,6 +60,8 @@ use crate::session::SessionEventLoop;
 pub(crate) const THREADS_PER_QUEUE: usize = 4;
 
 // The kernel's interface, from include/uapi/linux/fuse.h.
+/// How long `Rings::start` waits for the ring threads to register.
+const REGISTER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
 /// `struct fuse_uring_req_header`: `in_out[128]`, `op_in[128]`, then
@@ -95,7 +98,9 @@ pub(crate) struct Rings {
 }
 
 impl Rings {
-    /// Registers ring entries for every possible CPU and serves them.
+    /// Registers ring entries for every possible CPU and serves them;
+    /// returns once each thread has registered its entry (or failed, or
+    /// `REGISTER_WAIT` passed).
     pub(crate) fn start<FS: Filesystem>(
         make_loop: impl Fn(String) -> SessionEventLoop<FS>,
         payload_len: usize,
@@ -111,9 +116,17 @@ impl Rings {
             threads: Vec::new(),
             stop,
         };
-        if let Err(e) = rings.spawn(make_loop, payload_len, efd) {
+        let (registered, rx) = std::sync::mpsc::channel();
+        if let Err(e) = rings.spawn(make_loop, payload_len, efd, registered) {
             rings.stop();
             return Err(e);
+        }
+        let deadline = std::time::Instant::now() + REGISTER_WAIT;
+        for _ in 0..rings.threads.len() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if rx.recv_timeout(left).is_err() {
+                break;
+            }
         }
         Ok(rings)
     }
@@ -123,15 +136,17 @@ impl Rings {
         make_loop: impl Fn(String) -> SessionEventLoop<FS>,
         payload_len: usize,
         stop_fd: RawFd,
+        registered: Sender<()>,
     ) -> io::Result<()> {
         for qid in 0..possible_cpus()? {
             for k in 0..THREADS_PER_QUEUE {
                 let name = format!("fuser-ring-{qid}.{k}");
                 let se = make_loop(name.clone());
                 let ring = Worker::new(qid, payload_len, stop_fd)?;
+                let registered = registered.clone();
                 let t = std::thread::Builder::new()
                     .name(name)
-                    .spawn(move || ring.serve(se))?;
+                    .spawn(move || ring.serve(se, registered))?;
                 self.threads.push(t);
             }
         }
@@ -395,14 +410,18 @@ impl Worker {
             .map_err(|_| io::Error::other("io_uring submission queue full"))
     }
 
-    fn serve<FS: Filesystem>(mut self, se: SessionEventLoop<FS>) {
+    fn serve<FS: Filesystem>(mut self, se: SessionEventLoop<FS>, registered: Sender<()>) {
         pin_to_cpu(self.qid);
-        if let Err(e) = self.run(&se) {
+        if let Err(e) = self.run(&se, registered) {
             error!("{}: {e}", se.thread_name);
         }
     }
 
-    fn run<FS: Filesystem>(&mut self, se: &SessionEventLoop<FS>) -> io::Result<()> {
+    fn run<FS: Filesystem>(
+        &mut self,
+        se: &SessionEventLoop<FS>,
+        registered: Sender<()>,
+    ) -> io::Result<()> {
         let fd = se.ch.as_fd().as_raw_fd();
         let stop = opcode::PollAdd::new(types::Fd(self.stop_fd), libc::POLLIN as u32)
             .build()
@@ -410,6 +429,10 @@ impl Worker {
         self.push(&Entry128::from(stop))?;
         let mut last = self.command(fd, CMD_REGISTER, 0);
         self.push(&last)?;
+        // The kernel registers the entry while the command is submitted.
+        self.ring.submit()?;
+        let _ = registered.send(());
+        drop(registered);
         let mut request = Vec::with_capacity(IN_HEADER_LEN + OP_IN_MAX + self.entry.payload_len);
         loop {
             match self.ring.submit_and_wait(1) {

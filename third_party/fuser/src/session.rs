@@ -143,6 +143,18 @@ pub struct Session<FS: Filesystem> {
     /// The payload size of ring entries, when the kernel agreed to FUSE
     /// over io_uring (requested by the file system's `init`).
     pub(crate) ring_payload: Option<usize>,
+    /// Called once every worker thread, and every ring entry, is in place
+    /// (see `on_ready`).
+    ready: Option<Ready>,
+}
+
+/// The `on_ready` callback (a newtype, for `Debug`).
+struct Ready(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ready")
+    }
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -191,6 +203,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config: options.clone(),
             ring_payload: None,
+            ready: None,
         };
 
         session.handshake()?;
@@ -220,11 +233,20 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config,
             ring_payload: None,
+            ready: None,
         };
 
         session.handshake()?;
 
         Ok(session)
+    }
+
+    /// Call `f` once the session serves requests at full speed: its worker
+    /// threads started and, with FUSE over io_uring, every ring entry
+    /// registered with the kernel (until then requests go by /dev/fuse, and
+    /// the registering threads compete with the first callers).
+    pub fn on_ready(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.ready = Some(Ready(Box::new(f)));
     }
 
     /// Run the session loop in a background thread. If the returned handle is dropped,
@@ -259,6 +281,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: _,
             config,
             ring_payload,
+            ready,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -326,6 +349,9 @@ impl<FS: Filesystem> Session<FS> {
                 .map_err(|e| error!("FUSE over io_uring not started: {e}"))
                 .ok()
         });
+        if let Some(Ready(ready)) = ready {
+            ready();
+        }
 
         let mut reply: io::Result<()> = Ok(());
         for thread in threads {
