@@ -158,9 +158,14 @@ impl Store {
     pub fn checkpoint(&self, name: &str) -> Result<Checkpoint> {
         disk::check_name(name)?;
         self.route(Request::Checkpoint(name.into()), |l| {
-            let next = l.read_stack()?.with_checkpoint(name)?;
+            let stack = l.read_stack()?;
+            let next = stack.with_checkpoint(name)?;
+            // Writes a crash left only in the fsync log belong to the
+            // layer being sealed.
+            crate::wal::recover(l, stack.top())?;
             l.make_layer(next.top())?;
-            l.write_stack(&next)
+            l.write_stack(&next)?;
+            crate::wal::hand_on(l, stack.top(), next.top())
         })?;
         Ok(self.layout.read_stack()?.find(name)?.clone())
     }
@@ -168,9 +173,11 @@ impl Store {
     /// Return the view to checkpoint `name`; checkpoints after it go.
     pub fn rollback(&self, name: &str) -> Result<()> {
         self.route(Request::Rollback(name.into()), |l| {
-            let (next, dropped) = l.read_stack()?.rolled_back(name)?;
+            let stack = l.read_stack()?;
+            let (next, dropped) = stack.rolled_back(name)?;
             l.make_layer(next.top())?;
             l.write_stack(&next)?;
+            crate::wal::hand_on(l, stack.top(), next.top())?;
             // Deleted by the next mount (or fsck) in the background.
             dropped.iter().try_for_each(|&id| l.trash_layer(id))
         })

@@ -1717,6 +1717,55 @@ pub(crate) mod tests {
         assert_eq!(view.read(f, INLINE_MAX, 10).unwrap(), b"one");
     }
 
+    /// Checkpoint and rollback of a store that is not mounted, after a
+    /// crash left fsynced writes only in the log: the checkpoint keeps
+    /// them, the rollback's new top does not replay the dropped layer's.
+    #[test]
+    fn offline_checkpoint_and_rollback_take_care_of_the_log() {
+        let (t, view) = empty_view();
+        let f = new_file(&view, "f");
+        view.sync_all().unwrap();
+        let lose_all_but_the_log = |view: View| {
+            let top = view.stack().top();
+            let journal = view.layout.journal(top);
+            let len = std::fs::metadata(&journal).unwrap().len();
+            view.fsync(Some(f)).unwrap();
+            assert!(!logged_blocks(&view).is_empty());
+            drop(view);
+            let j = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&journal)
+                .unwrap();
+            j.set_len(len).unwrap();
+        };
+        view.write(f, INLINE_MAX, b"kept", None).unwrap();
+        lose_all_but_the_log(view);
+        let store = crate::Store::open(&t.path().join("store")).unwrap();
+        store.checkpoint("a").unwrap();
+        let load = || {
+            let layout = Layout {
+                dir: store.dir().to_owned(),
+            };
+            let cfg = layout.read_config().unwrap();
+            View::load(layout, &cfg).unwrap()
+        };
+        let view = load();
+        assert_eq!(view.read(f, INLINE_MAX, 10).unwrap(), b"kept");
+        view.write(f, INLINE_MAX, b"gone", None).unwrap();
+        lose_all_but_the_log(view);
+        store.rollback("a").unwrap();
+        let view = load();
+        assert_eq!(view.read(f, INLINE_MAX, 10).unwrap(), b"kept");
+        let stack = view.stack();
+        let logs: Vec<u32> = stack
+            .layers
+            .iter()
+            .copied()
+            .filter(|&l| view.layout.wal(l).exists())
+            .collect();
+        assert_eq!(logs, vec![stack.top()]);
+    }
+
     /// A crash can lose the records of a new inode but not its data file;
     /// the inode's number is then handed out again. The new file must not
     /// show the lost one's bytes where it has not written.

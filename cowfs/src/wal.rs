@@ -277,6 +277,18 @@ pub fn create(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Give layer `to` (the new top) the log of layer `from` (the old top),
+/// emptied (what it held belongs to `from`: replayed into it before a
+/// checkpoint, dropped with it by a rollback). For stores not mounted; a
+/// mount does the same with its open `Wal`.
+pub fn hand_on(layout: &Layout, from: u32, to: u32) -> Result<()> {
+    let path = layout.wal(from);
+    if path.exists() {
+        Wal::open(&path)?.move_to(&layout.wal(to))?;
+    }
+    Ok(())
+}
+
 /// The committed batches of the current generation, in order.
 pub fn read(path: &Path) -> Result<Vec<Vec<Entry>>> {
     let bytes = match std::fs::read(path) {
