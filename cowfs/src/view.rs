@@ -1581,6 +1581,24 @@ pub(crate) mod tests {
         view.create(ROOT, OsStr::new(name), new, None).unwrap().ino
     }
 
+    /// The view a remount would see, without the unmount's sync: what a
+    /// crash of the daemon leaves.
+    fn reload(view: View) -> View {
+        let layout = view.layout.clone();
+        drop(view);
+        let cfg = layout.read_config().unwrap();
+        View::load(layout, &cfg).unwrap()
+    }
+
+    /// Cut a journal back to `len` bytes: its unsynced tail lost.
+    fn cut(journal: &Path, len: u64) {
+        let j = std::fs::OpenOptions::new()
+            .write(true)
+            .open(journal)
+            .unwrap();
+        j.set_len(len).unwrap();
+    }
+
     /// The blocks in the committed batches of the top layer's fsync log.
     fn logged_blocks(view: &View) -> Vec<(Ino, Vec<u8>)> {
         let path = view.layout.wal(view.stack().top());
@@ -1670,10 +1688,7 @@ pub(crate) mod tests {
         assert_eq!(view.read(f, 0, 4096).unwrap(), want);
         // A reload replays the data from the journal.
         view.sync_all().unwrap();
-        let layout = view.layout.clone();
-        drop(view);
-        let cfg = layout.read_config().unwrap();
-        let view = View::load(layout, &cfg).unwrap();
+        let view = reload(view);
         assert_eq!(view.read(f, 0, 4096).unwrap(), want);
         // Outgrown: into a data file, the inline bytes first.
         view.write(f, INLINE_MAX, b"big", None).unwrap();
@@ -1710,10 +1725,7 @@ pub(crate) mod tests {
         view.rollback("a").unwrap();
         assert_eq!(logs(&view), vec![view.stack().top()]);
         assert!(logged_blocks(&view).is_empty());
-        let layout = view.layout.clone();
-        drop(view);
-        let cfg = layout.read_config().unwrap();
-        let view = View::load(layout, &cfg).unwrap();
+        let view = reload(view);
         assert_eq!(view.read(f, INLINE_MAX, 10).unwrap(), b"one");
     }
 
@@ -1732,11 +1744,7 @@ pub(crate) mod tests {
             view.fsync(Some(f)).unwrap();
             assert!(!logged_blocks(&view).is_empty());
             drop(view);
-            let j = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&journal)
-                .unwrap();
-            j.set_len(len).unwrap();
+            cut(&journal, len);
         };
         view.write(f, INLINE_MAX, b"kept", None).unwrap();
         lose_all_but_the_log(view);
@@ -1774,11 +1782,8 @@ pub(crate) mod tests {
         let (t, view) = empty_view();
         let lost = new_file(&view, "lost");
         view.write(lost, 0, &[0xab; 200_000], None).unwrap();
-        let layout = view.layout.clone();
         // The crash: the journal buffer never reached the file.
-        drop(view);
-        let cfg = layout.read_config().unwrap();
-        let view = View::load(layout, &cfg).unwrap();
+        let view = reload(view);
         let again = new_file(&view, "again");
         assert_eq!(again, lost, "the test needs the number given again");
         view.write(again, 10, b"new", None).unwrap();
@@ -1821,11 +1826,7 @@ pub(crate) mod tests {
         let layout = view.layout.clone();
         drop(view);
         // The power loss: nothing but the log made it to the disk.
-        let j = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&journal)
-            .unwrap();
-        j.set_len(synced_len).unwrap();
+        cut(&journal, synced_len);
         std::fs::remove_dir_all(layout.data_dir(top)).unwrap();
         std::fs::create_dir(layout.data_dir(top)).unwrap();
         let cfg = layout.read_config().unwrap();
