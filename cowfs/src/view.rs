@@ -1113,8 +1113,11 @@ impl View {
     /// journal's fdatasync only, not the data's); under the lock, what was
     /// written after that is synced too before the journal goes out.
     pub fn fsync(&self, _ino: Option<Ino>) -> Res<()> {
-        if self.log_sync(&mut self.lock()).map_err(eio)? {
-            return Ok(());
+        match self.log_sync(&mut self.lock()) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            // The full sync does not need the log (and resets it).
+            Err(e) => tracing::warn!("fsync log: {e}; syncing in full instead"),
         }
         let synced = self.sync_data_unlocked();
         let mut g = self.lock();
