@@ -1752,7 +1752,16 @@ pub(crate) mod tests {
         view.write(f, INLINE_MAX, b"kept", None).unwrap();
         lose_all_but_the_log(view);
         let store = crate::Store::open(&t.path().join("store")).unwrap();
+        let found = store.fsck(false).unwrap();
+        assert!(
+            found.unfinished.iter().any(|u| u.contains("fsync log")),
+            "{found:?}"
+        );
         store.checkpoint("a").unwrap();
+        assert!(
+            store.fsck(false).unwrap().clean(),
+            "the checkpoint replayed it"
+        );
         let load = || {
             let layout = Layout {
                 dir: store.dir().to_owned(),
