@@ -1584,11 +1584,17 @@ pub(crate) mod tests {
         view.create(ROOT, OsStr::new(name), new, None).unwrap().ino
     }
 
-    /// The view a remount would see, without the unmount's sync: what a
-    /// crash of the daemon leaves.
+    /// The daemon dies: no sync, and its threads (the spare-layer one may
+    /// still be making a layer) are gone before anything else touches the
+    /// store.
+    fn crash(view: View) -> Layout {
+        view.background.stop();
+        view.layout.clone()
+    }
+
+    /// The view a remount would see after a crash of the daemon.
     fn reload(view: View) -> View {
-        let layout = view.layout.clone();
-        drop(view);
+        let layout = crash(view);
         let cfg = layout.read_config().unwrap();
         View::load(layout, &cfg).unwrap()
     }
@@ -1746,7 +1752,7 @@ pub(crate) mod tests {
             let len = std::fs::metadata(&journal).unwrap().len();
             view.fsync(Some(f)).unwrap();
             assert!(!logged_blocks(&view).is_empty());
-            drop(view);
+            crash(view);
             cut(&journal, len);
         };
         view.write(f, INLINE_MAX, b"kept", None).unwrap();
@@ -1835,8 +1841,7 @@ pub(crate) mod tests {
         view.write(small, 0, b"inline", None).unwrap();
         view.fsync(Some(f)).unwrap();
         assert_eq!(logged_blocks(&view).len(), 2, "the fsync was logged");
-        let layout = view.layout.clone();
-        drop(view);
+        let layout = crash(view);
         // The power loss: nothing but the log made it to the disk.
         cut(&journal, synced_len);
         std::fs::remove_dir_all(layout.data_dir(top)).unwrap();
