@@ -59,14 +59,15 @@ impl Store {
 /// that the journal checks see them.
 fn check_wal(l: &Layout, stack: &Stack, repair: bool, r: &mut FsckReport) -> Result<()> {
     let top = stack.top();
-    let batches = wal::read(&l.wal(top))?.len();
+    let batches = if repair {
+        wal::recover(l, top)?
+    } else {
+        wal::read(&l.wal(top))?.len()
+    };
     if batches > 0 {
         r.unfinished.push(format!(
             "{batches} fsynced writes in the fsync log of layer {top} to replay"
         ));
-        if repair {
-            wal::recover(l, top)?;
-        }
     }
     Ok(())
 }

@@ -301,14 +301,13 @@ pub struct Mount {
 impl Mount {
     pub(crate) fn start(p: Prepared) -> Result<Mount> {
         let Prepared {
-            session,
+            mut session,
             server,
             view,
             lock,
             mountpoint,
         } = p;
         let (ready, started) = std::sync::mpsc::channel();
-        let mut session = session;
         session.on_ready(move || {
             let _ = ready.send(());
         });

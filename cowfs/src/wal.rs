@@ -63,11 +63,18 @@ pub enum Entry {
 }
 
 impl Entry {
-    fn kind_body(&self) -> (u32, u64, u64, &[u8]) {
-        match self {
-            Entry::Block { ino, off, bytes } => (KIND_BLOCK, *ino, *off, bytes),
-            Entry::Journal { off, bytes } => (KIND_JOURNAL, 0, *off, bytes),
+    /// Its frame kind and body.
+    fn encode(&self) -> (u32, Vec<u8>) {
+        let (kind, words, bytes) = match self {
+            Entry::Block { ino, off, bytes } => (KIND_BLOCK, vec![*ino, *off], bytes),
+            Entry::Journal { off, bytes } => (KIND_JOURNAL, vec![*off], bytes),
+        };
+        let mut body = Vec::with_capacity(8 * words.len() + bytes.len());
+        for w in words {
+            body.extend_from_slice(&w.to_le_bytes());
         }
+        body.extend_from_slice(bytes);
+        (kind, body)
     }
 
     /// Bytes this entry takes in the log.
@@ -125,13 +132,7 @@ impl Wal {
     pub fn append(&mut self, batch: &[Entry]) -> Result<()> {
         let mut buf = Vec::new();
         for e in batch {
-            let (kind, a, b, bytes) = e.kind_body();
-            let mut body = Vec::with_capacity(16 + bytes.len());
-            if kind == KIND_BLOCK {
-                body.extend_from_slice(&a.to_le_bytes());
-            }
-            body.extend_from_slice(&b.to_le_bytes());
-            body.extend_from_slice(bytes);
+            let (kind, body) = e.encode();
             self.frame(&mut buf, kind, &body);
         }
         self.frame(&mut buf, KIND_COMMIT, &[]);
@@ -157,18 +158,7 @@ impl Wal {
     }
 
     fn first_frame_valid(&self) -> bool {
-        let mut head = [0u8; FRAME];
-        if self.file.read_exact_at(&mut head, HEADER).is_err() {
-            return false;
-        }
-        let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as u64;
-        let kind = u32::from_le_bytes(head[4..8].try_into().unwrap());
-        let sum = u64::from_le_bytes(head[8..].try_into().unwrap());
-        let mut body = vec![0u8; len.min(SIZE) as usize];
-        self.file
-            .read_exact_at(&mut body, HEADER + FRAME as u64)
-            .is_ok()
-            && checksum(self.generation, kind, &body) == sum
+        matches!(frame_at(&self.file, HEADER, self.generation), Ok(Some(_)))
     }
 
     fn frame(&self, out: &mut Vec<u8>, kind: u32, body: &[u8]) {
@@ -289,29 +279,47 @@ pub fn hand_on(layout: &Layout, from: u32, to: u32) -> Result<()> {
     Ok(())
 }
 
+/// The frame at `pos` (its kind and body), if one of `generation` is
+/// there whole: reading stops at the first that is not. An I/O error is
+/// an error, not the end of the log.
+fn frame_at(f: &File, pos: u64, generation: u64) -> io::Result<Option<(u32, Vec<u8>)>> {
+    let read = |buf: &mut [u8], at: u64| match f.read_exact_at(buf, at) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    };
+    let mut head = [0u8; FRAME];
+    if !read(&mut head, pos)? {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as u64;
+    let kind = u32::from_le_bytes(head[4..8].try_into().unwrap());
+    let sum = u64::from_le_bytes(head[8..].try_into().unwrap());
+    if pos + FRAME as u64 + len > SIZE {
+        return Ok(None);
+    }
+    let mut body = vec![0u8; len as usize];
+    if !read(&mut body, pos + FRAME as u64)? {
+        return Ok(None);
+    }
+    Ok((checksum(generation, kind, &body) == sum).then_some((kind, body)))
+}
+
 /// The committed batches of the current generation, in order.
 pub fn read(path: &Path) -> Result<Vec<Vec<Entry>>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+    let f = match File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).at("read", path),
+        Err(e) => return Err(e).at("open", path),
     };
-    let Some(generation) = File::open(path).ok().as_ref().and_then(read_header) else {
+    let Some(generation) = read_header(&f) else {
         return Ok(Vec::new());
     };
     let mut batches = Vec::new();
     let mut batch = Vec::new();
-    let mut pos = HEADER as usize;
-    while pos + FRAME <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
-        let kind = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().unwrap());
-        let sum = u64::from_le_bytes(bytes[pos + 8..pos + 16].try_into().unwrap());
-        let Some(body) = bytes.get(pos + FRAME..pos + FRAME + len) else {
-            break;
-        };
-        if checksum(generation, kind, body) != sum {
-            break;
-        }
+    let mut pos = HEADER;
+    while let Some((kind, body)) = frame_at(&f, pos, generation).at("read", path)? {
+        let len = body.len();
         let word = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().unwrap());
         match kind {
             KIND_BLOCK if len >= 16 => batch.push(Entry::Block {
@@ -326,7 +334,7 @@ pub fn read(path: &Path) -> Result<Vec<Vec<Entry>>> {
             KIND_COMMIT => batches.push(std::mem::take(&mut batch)),
             _ => break,
         }
-        pos += FRAME + len;
+        pos += (FRAME + len) as u64;
     }
     Ok(batches)
 }
