@@ -1,6 +1,8 @@
-//! `umlctl fs mount --io-uring`: requests reach the daemon through the
-//! kernel's per-CPU io_uring queues, each served by threads pinned to its
-//! CPU, and the file system behaves exactly as over /dev/fuse.
+//! FUSE over io_uring, the default transport where the kernel offers it
+//! (`umlctl fs mount [--transport auto|io-uring]`): requests reach the
+//! daemon through the kernel's per-CPU io_uring queues, each served by
+//! threads pinned to its CPU, and the file system behaves exactly as over
+//! /dev/fuse (`--transport dev-fuse`).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -76,14 +78,14 @@ fn wakeups(t: &BTreeMap<String, (String, u64)>, cpu: usize) -> (u64, u64) {
 }
 
 #[test]
-fn requests_are_served_by_ring_threads_pinned_to_the_callers_cpu() {
+fn by_default_requests_are_served_by_ring_threads_pinned_to_the_callers_cpu() {
     if skip() {
         return;
     }
     let (_t, base, store, mnt) = support::dirs();
     fs::write(base.join("file"), "base").unwrap();
     support::create(&store, &base, None);
-    let (m, pid) = Mounted::with(&store, &mnt, &["--io-uring"]);
+    let (m, pid) = Mounted::with(&store, &mnt, &[]);
     let cpus = std::thread::available_parallelism().unwrap().get();
     // The daemon reports the mount only once every ring entry is
     // registered: the first requests already take the rings.
@@ -123,6 +125,35 @@ fn requests_are_served_by_ring_threads_pinned_to_the_callers_cpu() {
             );
         });
     });
+    m.umount();
+}
+
+#[test]
+fn the_dev_fuse_transport_starts_no_ring_and_serves_the_same() {
+    if skip() {
+        return;
+    }
+    let (_t, base, store, mnt) = support::dirs();
+    fs::write(base.join("file"), "base").unwrap();
+    support::create(&store, &base, None);
+    let (m, pid) = Mounted::with(&store, &mnt, &["--transport", "dev-fuse"]);
+    let before = threads(pid);
+    assert!(
+        !before.keys().any(|n| n.starts_with("fuser-ring")),
+        "ring threads in a /dev/fuse mount: {before:?}"
+    );
+    for _ in 0..200 {
+        xattr_names(&m.path("file"));
+    }
+    let (_, dev0) = wakeups(&before, 0);
+    let (_, dev1) = wakeups(&threads(pid), 0);
+    assert!(
+        dev1 - dev0 >= 100,
+        "200 requests woke the /dev/fuse threads {} times",
+        dev1 - dev0
+    );
+    fs::write(m.path("file"), "changed").unwrap();
+    assert_eq!(fs::read_to_string(m.path("file")).unwrap(), "changed");
     m.umount();
 }
 

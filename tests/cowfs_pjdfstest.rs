@@ -76,16 +76,17 @@ fn pjdfstest_fails_nothing_that_passes_natively() {
     let want = run(&bin, &native);
 
     // The suite runs inside a directory of the base, with base files
-    // around, in each mode: the writeback cache (the default), passthrough
-    // (which writes through), and requests taken by io_uring.
+    // around, in each mode: the writeback cache over /dev/fuse,
+    // passthrough (which writes through), and the default (the writeback
+    // cache, requests taken by io_uring where the kernel offers it).
     fs::create_dir_all(t.path().join("base/work")).unwrap();
     fs::write(t.path().join("base/work/base-file"), "from the base").unwrap();
-    let mut modes = vec![&[][..], &["--passthrough"][..]];
+    let mut modes = vec![&["--transport", "dev-fuse"][..], &["--passthrough"][..]];
     if !common::skip_unless(
         common::fuse_io_uring_on(),
-        "FUSE over io_uring is off: pjdfstest not run with --io-uring (tools/setup turns it on)",
+        "FUSE over io_uring is off: pjdfstest not run with requests over io_uring (tools/setup turns it on)",
     ) {
-        modes.push(&["--io-uring"][..]);
+        modes.push(&[][..]);
     }
     for options in modes {
         let got = run_on_cowfs(&bin, t.path(), options);

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use crate::mount::MountOptions;
+use crate::mount::{MountOptions, Transport};
 use crate::passthrough::{Passthrough, WRITER_BIT};
 
 /// How long the kernel may cache entries and attributes.
@@ -297,8 +297,8 @@ pub struct CowFuse {
     want_passthrough: bool,
     /// Set at INIT if the kernel agreed.
     passthrough: Option<Passthrough>,
-    /// Asked for at mount (`MountOptions::io_uring`).
-    want_io_uring: bool,
+    /// Asked for at mount (`MountOptions::transport`).
+    transport: Transport,
 }
 
 impl CowFuse {
@@ -310,7 +310,7 @@ impl CowFuse {
             dirs: Mutex::default(),
             want_passthrough: opts.passthrough,
             passthrough: None,
-            want_io_uring: opts.io_uring,
+            transport: opts.transport,
         }
     }
 
@@ -337,6 +337,32 @@ impl CowFuse {
         {
             tracing::info!("kernel lacks the FUSE writeback cache");
         }
+    }
+
+    /// FUSE over io_uring if the transport asks for it and the kernel
+    /// agrees; a kernel that refuses fails the mount only if io_uring was
+    /// required.
+    fn choose_transport(&self, config: &mut KernelConfig) -> std::io::Result<()> {
+        if !self.transport.wants_io_uring() {
+            tracing::info!("requests come over /dev/fuse");
+            return Ok(());
+        }
+        if config
+            .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+            .is_ok()
+        {
+            tracing::info!("requests come over io_uring");
+            return Ok(());
+        }
+        let e = format!(
+            "the kernel refused FUSE over io_uring ({})",
+            crate::mount::URING_SWITCH
+        );
+        if self.transport == Transport::IoUring {
+            return Err(std::io::Error::other(e));
+        }
+        tracing::info!("{e}: requests come over /dev/fuse");
+        Ok(())
     }
 
     fn entry(&self, dir: Ino, name: &OsStr, r: Res<Attr>, reply: ReplyEntry) {
@@ -495,17 +521,7 @@ fn xattr_reply(r: Res<Vec<u8>>, size: u32, reply: ReplyXattr) {
 impl Filesystem for CowFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         self.choose_caching(config);
-        if self.want_io_uring
-            && config
-                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
-                .is_err()
-        {
-            let e = format!(
-                "the kernel refused FUSE over io_uring ({})",
-                crate::mount::URING_SWITCH
-            );
-            return Err(std::io::Error::other(e));
-        }
+        self.choose_transport(config)?;
         for cap in [
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,

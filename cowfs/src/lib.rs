@@ -36,9 +36,9 @@
 //! - `tree`: reading a view (the merge of a state over the base)
 //! - `data`: which layer each block of a file comes from; data file I/O
 //! - `view`: the live view: every file system operation, checkpoint, rollback
-//! - `fuse`: the FUSE adapter (fuser) over `view`; with
-//!   `MountOptions::io_uring` requests come by FUSE over io_uring, a
-//!   transport added to the copy of fuser in third_party/fuser
+//! - `fuse`: the FUSE adapter (fuser) over `view`; requests come by FUSE
+//!   over io_uring where the kernel offers it (`Transport`), a transport
+//!   added to the copy of fuser in third_party/fuser
 //! - `passthrough`: the opt-in mode where the kernel reads unchanged base
 //!   files directly, and the bookkeeping of open modes it needs
 //! - `mount`: mounting, the store lock, the `Mount` handle
@@ -74,5 +74,5 @@ pub use diff::{Change, ChangeKind};
 pub use disk::{Checkpoint, DEFAULT_BLOCK_SIZE, FORMAT_VERSION};
 pub use error::{Error, Result};
 pub use fsck::FsckReport;
-pub use mount::{is_mountpoint, unmount, Mount, MountOptions, DEFAULT_THREADS};
+pub use mount::{is_mountpoint, unmount, Mount, MountOptions, Transport, DEFAULT_THREADS};
 pub use store::Store;

@@ -170,7 +170,7 @@ fn fuse_io_uring() -> Result<String, String> {
     let store =
         cowfs::Store::create(&t.path().join("store"), &base, None).map_err(|e| e.to_string())?;
     let opts = cowfs::MountOptions {
-        io_uring: true,
+        transport: cowfs::Transport::IoUring,
         ..Default::default()
     };
     let m = store.mount(&mnt, &opts).map_err(|e| e.to_string())?;

@@ -4,7 +4,7 @@
 
 use crate::exit::{fail, CliError, CliResult, Code};
 use crate::output::Output;
-use cowfs::{MountOptions, Store};
+use cowfs::{MountOptions, Store, Transport};
 use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -30,17 +30,8 @@ pub enum FsCmd {
         /// Serve in this process until unmounted.
         #[arg(long)]
         foreground: bool,
-        /// FUSE worker threads.
-        #[arg(long, default_value_t = cowfs::DEFAULT_THREADS)]
-        threads: usize,
-        /// Let the kernel read files no layer changed straight from the
-        /// base (native read speed; writes lose the writeback cache).
-        #[arg(long)]
-        passthrough: bool,
-        /// Take requests by FUSE over io_uring, one queue per CPU (faster
-        /// metadata; needs /sys/module/fuse/parameters/enable_uring = Y).
-        #[arg(long)]
-        io_uring: bool,
+        #[command(flatten)]
+        how: MountArgs,
     },
     /// Unmount a cowfs mount and wait until its data is durable.
     Umount { mountpoint: PathBuf },
@@ -70,13 +61,70 @@ pub enum FsCmd {
     Daemon {
         store: PathBuf,
         mountpoint: PathBuf,
-        #[arg(long)]
-        threads: usize,
-        #[arg(long)]
-        passthrough: bool,
-        #[arg(long)]
-        io_uring: bool,
+        #[command(flatten)]
+        how: MountArgs,
     },
+}
+
+/// How to mount a store (`umlctl fs mount`, the daemon, `umlctl bench fs`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct MountArgs {
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = cowfs::DEFAULT_THREADS)]
+    pub threads: usize,
+    /// Let the kernel read files no layer changed straight from the
+    /// base (native read speed; writes lose the writeback cache).
+    #[arg(long)]
+    pub passthrough: bool,
+    /// How the kernel hands requests to the daemon: FUSE over io_uring,
+    /// one queue per CPU (faster metadata; needs
+    /// /sys/module/fuse/parameters/enable_uring = Y), or /dev/fuse; auto
+    /// takes io_uring where the kernel offers it.
+    #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
+    pub transport: TransportArg,
+    /// Same as --transport io-uring.
+    #[arg(long, conflicts_with = "transport")]
+    pub io_uring: bool,
+}
+
+/// `--transport`, as clap spells it.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportArg {
+    Auto,
+    IoUring,
+    DevFuse,
+}
+
+impl MountArgs {
+    pub fn options(&self) -> MountOptions {
+        let transport = match (self.io_uring, self.transport) {
+            (true, _) | (_, TransportArg::IoUring) => Transport::IoUring,
+            (_, TransportArg::Auto) => Transport::Auto,
+            (_, TransportArg::DevFuse) => Transport::DevFuse,
+        };
+        MountOptions {
+            threads: self.threads,
+            passthrough: self.passthrough,
+            transport,
+        }
+    }
+}
+
+/// The daemon's command line for `opts` (the inverse of `MountArgs::options`).
+fn daemon_args(opts: &MountOptions) -> Vec<String> {
+    let transport = match opts.transport {
+        Transport::Auto => "auto",
+        Transport::IoUring => "io-uring",
+        Transport::DevFuse => "dev-fuse",
+    };
+    let mut args = vec![
+        format!("--threads={}", opts.threads),
+        format!("--transport={transport}"),
+    ];
+    if opts.passthrough {
+        args.push("--passthrough".into());
+    }
+    args
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -132,16 +180,10 @@ pub fn run(out: Output, cmd: FsCmd) -> CliResult {
             store,
             mountpoint,
             foreground,
-            threads,
-            passthrough,
-            io_uring,
+            how,
         } => {
             let s = open(&store)?;
-            let opts = MountOptions {
-                threads,
-                passthrough,
-                io_uring,
-            };
+            let opts = how.options();
             if foreground {
                 return s.serve(&mountpoint, &opts, || {}).map_err(cli);
             }
@@ -161,16 +203,10 @@ pub fn run(out: Output, cmd: FsCmd) -> CliResult {
         FsCmd::Daemon {
             store,
             mountpoint,
-            threads,
-            passthrough,
-            io_uring,
+            how,
         } => {
             let s = open(&store)?;
-            let opts = MountOptions {
-                threads,
-                passthrough,
-                io_uring,
-            };
+            let opts = how.options();
             s.serve(&mountpoint, &opts, || {
                 println!("ready");
                 // Nothing more goes to the parent: it has stopped reading.
@@ -274,9 +310,7 @@ fn spawn_daemon(store: &Store, mountpoint: &Path, opts: &MountOptions) -> CliRes
         .args(["fs", "__daemon"])
         .arg(store.dir())
         .arg(mountpoint)
-        .arg(format!("--threads={}", opts.threads))
-        .args(opts.passthrough.then_some("--passthrough"))
-        .args(opts.io_uring.then_some("--io-uring"))
+        .args(daemon_args(opts))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)

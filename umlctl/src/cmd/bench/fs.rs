@@ -3,6 +3,7 @@
 //! 1 GiB image and 10k small files). Each figure is a median of `--runs`;
 //! cowfs is printed as a ratio to native beside the target.
 
+use crate::cmd::fs::MountArgs;
 use crate::exit::{CliError, CliResult, Code};
 use crate::output::Output;
 use serde::Serialize;
@@ -28,12 +29,9 @@ pub struct FsBenchArgs {
     /// "rollback", "warm"); all of them by default.
     #[arg(long)]
     pub only: Option<String>,
-    /// Mount cowfs with FUSE passthrough (see `umlctl fs mount --passthrough`).
-    #[arg(long)]
-    pub passthrough: bool,
-    /// Mount cowfs with FUSE over io_uring (see `umlctl fs mount --io-uring`).
-    #[arg(long)]
-    pub io_uring: bool,
+    /// How cowfs is mounted (as `umlctl fs mount`).
+    #[command(flatten)]
+    pub mount: MountArgs,
     /// Work directory (the base is kept there between runs).
     #[arg(long, default_value = "/var/tmp/umlctl-bench-fs")]
     pub dir: PathBuf,
@@ -181,11 +179,7 @@ impl Bench {
             Setup::Cowfs => {
                 let store = cowfs::Store::create(&scratch.join("store"), &self.base, None)
                     .map_err(|e| err("cowfs create", e))?;
-                let opts = cowfs::MountOptions {
-                    passthrough: self.args.passthrough,
-                    io_uring: self.args.io_uring,
-                    ..Default::default()
-                };
+                let opts = self.args.mount.options();
                 let m = store
                     .mount(&mnt, &opts)
                     .map_err(|e| err("cowfs mount", e))?;
@@ -503,7 +497,7 @@ pub fn run(out: Output, args: FsBenchArgs) -> CliResult {
         &|s| b.each(s, &|v| stat_cold(v, files)).map(Some),
     )?;
     if !b.wanted("checkpoint") && !b.wanted("rollback") {
-        out.emit(&figures, || table(&figures, &setups));
+        out.emit(&figures, || table(&figures, &setups, &b.args.mount));
         return Ok(());
     }
     let (cp, rb, orb) = checkpoint_rollback(&b)?;
@@ -524,12 +518,23 @@ pub fn run(out: Output, args: FsBenchArgs) -> CliResult {
         target: "<= 5 ms",
         met: Some(rb <= 5.0),
     });
-    out.emit(&figures, || table(&figures, &setups));
+    out.emit(&figures, || table(&figures, &setups, &b.args.mount));
     Ok(())
 }
 
-fn table(figures: &[Figure], setups: &[Setup]) -> String {
-    let mut s = format!("{:<58}", "figure (median)");
+fn table(figures: &[Figure], setups: &[Setup], mount: &MountArgs) -> String {
+    let opts = mount.options();
+    let mut s = format!(
+        "cowfs mounted with {:?} (transport {:?}), {}\n",
+        opts.transport.resolved(),
+        opts.transport,
+        if opts.passthrough {
+            "passthrough"
+        } else {
+            "writeback cache"
+        }
+    );
+    s += &format!("{:<58}", "figure (median)");
     for setup in setups {
         s += &format!("{:>16}", format!("{setup:?}").to_lowercase());
     }
