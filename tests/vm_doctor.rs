@@ -58,6 +58,16 @@ fn reports_the_uml_in_use_and_boots_a_guest() {
     // tools/setup turns FUSE over io_uring on; doctor mounts with it.
     let uring = check(&report, "fuse-io-uring");
     assert_eq!(uring["ok"], common::fuse_io_uring_on(), "{uring}");
+    // A measured figure, and ok exactly when it is small.
+    let wakeup = check(&report, "cpu-wakeup");
+    let detail = wakeup["detail"].as_str().unwrap();
+    if let Some(rest) = detail.split("takes ").nth(1) {
+        let us: f64 = rest.split(' ').next().unwrap().parse().unwrap();
+        assert!(us > 0.0, "{wakeup}");
+        assert_eq!(wakeup["ok"], us <= 15.0, "{wakeup}");
+    } else {
+        assert_eq!(detail, "one CPU: no cross-CPU wakeups", "{wakeup}");
+    }
 }
 
 #[test]

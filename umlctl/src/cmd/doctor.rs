@@ -58,6 +58,7 @@ pub fn run(out: Output, args: DoctorArgs) -> CliResult {
         check("userfaultfd", false, userfaultfd()),
         check("fuse", true, open_rw("/dev/fuse")),
         check("fuse-io-uring", false, fuse_io_uring()),
+        check("cpu-wakeup", false, cross_cpu_wakeup()),
         check("tun", false, open_rw("/dev/net/tun")),
         check("namespaces", false, namespaces()),
         check("iproute2", false, tool_runs("ip", &["-V"])),
@@ -156,6 +157,88 @@ fn tool_runs(tool: &str, args: &[&str]) -> Result<String, String> {
         .unwrap_or_default()
         .trim()
         .to_string())
+}
+
+/// One-way wakeups slower than this are reported: a FUSE request whose
+/// reply wakes its caller on another CPU pays one.
+const SLOW_WAKEUP_US: f64 = 15.0;
+
+/// Measures what waking a thread on another, idle CPU costs: two threads
+/// pinned to CPUs 0 and 1 pass a byte back and forth through pipes; each
+/// CPU goes idle while its thread waits in read(2), so every pass wakes an
+/// idle CPU, as a FUSE reply does when the caller waits on the other one. On a
+/// VM whose idle vCPUs halt at once it costs tens of microseconds, and
+/// cowfs metadata work (a FUSE round trip per lookup) gets up to 2x
+/// slower whenever the scheduler wakes the caller on the other CPU.
+fn cross_cpu_wakeup() -> Result<String, String> {
+    let Some(median) = wakeup_us()? else {
+        return Ok("one CPU: no cross-CPU wakeups".into());
+    };
+    let text = format!("waking a thread on an idle CPU takes {median:.1} us");
+    if median <= SLOW_WAKEUP_US {
+        return Ok(text);
+    }
+    let poll = std::fs::read_to_string("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+        .map(|s| s.trim().to_string());
+    Err(match poll {
+        Ok(ns) if ns == "0" => format!(
+            "{text}: idle vCPUs halt at once (guest_halt_poll_ns=0), which slows FUSE \
+             round trips; the kernel's default polls first: \
+             echo 200000 > /sys/module/haltpoll/parameters/guest_halt_poll_ns"
+        ),
+        _ => format!("{text}, which slows FUSE round trips"),
+    })
+}
+
+/// The median one-way wakeup of a thread on another, idle CPU, in
+/// microseconds (see `cross_cpu_wakeup`); None with one CPU.
+pub(crate) fn wakeup_us() -> Result<Option<f64>, String> {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    use nix::unistd::{pipe, read, write, Pid};
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return Ok(None);
+    }
+    let pin = |cpu: usize| -> Result<(), String> {
+        let mut set = CpuSet::new();
+        set.set(cpu).map_err(|e| e.to_string())?;
+        sched_setaffinity(Pid::from_raw(0), &set).map_err(|e| format!("pin to CPU {cpu}: {e}"))
+    };
+    let e = |e: nix::Error| e.to_string();
+    let (ping_r, ping_w) = pipe().map_err(e)?;
+    let (pong_r, pong_w) = pipe().map_err(e)?;
+    const ROUNDS: usize = 200;
+    let echo = std::thread::spawn(move || -> Result<(), String> {
+        pin(1)?;
+        let mut b = [0u8];
+        for _ in 0..ROUNDS {
+            if read(&ping_r, &mut b).map_err(e)? == 0 {
+                return Err("the ping thread stopped".into());
+            }
+            write(&pong_w, &b).map_err(e)?;
+        }
+        Ok(())
+    });
+    // The pipe ends move into the threads: if either fails, the other
+    // sees end of file or EPIPE instead of waiting for ever.
+    let ping = std::thread::spawn(move || -> Result<Vec<f64>, String> {
+        pin(0)?;
+        let mut b = [0u8];
+        let mut times = Vec::with_capacity(ROUNDS);
+        for _ in 0..ROUNDS {
+            let t = Instant::now();
+            write(&ping_w, &b).map_err(e)?;
+            if read(&pong_r, &mut b).map_err(e)? == 0 {
+                return Err("the echo thread stopped".into());
+            }
+            times.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
+        }
+        Ok(times)
+    });
+    let panicked = |_| "a wakeup thread panicked".to_string();
+    let mut times = ping.join().map_err(panicked)??;
+    echo.join().map_err(panicked)??;
+    times.sort_by(f64::total_cmp);
+    Ok(Some(times[ROUNDS / 2]))
 }
 
 /// Mounts a scratch cowfs store with FUSE over io_uring and reads a file

@@ -364,6 +364,9 @@ pub fn run(out: Output, args: FsBenchArgs) -> CliResult {
     }
     let b = Bench::prepare(args)?;
     let (mib, files) = (b.args.size_mib, b.args.files);
+    // What a FUSE round trip pays when its reply wakes the caller on the
+    // other CPU (`umlctl doctor`, cpu-wakeup): it moves the metadata figures.
+    let wakeup = crate::cmd::doctor::wakeup_us().ok().flatten();
     let have_fuse_overlayfs = Command::new("fuse-overlayfs")
         .arg("--version")
         .output()
@@ -497,7 +500,7 @@ pub fn run(out: Output, args: FsBenchArgs) -> CliResult {
         &|s| b.each(s, &|v| stat_cold(v, files)).map(Some),
     )?;
     if !b.wanted("checkpoint") && !b.wanted("rollback") {
-        out.emit(&figures, || table(&figures, &setups, &b.args.mount));
+        out.emit(&figures, || table(&figures, &setups, &b.args.mount, wakeup));
         return Ok(());
     }
     let (cp, rb, orb) = checkpoint_rollback(&b)?;
@@ -518,22 +521,31 @@ pub fn run(out: Output, args: FsBenchArgs) -> CliResult {
         target: "<= 5 ms",
         met: Some(rb <= 5.0),
     });
-    out.emit(&figures, || table(&figures, &setups, &b.args.mount));
+    out.emit(&figures, || table(&figures, &setups, &b.args.mount, wakeup));
     Ok(())
 }
 
-fn table(figures: &[Figure], setups: &[Setup], mount: &MountArgs) -> String {
+fn table(
+    figures: &[Figure],
+    setups: &[Setup],
+    mount: &MountArgs,
+    wakeup_us: Option<f64>,
+) -> String {
     let opts = mount.options();
+    let caching = if opts.passthrough {
+        "passthrough"
+    } else {
+        "writeback cache"
+    };
     let mut s = format!(
-        "cowfs mounted with {:?} (transport {:?}), {}\n",
+        "cowfs mounted with {:?} (transport {:?}), {caching}",
         opts.transport.resolved(),
         opts.transport,
-        if opts.passthrough {
-            "passthrough"
-        } else {
-            "writeback cache"
-        }
     );
+    if let Some(us) = wakeup_us {
+        s += &format!("; waking a thread on an idle CPU takes {us:.1} us");
+    }
+    s += "\n";
     s += &format!("{:<58}", "figure (median)");
     for setup in setups {
         s += &format!("{:>16}", format!("{setup:?}").to_lowercase());
