@@ -9,8 +9,9 @@
 //! to a thread waiting on queue n, which this module pins to CPU n, so a
 //! request and its reply stay on one CPU.
 //!
-//! Per queue, [`THREADS_PER_QUEUE`] threads each own an io_uring with one
-//! ring entry: a header buffer and a payload buffer that the kernel fills
+//! Per queue of an online CPU, [`THREADS_PER_QUEUE`] threads (one for a
+//! CPU that is possible but offline) each own an io_uring with one ring
+//! entry: a header buffer and a payload buffer that the kernel fills
 //! with a request and reads the reply from.
 //!
 //! ```text
@@ -22,7 +23,6 @@
 //! Interrupts, forgets and notifications still go through `/dev/fuse`, so
 //! the session's usual threads keep running beside these.
 
-use std::sync::mpsc::Sender;
 use std::alloc::Layout;
 use std::io;
 use std::io::IoSlice;
@@ -34,6 +34,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::Condvar;
 use std::sync::Mutex;
+use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 
 use io_uring::IoUring;
@@ -52,8 +53,8 @@ use crate::passthrough::BackingId;
 use crate::request::RequestWithSender;
 use crate::session::SessionEventLoop;
 
-/// Threads, each with one ring entry, per CPU queue. Each serves one
-/// request at a time, while the kernel hands a CPU's writeback several at
+/// Threads, each with one ring entry, per queue of an online CPU. Each
+/// serves one request at a time, while the kernel hands a CPU's writeback several at
 /// once and a slow one (an fsync) must not hold up the rest: with 2,
 /// sequential writes ran ~20% slower than over /dev/fuse with 4 threads;
 /// with 4, as fast.
@@ -138,8 +139,9 @@ impl Rings {
         stop_fd: RawFd,
         registered: Sender<()>,
     ) -> io::Result<()> {
-        for qid in 0..possible_cpus()? {
-            for k in 0..THREADS_PER_QUEUE {
+        for (qid, threads) in queue_threads()?.into_iter().enumerate() {
+            let qid = qid as u16;
+            for k in 0..threads {
                 let name = format!("fuser-ring-{qid}.{k}");
                 let se = make_loop(name.clone());
                 let ring = Worker::new(qid, payload_len, stop_fd)?;
@@ -165,19 +167,41 @@ impl Rings {
     }
 }
 
-/// The kernel makes one queue per possible CPU and needs entries on all of
-/// them before it uses any.
-fn possible_cpus() -> io::Result<u16> {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
-    let mut max = 0u16;
-    for part in text.trim().split(',') {
-        let last = part.rsplit('-').next().unwrap_or(part);
-        let n: u16 = last
-            .parse()
-            .map_err(|_| io::Error::other(format!("cannot read CPU list {text:?}")))?;
-        max = max.max(n);
+/// The number of ring threads of each queue (one queue per possible CPU,
+/// indexed by CPU number): the kernel needs an entry on every queue
+/// before it uses any, but only an online CPU sends requests, so a CPU
+/// that is possible but offline gets one thread (enough if it comes
+/// online later), and an online one `THREADS_PER_QUEUE`.
+fn queue_threads() -> io::Result<Vec<usize>> {
+    let read = |name| std::fs::read_to_string(format!("/sys/devices/system/cpu/{name}"));
+    let possible = cpu_list(&read("possible")?)?;
+    let online = cpu_list(&read("online")?)?;
+    let queues = possible.iter().max().map_or(0, |&m| m as usize + 1);
+    Ok((0..queues)
+        .map(|q| {
+            if online.contains(&(q as u16)) {
+                THREADS_PER_QUEUE
+            } else {
+                1
+            }
+        })
+        .collect())
+}
+
+/// The CPUs of a kernel CPU list such as "0-3,8,10-11".
+fn cpu_list(text: &str) -> io::Result<Vec<u16>> {
+    let bad = || io::Error::other(format!("cannot read CPU list {text:?}"));
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (first, last) = part.split_once('-').unwrap_or((part, part));
+        let first: u16 = first.parse().map_err(|_| bad())?;
+        let last: u16 = last.parse().map_err(|_| bad())?;
+        if first > last {
+            return Err(bad());
+        }
+        cpus.extend(first..=last);
     }
-    Ok(max + 1)
+    Ok(cpus)
 }
 
 fn pin_to_cpu(cpu: u16) {
