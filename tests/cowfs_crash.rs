@@ -184,3 +184,68 @@ fn sigkill_during_writes_loses_nothing_fsynced() {
     let out = umlctl(&["fs", "fsck", "--check", s(&store)]);
     assert!(out.status.success());
 }
+
+/// `umlctl fs sync` takes in what the kernel still holds for a file open
+/// for writing (sync(1) reaches no FUSE daemon): after it, a SIGKILL of
+/// the daemon loses nothing.
+#[test]
+fn fs_sync_takes_in_the_writes_the_kernel_still_holds() {
+    if support::skip() {
+        return;
+    }
+    let (_t, base, store, mnt) = support::dirs();
+    support::create(&store, &base, None);
+    let pid = support::mount(&store, &mnt, &[]) as i32;
+    // Another process (perl, from Debian's essential perl-base) writes
+    // the file and keeps it open. Its pages stay in the kernel's writeback
+    // cache: any close(2) of a descriptor of the file would write them
+    // back (so no shell redirection, which copies and closes one, and no
+    // descriptor in this process, whose copy a spawned child closes at
+    // exec), and so would the kernel's dirty throttling after 32 pages (a
+    // new mount's strict limit starts it at once), hence 20 kB.
+    let want = "0123456789".repeat(2000);
+    let mut holder = std::process::Command::new("perl")
+        .args([
+            "-e",
+            "open(my $f, '>', $ARGV[0]) or die $!; syswrite($f, $ARGV[1]) or die $!; \
+             $| = 1; print qq(written\\n); sleep 60",
+        ])
+        .arg(mnt.join("held"))
+        .arg(&want)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "written\n");
+    let out = ok(&["fs", "sync", s(&store), "--json"]);
+    assert!(out.contains("synced"), "{out}");
+    // SAFETY: kill(2) with a pid we started; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    // Only then may the holder close the file (a live daemon would take
+    // the pages from that close).
+    support::wait_dead(pid as u32);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&mnt)
+        .status();
+    std::thread::sleep(Duration::from_millis(100));
+    fsck(&store, false);
+    support::mount(&store, &mnt, &[]);
+    let got = fs::read_to_string(mnt.join("held")).unwrap_or_default();
+    assert!(
+        got == want,
+        "the written bytes did not survive: {} of {} bytes",
+        got.len(),
+        want.len()
+    );
+    ok(&["fs", "umount", s(&mnt)]);
+    // Unmounted, there is nothing to do.
+    ok(&["fs", "sync", s(&store)]);
+}

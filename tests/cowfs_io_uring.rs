@@ -190,18 +190,5 @@ fn big_writes_reads_and_rollback_are_exact_through_the_rings() {
     assert!(!m.path("new").exists());
     m.umount();
     // Unmounting ends the daemon, ring threads and all.
-    for _ in 0..100 {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next();
-        if matches!(state, None | Some("Z")) {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("daemon {pid} still runs after umount");
+    support::wait_dead(pid);
 }

@@ -270,3 +270,22 @@ pub fn stack(store: &Path) -> serde_json::Value {
         .expect("a valid slot")["stack"]
         .clone()
 }
+
+/// Waits until the daemon `pid` has died (a zombie or gone; its parent
+/// may never reap it), up to 5 s.
+pub fn wait_dead(pid: u32) {
+    for _ in 0..100 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        if matches!(state, None | Some("Z")) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("daemon {pid} still runs");
+}

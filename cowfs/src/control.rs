@@ -119,7 +119,13 @@ impl Live {
             }
             Request::Rollback(name) => self.rollback(name),
             Request::Delete(name) => self.view.delete_checkpoint(name),
-            Request::Sync => self.view.sync_all(),
+            Request::Sync => {
+                // What `sync` cannot do for a FUSE mount (the kernel sends
+                // FUSE_SYNCFS only to virtiofs): the writes the kernel
+                // still holds first, then this daemon's.
+                self.write_back();
+                self.view.sync_all()
+            }
         }
     }
 

@@ -195,7 +195,10 @@ impl Store {
         Ok(self.layout.read_stack()?.checkpoints)
     }
 
-    /// Make a mounted store's state durable on disk (no-op when unmounted).
+    /// Make everything written to a mounted store durable on disk,
+    /// including writes the kernel still holds in its cache (sync(1) and
+    /// syncfs(2) cannot: the kernel does not pass them on to a FUSE
+    /// daemon). A no-op when unmounted: an unmounted store is durable.
     pub fn sync(&self) -> Result<()> {
         self.route(Request::Sync, |_| Ok(()))
     }

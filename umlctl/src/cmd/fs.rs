@@ -35,6 +35,9 @@ pub enum FsCmd {
     },
     /// Unmount a cowfs mount and wait until its data is durable.
     Umount { mountpoint: PathBuf },
+    /// Make everything written to a mounted store durable, as sync(1)
+    /// cannot for a FUSE mount (nothing to do when unmounted).
+    Sync { store: PathBuf },
     /// Seal the current state as checkpoint NAME (O(1); mounted or not).
     Checkpoint { store: PathBuf, name: String },
     /// List the checkpoints of a store.
@@ -215,6 +218,11 @@ pub fn run(out: Output, cmd: FsCmd) -> CliResult {
                 }
             })
             .map_err(cli)
+        }
+        FsCmd::Sync { store } => {
+            open(&store)?.sync().map_err(cli)?;
+            out.emit(&json!({"synced": store}), String::new);
+            Ok(())
         }
         FsCmd::Umount { mountpoint } => {
             cowfs::unmount(&mountpoint).map_err(cli)?;
