@@ -37,6 +37,46 @@ pub struct FsBenchArgs {
     pub dir: PathBuf,
 }
 
+/// What `--json` prints: how cowfs was mounted, what a cross-CPU wakeup
+/// costs on this host (it moves the metadata figures), and the figures.
+#[derive(Serialize)]
+struct Report {
+    cowfs_mount: MountReport,
+    /// Median one-way wakeup of a thread on an idle CPU (`umlctl doctor`,
+    /// cpu-wakeup); null with one CPU.
+    wakeup_us: Option<f64>,
+    figures: Vec<Figure>,
+}
+
+#[derive(Serialize)]
+struct MountReport {
+    /// As asked for: auto, io-uring or dev-fuse.
+    transport: String,
+    /// What the mount asked the kernel for: io-uring or dev-fuse.
+    requests_over: String,
+    passthrough: bool,
+}
+
+impl Report {
+    fn new(mount: &MountArgs, wakeup_us: Option<f64>, figures: Vec<Figure>) -> Report {
+        let opts = mount.options();
+        let name = |t: cowfs::Transport| match t {
+            cowfs::Transport::Auto => "auto",
+            cowfs::Transport::IoUring => "io-uring",
+            cowfs::Transport::DevFuse => "dev-fuse",
+        };
+        Report {
+            cowfs_mount: MountReport {
+                transport: name(opts.transport).into(),
+                requests_over: name(opts.transport.resolved()).into(),
+                passthrough: opts.passthrough,
+            },
+            wakeup_us,
+            figures,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum Setup {
@@ -506,7 +546,8 @@ pub fn run(out: Output, args: FsBenchArgs) -> CliResult {
         &|s| b.each(s, &|v| stat_cold(v, files)).map(Some),
     )?;
     if !b.wanted("checkpoint") && !b.wanted("rollback") {
-        out.emit(&figures, || table(&figures, &setups, &b.args.mount, wakeup));
+        let report = Report::new(&b.args.mount, wakeup, figures);
+        out.emit(&report, || table(&report, &setups));
         return Ok(());
     }
     let (cp, rb, orb) = checkpoint_rollback(&b)?;
@@ -527,28 +568,23 @@ pub fn run(out: Output, args: FsBenchArgs) -> CliResult {
         target: "<= 5 ms",
         met: Some(rb <= 5.0),
     });
-    out.emit(&figures, || table(&figures, &setups, &b.args.mount, wakeup));
+    let report = Report::new(&b.args.mount, wakeup, figures);
+    out.emit(&report, || table(&report, &setups));
     Ok(())
 }
 
-fn table(
-    figures: &[Figure],
-    setups: &[Setup],
-    mount: &MountArgs,
-    wakeup_us: Option<f64>,
-) -> String {
-    let opts = mount.options();
-    let caching = if opts.passthrough {
+fn table(report: &Report, setups: &[Setup]) -> String {
+    let m = &report.cowfs_mount;
+    let caching = if m.passthrough {
         "passthrough"
     } else {
         "writeback cache"
     };
     let mut s = format!(
-        "cowfs mounted with {:?} (transport {:?}), {caching}",
-        opts.transport.resolved(),
-        opts.transport,
+        "cowfs: requests over {} (transport {}), {caching}",
+        m.requests_over, m.transport
     );
-    if let Some(us) = wakeup_us {
+    if let Some(us) = report.wakeup_us {
         s += &format!("; waking a thread on an idle CPU takes {us:.1} us");
     }
     s += "\n";
@@ -557,7 +593,7 @@ fn table(
         s += &format!("{:>16}", format!("{setup:?}").to_lowercase());
     }
     s += &format!("{:>10}  {:<16} met\n", "cowfs/nat", "target");
-    for f in figures {
+    for f in &report.figures {
         s += &format!("{:<58}", format!("{} [{}]", f.name, f.unit));
         for setup in setups {
             let v = f
