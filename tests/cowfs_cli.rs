@@ -564,3 +564,97 @@ fn deleted_checkpoints_layers_are_merged_in_the_background() {
     let fsck = ok(&["fs", "fsck", "--check", s(&store)]);
     assert!(fsck.contains("clean"), "fsck after merges: {fsck}");
 }
+
+/// renameat2(2) with `flags` from `old` to `new` under `root`: Ok or errno.
+fn rename2(root: &Path, old: &str, new: &str, flags: libc::c_uint) -> Result<(), i32> {
+    let c = |p: &str| std::ffi::CString::new(s(&root.join(p))).unwrap();
+    let (o, n) = (c(old), c(new));
+    // SAFETY: two valid C strings; renameat2 reads only them.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            o.as_ptr(),
+            libc::AT_FDCWD,
+            n.as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    }
+}
+
+/// Renames with RENAME_NOREPLACE and RENAME_EXCHANGE (files, directories,
+/// a file with a directory, base entries with new ones), with the results,
+/// the inode numbers that move with the names, and the tree that is left.
+fn rename_ops(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &str| fs::symlink_metadata(root.join(p)).unwrap().ino();
+    let (noreplace, exchange) = (libc::RENAME_NOREPLACE, libc::RENAME_EXCHANGE);
+    let mut log = Vec::new();
+    let mut step = |what: &str, r: Result<(), i32>| log.push(format!("{what}: {r:?}"));
+    fs::write(root.join("new"), "new file").unwrap();
+    step("a->fresh noreplace", rename2(root, "a", "fresh", noreplace));
+    step("b->fresh noreplace", rename2(root, "b", "fresh", noreplace));
+    let (b, fresh) = (ino("b"), ino("fresh"));
+    step("b<->fresh", rename2(root, "b", "fresh", exchange));
+    assert_eq!(
+        (ino("b"), ino("fresh")),
+        (fresh, b),
+        "inodes stay with the files"
+    );
+    step("b<->new", rename2(root, "b", "new", exchange));
+    step("d1<->b (dir, file)", rename2(root, "d1", "b", exchange));
+    step("d2<->missing", rename2(root, "d2", "missing", exchange));
+    step("d3<->d2 (dirs)", rename2(root, "d3", "d2", exchange));
+    step(
+        "both flags",
+        rename2(root, "d3", "d2", noreplace | exchange),
+    );
+    step(
+        "d2->d3/sub noreplace",
+        rename2(root, "d2", "d3/sub", noreplace),
+    );
+    step("d1->new noreplace", rename2(root, "d1", "new", noreplace));
+    log
+}
+
+#[test]
+fn rename_noreplace_and_exchange_behave_as_on_the_native_filesystem() {
+    if support::skip() {
+        return;
+    }
+    let (t, base, store, mnt) = support::dirs();
+    fs::write(base.join("a"), "base a").unwrap();
+    fs::write(base.join("b"), "base b").unwrap();
+    for (dir, file) in [("d1", Some("x")), ("d2", None), ("d3", Some("y"))] {
+        fs::create_dir(base.join(dir)).unwrap();
+        if let Some(f) = file {
+            fs::write(base.join(dir).join(f), format!("{dir}/{f}")).unwrap();
+        }
+    }
+    let native = t.path().join("native");
+    assert!(std::process::Command::new("cp")
+        .args(["-a", s(&base), s(&native)])
+        .status()
+        .unwrap()
+        .success());
+    let want_log = rename_ops(&native);
+    let want = snapshot(&native);
+
+    support::create(&store, &base, None);
+    let m = Mounted::new(&store, &mnt);
+    let before = snapshot(&mnt);
+    ok(&["fs", "checkpoint", s(&store), "before"]);
+    assert_eq!(rename_ops(&mnt), want_log);
+    assert_eq!(snapshot(&mnt), want);
+    m.umount();
+    let m = Mounted::new(&store, &mnt);
+    assert_eq!(snapshot(&mnt), want, "differs after remount");
+    ok(&["fs", "rollback", s(&store), "before"]);
+    assert_eq!(snapshot(&mnt), before, "rollback did not undo the renames");
+    drop(m);
+    assert_eq!(snapshot(&base), before, "the base changed");
+}
