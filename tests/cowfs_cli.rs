@@ -658,3 +658,38 @@ fn rename_noreplace_and_exchange_behave_as_on_the_native_filesystem() {
     drop(m);
     assert_eq!(snapshot(&base), before, "the base changed");
 }
+
+fn statvfs(p: &Path) -> libc::statvfs {
+    let c = std::ffi::CString::new(s(p)).unwrap();
+    // SAFETY: a valid C string and a zeroed struct for statvfs to fill.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        assert_eq!(
+            libc::statvfs(c.as_ptr(), &mut st),
+            0,
+            "statvfs {}",
+            p.display()
+        );
+        st
+    }
+}
+
+/// statfs(2) of a mount reports the file system that holds the store:
+/// where the view's writes go.
+#[test]
+fn statfs_reports_the_file_system_of_the_store() {
+    if support::skip() {
+        return;
+    }
+    let (_t, base, store, mnt) = support::dirs();
+    support::create(&store, &base, None);
+    let m = Mounted::new(&store, &mnt);
+    let (got, host) = (statvfs(&mnt), statvfs(&store));
+    assert_eq!(got.f_frsize, host.f_frsize);
+    assert_eq!(got.f_blocks * got.f_frsize, host.f_blocks * host.f_frsize);
+    assert_eq!(got.f_namemax, 255);
+    let free = |st: &libc::statvfs| st.f_bfree as f64 * st.f_frsize as f64;
+    // Other tests write and delete on the host between the two calls.
+    assert!((free(&got) - free(&host)).abs() < 256.0 * MIB as f64);
+    drop(m);
+}
