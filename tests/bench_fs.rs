@@ -48,6 +48,7 @@ fn every_figure_is_measured_on_every_setup_with_its_verdict() {
     let report: Value = serde_json::from_str(&bench(t.path(), &["--json"])).unwrap();
     let mount = &report["cowfs_mount"];
     assert_eq!(mount["transport"], "auto", "{mount}");
+    assert_eq!(mount["served_by"], "daemon", "{mount}");
     let over = if common::fuse_io_uring_on() {
         "io-uring"
     } else {
@@ -120,11 +121,19 @@ fn the_table_says_how_cowfs_was_mounted() {
     let t = tempfile::tempdir().unwrap();
     let out = bench(
         t.path(),
-        &["--only", "checkpoint", "--transport", "dev-fuse"],
+        &[
+            "--only",
+            "checkpoint",
+            "--transport",
+            "dev-fuse",
+            "--in-process",
+        ],
     );
     let first = out.lines().next().unwrap_or_default();
     assert!(
-        first.starts_with("cowfs: requests over dev-fuse (transport dev-fuse), writeback cache"),
+        first.starts_with(
+            "cowfs (in-process): requests over dev-fuse (transport dev-fuse), writeback cache"
+        ),
         "{out}"
     );
     assert!(

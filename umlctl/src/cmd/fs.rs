@@ -304,7 +304,11 @@ pub fn run(out: Output, cmd: FsCmd) -> CliResult {
 /// Start `umlctl fs __daemon` in its own process group, wait until it has
 /// mounted (it prints "ready"), and return its pid. Its log (and, on
 /// failure, its error) is in the store's daemon.log.
-fn spawn_daemon(store: &Store, mountpoint: &Path, opts: &MountOptions) -> CliResult<u32> {
+pub(crate) fn spawn_daemon(
+    store: &Store,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> CliResult<u32> {
     let log_path = store.log_path();
     let log = std::fs::OpenOptions::new()
         .create(true)

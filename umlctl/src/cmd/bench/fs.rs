@@ -32,6 +32,11 @@ pub struct FsBenchArgs {
     /// How cowfs is mounted (as `umlctl fs mount`).
     #[command(flatten)]
     pub mount: MountArgs,
+    /// Serve cowfs from this process (`Store::mount`, as a program that
+    /// embeds the library does) instead of a daemon process (`umlctl fs
+    /// mount`).
+    #[arg(long)]
+    pub in_process: bool,
     /// Work directory (the base is kept there between runs).
     #[arg(long, default_value = "/var/tmp/umlctl-bench-fs")]
     pub dir: PathBuf,
@@ -55,11 +60,13 @@ struct MountReport {
     /// What the mount asked the kernel for: io-uring or dev-fuse.
     requests_over: String,
     passthrough: bool,
+    /// "daemon" (`umlctl fs mount`) or "in-process" (`Store::mount`).
+    served_by: &'static str,
 }
 
 impl Report {
-    fn new(mount: &MountArgs, wakeup_us: Option<f64>, figures: Vec<Figure>) -> Report {
-        let opts = mount.options();
+    fn new(args: &FsBenchArgs, wakeup_us: Option<f64>, figures: Vec<Figure>) -> Report {
+        let opts = args.mount.options();
         let name = |t: cowfs::Transport| match t {
             cowfs::Transport::Auto => "auto",
             cowfs::Transport::IoUring => "io-uring",
@@ -70,6 +77,11 @@ impl Report {
                 transport: name(opts.transport).into(),
                 requests_over: name(opts.transport.resolved()).into(),
                 passthrough: opts.passthrough,
+                served_by: if args.in_process {
+                    "in-process"
+                } else {
+                    "daemon"
+                },
             },
             wakeup_us,
             figures,
@@ -98,12 +110,28 @@ struct View {
     dir: PathBuf,
     scratch: PathBuf,
     kernel_mount: Option<PathBuf>,
-    cowfs: Option<(cowfs::Store, cowfs::Mount)>,
+    cowfs: Option<(cowfs::Store, Served)>,
+}
+
+/// Who serves a cowfs view.
+enum Served {
+    InProcess(cowfs::Mount),
+    /// A daemon process on this mountpoint.
+    Daemon(PathBuf),
 }
 
 impl Drop for View {
     fn drop(&mut self) {
-        self.cowfs.take();
+        match self.cowfs.take() {
+            // Unmounts and waits until the data is durable.
+            Some((_, Served::InProcess(m))) => drop(m),
+            Some((_, Served::Daemon(mnt))) => {
+                if let Err(e) = cowfs::unmount(&mnt) {
+                    tracing::warn!("bench fs: unmount {}: {e}", mnt.display());
+                }
+            }
+            None => {}
+        }
         if let Some(m) = &self.kernel_mount {
             let _ = Command::new("umount").arg(m).status();
         }
@@ -220,10 +248,16 @@ impl Bench {
                 let store = cowfs::Store::create(&scratch.join("store"), &self.base, None)
                     .map_err(|e| err("cowfs create", e))?;
                 let opts = self.args.mount.options();
-                let m = store
-                    .mount(&mnt, &opts)
-                    .map_err(|e| err("cowfs mount", e))?;
-                view.cowfs = Some((store, m));
+                let served = if self.args.in_process {
+                    let m = store
+                        .mount(&mnt, &opts)
+                        .map_err(|e| err("cowfs mount", e))?;
+                    Served::InProcess(m)
+                } else {
+                    crate::cmd::fs::spawn_daemon(&store, &mnt, &opts)?;
+                    Served::Daemon(mnt)
+                };
+                view.cowfs = Some((store, served));
             }
         }
         Ok(view)
@@ -546,7 +580,7 @@ pub fn run(out: Output, args: FsBenchArgs) -> CliResult {
         &|s| b.each(s, &|v| stat_cold(v, files)).map(Some),
     )?;
     if !b.wanted("checkpoint") && !b.wanted("rollback") {
-        let report = Report::new(&b.args.mount, wakeup, figures);
+        let report = Report::new(&b.args, wakeup, figures);
         out.emit(&report, || table(&report, &setups));
         return Ok(());
     }
@@ -568,7 +602,7 @@ pub fn run(out: Output, args: FsBenchArgs) -> CliResult {
         target: "<= 5 ms",
         met: Some(rb <= 5.0),
     });
-    let report = Report::new(&b.args.mount, wakeup, figures);
+    let report = Report::new(&b.args, wakeup, figures);
     out.emit(&report, || table(&report, &setups));
     Ok(())
 }
@@ -581,8 +615,8 @@ fn table(report: &Report, setups: &[Setup]) -> String {
         "writeback cache"
     };
     let mut s = format!(
-        "cowfs: requests over {} (transport {}), {caching}",
-        m.requests_over, m.transport
+        "cowfs ({}): requests over {} (transport {}), {caching}",
+        m.served_by, m.requests_over, m.transport
     );
     if let Some(us) = report.wakeup_us {
         s += &format!("; waking a thread on an idle CPU takes {us:.1} us");
