@@ -237,15 +237,16 @@ fn fs_sync_takes_in_the_writes_the_kernel_still_holds() {
         .status();
     std::thread::sleep(Duration::from_millis(100));
     fsck(&store, false);
-    support::mount(&store, &mnt, &[]);
-    let got = fs::read_to_string(mnt.join("held")).unwrap_or_default();
+    // Unmounted on drop, also when an assertion fails.
+    let m = support::Mounted::new(&store, &mnt);
+    let got = fs::read_to_string(m.path("held")).unwrap_or_default();
     assert!(
         got == want,
         "the written bytes did not survive: {} of {} bytes",
         got.len(),
         want.len()
     );
-    ok(&["fs", "umount", s(&mnt)]);
+    m.umount();
     // Unmounted, there is nothing to do.
     ok(&["fs", "sync", s(&store)]);
 }
