@@ -129,6 +129,38 @@ fn by_default_requests_are_served_by_ring_threads_pinned_to_the_callers_cpu() {
 }
 
 #[test]
+fn ring_threads_sets_the_threads_of_each_cpu() {
+    if skip() {
+        return;
+    }
+    let (_t, base, store, mnt) = support::dirs();
+    fs::write(base.join("file"), pattern(3 * MIB, 4)).unwrap();
+    support::create(&store, &base, None);
+    let (m, pid) = Mounted::with(&store, &mnt, &["--ring-threads", "1"]);
+    let t = threads(pid);
+    let rings: std::collections::BTreeSet<String> = t
+        .keys()
+        .filter(|n| n.starts_with("fuser-ring-"))
+        .cloned()
+        .collect();
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let want = (0..cpus).map(|c| format!("fuser-ring-{c}.0")).collect();
+    assert_eq!(rings, want, "{t:?}");
+    // One thread per CPU still serves big requests and several callers.
+    std::thread::scope(|scope| {
+        for k in 0..4u8 {
+            let path = m.path(&format!("new{k}"));
+            scope.spawn(move || {
+                fs::write(&path, pattern(2 * MIB, k.into())).unwrap();
+                assert!(fs::read(&path).unwrap() == pattern(2 * MIB, k.into()));
+            });
+        }
+    });
+    assert!(fs::read(m.path("file")).unwrap() == pattern(3 * MIB, 4));
+    m.umount();
+}
+
+#[test]
 fn the_dev_fuse_transport_starts_no_ring_and_serves_the_same() {
     if skip() {
         return;

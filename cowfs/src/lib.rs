@@ -74,5 +74,7 @@ pub use diff::{Change, ChangeKind};
 pub use disk::{Checkpoint, DEFAULT_BLOCK_SIZE, FORMAT_VERSION};
 pub use error::{Error, Result};
 pub use fsck::FsckReport;
-pub use mount::{is_mountpoint, unmount, Mount, MountOptions, Transport, DEFAULT_THREADS};
+pub use mount::{
+    is_mountpoint, unmount, Mount, MountOptions, Transport, DEFAULT_RING_THREADS, DEFAULT_THREADS,
+};
 pub use store::Store;

@@ -53,7 +53,8 @@ use crate::passthrough::BackingId;
 use crate::request::RequestWithSender;
 use crate::session::SessionEventLoop;
 
-/// Threads, each with one ring entry, per queue of an online CPU. Each
+/// Threads, each with one ring entry, per queue of an online CPU, unless
+/// `Config::ring_threads` says otherwise. Each
 /// serves one request at a time, while the kernel hands a CPU's writeback several at
 /// once and a slow one (an fsync) must not hold up the rest: with 2,
 /// sequential writes ran ~20% slower than over /dev/fuse with 4 threads;
@@ -105,6 +106,7 @@ impl Rings {
     pub(crate) fn start<FS: Filesystem>(
         make_loop: impl Fn(String) -> SessionEventLoop<FS>,
         payload_len: usize,
+        per_online_cpu: Option<usize>,
     ) -> io::Result<Rings> {
         // SAFETY: eventfd returns a new descriptor or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -118,7 +120,10 @@ impl Rings {
             stop,
         };
         let (registered, rx) = std::sync::mpsc::channel();
-        if let Err(e) = rings.spawn(make_loop, payload_len, efd, registered) {
+        let per_online_cpu = per_online_cpu.unwrap_or(THREADS_PER_QUEUE).max(1);
+        let spawned = queue_threads(per_online_cpu)
+            .and_then(|plan| rings.spawn(make_loop, &plan, payload_len, efd, registered));
+        if let Err(e) = spawned {
             rings.stop();
             return Err(e);
         }
@@ -135,11 +140,12 @@ impl Rings {
     fn spawn<FS: Filesystem>(
         &mut self,
         make_loop: impl Fn(String) -> SessionEventLoop<FS>,
+        plan: &[usize],
         payload_len: usize,
         stop_fd: RawFd,
         registered: Sender<()>,
     ) -> io::Result<()> {
-        for (qid, threads) in queue_threads()?.into_iter().enumerate() {
+        for (qid, &threads) in plan.iter().enumerate() {
             let qid = qid as u16;
             for k in 0..threads {
                 let name = format!("fuser-ring-{qid}.{k}");
@@ -171,8 +177,8 @@ impl Rings {
 /// indexed by CPU number): the kernel needs an entry on every queue
 /// before it uses any, but only an online CPU sends requests, so a CPU
 /// that is possible but offline gets one thread (enough if it comes
-/// online later), and an online one `THREADS_PER_QUEUE`.
-fn queue_threads() -> io::Result<Vec<usize>> {
+/// online later), and an online one `per_online_cpu`.
+fn queue_threads(per_online_cpu: usize) -> io::Result<Vec<usize>> {
     let read = |name| std::fs::read_to_string(format!("/sys/devices/system/cpu/{name}"));
     let possible = cpu_list(&read("possible")?)?;
     let online = cpu_list(&read("online")?)?;
@@ -180,7 +186,7 @@ fn queue_threads() -> io::Result<Vec<usize>> {
     Ok((0..queues)
         .map(|q| {
             if online.contains(&(q as u16)) {
-                THREADS_PER_QUEUE
+                per_online_cpu
             } else {
                 1
             }

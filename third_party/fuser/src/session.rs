@@ -345,7 +345,7 @@ impl<FS: Filesystem> Session<FS> {
                 allowed,
                 session_owner,
             };
-            Rings::start(make_loop, payload)
+            Rings::start(make_loop, payload, config.ring_threads)
                 .map_err(|e| error!("FUSE over io_uring not started: {e}"))
                 .ok()
         });

@@ -88,6 +88,11 @@ pub struct MountArgs {
     /// Same as --transport io-uring.
     #[arg(long, conflicts_with = "transport")]
     pub io_uring: bool,
+    /// With FUSE over io_uring: threads per online CPU (each serves one
+    /// request at a time; fewer save threads and memory on hosts with
+    /// many CPUs).
+    #[arg(long, default_value_t = cowfs::DEFAULT_RING_THREADS, value_parser = parse_ring_threads)]
+    pub ring_threads: usize,
 }
 
 /// `--transport`, as clap spells it.
@@ -109,6 +114,7 @@ impl MountArgs {
             threads: self.threads,
             passthrough: self.passthrough,
             transport,
+            ring_threads: self.ring_threads,
         }
     }
 }
@@ -123,11 +129,19 @@ fn daemon_args(opts: &MountOptions) -> Vec<String> {
     let mut args = vec![
         format!("--threads={}", opts.threads),
         format!("--transport={transport}"),
+        format!("--ring-threads={}", opts.ring_threads),
     ];
     if opts.passthrough {
         args.push("--passthrough".into());
     }
     args
+}
+
+fn parse_ring_threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ 1..=64) => Ok(n),
+        _ => Err(format!("bad ring thread count {s:?}: use 1 to 64")),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

@@ -14,6 +14,9 @@ pub struct Config {
     pub acl: SessionACL,
     /// Number of event loop threads. If unspecified, one thread is used.
     pub n_threads: Option<usize>,
+    /// With FUSE over io_uring: threads (each with one ring entry) per
+    /// online CPU's queue. If unspecified, `ring::THREADS_PER_QUEUE`.
+    pub ring_threads: Option<usize>,
     /// Use `FUSE_DEV_IOC_CLONE` to give each worker thread its own fd.
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
