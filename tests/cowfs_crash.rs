@@ -66,6 +66,21 @@ fn workload(mnt: &Path, round: u64, durable: Arc<Mutex<Durable>>) {
     }
 }
 
+fn kill(pid: u32) {
+    // SAFETY: kill(2) with a pid we started; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+}
+
+/// Wait until the killed daemon `pid` has died (its store lock goes with
+/// it), and detach its dead mount.
+fn detach_dead(pid: u32, mnt: &Path) {
+    support::wait_dead(pid);
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(mnt)
+        .status();
+}
+
 fn fsck(store: &Path, check_only: bool) -> serde_json::Value {
     let mut args = vec!["--json", "fs", "fsck", s(store)];
     if check_only {
@@ -101,21 +116,17 @@ fn sigkill_during_writes_loses_nothing_fsynced() {
         } else {
             &[]
         };
-        let pid = support::mount(&store, &mnt, options) as i32;
+        let pid = support::mount(&store, &mnt, options);
         let d = durable.clone();
         let m = mnt.clone();
         let writer = std::thread::spawn(move || workload(&m, round + 1, d));
         let delay = 150 + (seed.wrapping_mul(round + 7) % 400);
         std::thread::sleep(Duration::from_millis(delay));
-        // SAFETY: kill(2) with a pid we started; no memory is involved.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        kill(pid);
+        // Before the mount is detached: later writes by path would land
+        // in the directory under it.
         writer.join().unwrap();
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&mnt)
-            .status();
-        // The lock goes with the process; wait until it is gone.
-        std::thread::sleep(Duration::from_millis(100));
+        detach_dead(pid, &mnt);
 
         let report = fsck(&store, false);
         assert!(
@@ -195,7 +206,7 @@ fn fs_sync_takes_in_the_writes_the_kernel_still_holds() {
     }
     let (_t, base, store, mnt) = support::dirs();
     support::create(&store, &base, None);
-    let pid = support::mount(&store, &mnt, &[]) as i32;
+    let pid = support::mount(&store, &mnt, &[]);
     // Another process (perl, from Debian's essential perl-base) writes
     // the file and keeps it open. Its pages stay in the kernel's writeback
     // cache: any close(2) of a descriptor of the file would write them
@@ -224,18 +235,12 @@ fn fs_sync_takes_in_the_writes_the_kernel_still_holds() {
     assert_eq!(line, "written\n");
     let out = ok(&["fs", "sync", s(&store), "--json"]);
     assert!(out.contains("synced"), "{out}");
-    // SAFETY: kill(2) with a pid we started; no memory is involved.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    kill(pid);
     // Only then may the holder close the file (a live daemon would take
     // the pages from that close).
-    support::wait_dead(pid as u32);
+    detach_dead(pid, &mnt);
     holder.kill().unwrap();
     holder.wait().unwrap();
-    let _ = std::process::Command::new("umount")
-        .arg("-l")
-        .arg(&mnt)
-        .status();
-    std::thread::sleep(Duration::from_millis(100));
     fsck(&store, false);
     // Unmounted on drop, also when an assertion fails.
     let m = support::Mounted::new(&store, &mnt);

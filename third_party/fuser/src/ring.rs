@@ -54,11 +54,11 @@ use crate::request::RequestWithSender;
 use crate::session::SessionEventLoop;
 
 /// Threads, each with one ring entry, per queue of an online CPU, unless
-/// `Config::ring_threads` says otherwise. Each
-/// serves one request at a time, while the kernel hands a CPU's writeback several at
-/// once and a slow one (an fsync) must not hold up the rest: with 2,
-/// sequential writes ran ~20% slower than over /dev/fuse with 4 threads;
-/// with 4, as fast.
+/// `Config::ring_threads` says otherwise. Each serves one request at a
+/// time, while the kernel hands a CPU's writeback several at once and a
+/// slow one (an fsync) must not hold up the rest: with 2, sequential
+/// writes ran ~20% slower than over /dev/fuse with 4 threads; with 4, as
+/// fast.
 pub(crate) const THREADS_PER_QUEUE: usize = 4;
 
 // The kernel's interface, from include/uapi/linux/fuse.h.

@@ -163,11 +163,14 @@ fn tool_runs(tool: &str, args: &[&str]) -> Result<String, String> {
 /// reply wakes its caller on another CPU pays one.
 const SLOW_WAKEUP_US: f64 = 15.0;
 
+/// How long an idle vCPU polls before it halts (cpuidle-haltpoll).
+const HALT_POLL: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
+
 /// Measures what waking a thread on another, idle CPU costs: two threads
 /// pinned to CPUs 0 and 1 pass a byte back and forth through pipes; each
 /// CPU goes idle while its thread waits in read(2), so every pass wakes an
-/// idle CPU, as a FUSE reply does when the caller waits on the other one. On a
-/// VM whose idle vCPUs halt at once it costs tens of microseconds, and
+/// idle CPU, as a FUSE reply does when the caller waits on the other one.
+/// On a VM whose idle vCPUs halt at once it costs tens of microseconds, and
 /// cowfs metadata work (a FUSE round trip per lookup) gets up to 2x
 /// slower whenever the scheduler wakes the caller on the other CPU.
 fn cross_cpu_wakeup() -> Result<String, String> {
@@ -178,13 +181,11 @@ fn cross_cpu_wakeup() -> Result<String, String> {
     if median <= SLOW_WAKEUP_US {
         return Ok(text);
     }
-    let poll = std::fs::read_to_string("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
-        .map(|s| s.trim().to_string());
+    let poll = std::fs::read_to_string(HALT_POLL).map(|s| s.trim().to_string());
     Err(match poll {
         Ok(ns) if ns == "0" => format!(
             "{text}: idle vCPUs halt at once (guest_halt_poll_ns=0), which slows FUSE \
-             round trips; the kernel's default polls first: \
-             echo 200000 > /sys/module/haltpoll/parameters/guest_halt_poll_ns"
+             round trips; the kernel's default polls first: echo 200000 > {HALT_POLL}"
         ),
         _ => format!("{text}, which slows FUSE round trips"),
     })

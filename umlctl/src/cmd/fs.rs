@@ -103,12 +103,40 @@ pub enum TransportArg {
     DevFuse,
 }
 
+impl From<TransportArg> for Transport {
+    fn from(t: TransportArg) -> Transport {
+        match t {
+            TransportArg::Auto => Transport::Auto,
+            TransportArg::IoUring => Transport::IoUring,
+            TransportArg::DevFuse => Transport::DevFuse,
+        }
+    }
+}
+
+impl From<Transport> for TransportArg {
+    fn from(t: Transport) -> TransportArg {
+        match t {
+            Transport::Auto => TransportArg::Auto,
+            Transport::IoUring => TransportArg::IoUring,
+            Transport::DevFuse => TransportArg::DevFuse,
+        }
+    }
+}
+
+/// `t` as `--transport` spells it.
+pub(crate) fn transport_name(t: Transport) -> String {
+    let arg = clap::ValueEnum::to_possible_value(&TransportArg::from(t));
+    arg.expect("every transport has a name")
+        .get_name()
+        .to_string()
+}
+
 impl MountArgs {
     pub fn options(&self) -> MountOptions {
-        let transport = match (self.io_uring, self.transport) {
-            (true, _) | (_, TransportArg::IoUring) => Transport::IoUring,
-            (_, TransportArg::Auto) => Transport::Auto,
-            (_, TransportArg::DevFuse) => Transport::DevFuse,
+        let transport = if self.io_uring {
+            Transport::IoUring
+        } else {
+            self.transport.into()
         };
         MountOptions {
             threads: self.threads,
@@ -121,14 +149,9 @@ impl MountArgs {
 
 /// The daemon's command line for `opts` (the inverse of `MountArgs::options`).
 fn daemon_args(opts: &MountOptions) -> Vec<String> {
-    let transport = match opts.transport {
-        Transport::Auto => "auto",
-        Transport::IoUring => "io-uring",
-        Transport::DevFuse => "dev-fuse",
-    };
     let mut args = vec![
         format!("--threads={}", opts.threads),
-        format!("--transport={transport}"),
+        format!("--transport={}", transport_name(opts.transport)),
         format!("--ring-threads={}", opts.ring_threads),
     ];
     if opts.passthrough {

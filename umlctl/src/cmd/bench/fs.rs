@@ -3,7 +3,7 @@
 //! 1 GiB image and 10k small files). Each figure is a median of `--runs`;
 //! cowfs is printed as a ratio to native beside the target.
 
-use crate::cmd::fs::MountArgs;
+use crate::cmd::fs::{transport_name, MountArgs};
 use crate::exit::{CliError, CliResult, Code};
 use crate::output::Output;
 use serde::Serialize;
@@ -67,15 +67,10 @@ struct MountReport {
 impl Report {
     fn new(args: &FsBenchArgs, wakeup_us: Option<f64>, figures: Vec<Figure>) -> Report {
         let opts = args.mount.options();
-        let name = |t: cowfs::Transport| match t {
-            cowfs::Transport::Auto => "auto",
-            cowfs::Transport::IoUring => "io-uring",
-            cowfs::Transport::DevFuse => "dev-fuse",
-        };
         Report {
             cowfs_mount: MountReport {
-                transport: name(opts.transport).into(),
-                requests_over: name(opts.transport.resolved()).into(),
+                transport: transport_name(opts.transport),
+                requests_over: transport_name(opts.transport.resolved()),
                 passthrough: opts.passthrough,
                 served_by: if args.in_process {
                     "in-process"
