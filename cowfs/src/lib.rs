@@ -32,7 +32,8 @@
 //! - `journal`: per-layer metadata records, checksummed, torn tails detected
 //! - `wal`: the fsync log of the top layer: a small fsync costs one flush
 //! - `state`: in-memory metadata of a view (persistent maps: O(1) clones)
-//! - `base`: the read-only base tree, read lazily and cached
+//! - `base`: the read-only base tree, read lazily and cached; a directory
+//!   is read ahead at its first lookup, on another thread
 //! - `tree`: reading a view (the merge of a state over the base)
 //! - `data`: which layer each block of a file comes from; data file I/O
 //! - `view`: the live view: every file system operation, checkpoint, rollback
