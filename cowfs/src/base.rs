@@ -112,9 +112,12 @@ impl Base {
 
     fn read_ahead(&self, dir: &Path) {
         let mut p = self.prefetch.lock().unwrap();
-        if !p.asked.insert(dir.to_owned()) {
+        // Checked before the insert, which would copy the path on every
+        // lookup in a directory too big to list.
+        if p.asked.contains(dir) {
             return;
         }
+        p.asked.insert(dir.to_owned());
         if let Some(tx) = &p.to_thread {
             if tx.send(dir.to_owned()).is_err() {
                 p.to_thread = None;
@@ -224,29 +227,29 @@ impl Cache {
             }
             entries.push(e.ok()?);
         }
-        let mut out = Vec::with_capacity(entries.len());
-        for e in entries {
-            let name = e.file_name();
-            // fstatat on the directory's descriptor: no path walk.
-            let Some((md, meta)) = e
-                .metadata()
-                .ok()
-                .and_then(|md| Meta::from_metadata(&md).map(|m| (md, m)))
-            else {
-                continue;
-            };
+        // The stats first, then one write lock for all the inodes: lookups
+        // are not held up behind a directory's I/O.
+        let stats: Vec<_> = entries
+            .into_iter()
+            .filter_map(|e| {
+                // fstatat on the directory's descriptor: no path walk.
+                let md = e.metadata().ok()?;
+                let meta = Meta::from_metadata(&md)?;
+                Some((e.file_name(), md, meta))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(stats.len());
+        let mut inodes = self.inodes.write().unwrap();
+        for (name, md, meta) in stats {
             let ino = self.ino_of(md.ino());
-            self.inodes
-                .write()
-                .unwrap()
-                .entry(ino)
-                .or_insert_with(|| BaseInode {
-                    origin: dir.join(&name),
-                    meta,
-                    blocks512: md.blocks(),
-                });
+            inodes.entry(ino).or_insert_with(|| BaseInode {
+                origin: dir.join(&name),
+                meta,
+                blocks512: md.blocks(),
+            });
             out.push((name, ino, meta.kind));
         }
+        drop(inodes);
         out.sort_by(|a, b| a.0.cmp(&b.0));
         let listing = Arc::new(out);
         self.listings
