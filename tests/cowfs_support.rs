@@ -275,14 +275,7 @@ pub fn stack(store: &Path) -> serde_json::Value {
 /// may never reap it), up to 5 s.
 pub fn wait_dead(pid: u32) {
     for _ in 0..100 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next();
-        if matches!(state, None | Some("Z")) {
+        if !common::alive(pid as i32) {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));

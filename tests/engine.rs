@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::alive;
+
 /// Skips unless we can ptrace arbitrary processes (root).
 fn can_trace() -> bool {
     !common::skip_unless(
@@ -79,18 +81,6 @@ fn wait_for(path: &Path, pred: impl Fn(&str) -> bool, what: &str) -> String {
 fn signal(pid: i32, sig: i32) {
     // SAFETY: kill has no memory preconditions.
     unsafe { libc::kill(pid, sig) };
-}
-
-fn alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(false)
 }
 
 fn status_field(pid: i32, key: &str) -> String {

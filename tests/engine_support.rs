@@ -108,17 +108,7 @@ pub fn json_pids(args: &[&str]) -> Vec<i32> {
         .collect()
 }
 
-pub fn alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(false)
-}
+pub use crate::common::alive;
 
 pub fn status_field(pid: i32, key: &str) -> String {
     fs::read_to_string(format!("/proc/{pid}/status"))
