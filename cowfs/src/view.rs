@@ -1952,18 +1952,32 @@ pub(crate) mod tests {
         crate::sys::set_xattr(path, CAPABILITY, &value).unwrap();
     }
 
+    /// The operations the capability test tries, each on files of its own.
+    const CAPABILITY_OPS: [&str; 4] = ["write", "truncate", "chown", "chmod"];
+
+    /// As root, give the base one file with a capability per operation.
+    /// They must exist before the view opens: the base is read-only by
+    /// contract, and the view may answer lookups from a listing read ahead.
+    fn base_files_with_capability(base: &Path) {
+        if as_root() {
+            for op in CAPABILITY_OPS {
+                let path = base.join(format!("base-{op}"));
+                std::fs::write(&path, b"base data").unwrap();
+                set_host_capability(&path);
+            }
+        }
+    }
+
     /// The files each operation is tried on: one made in the top layer
     /// (its capability set through the view) and, as root, one of the base
     /// (its capability on the host file, which must stay there).
-    fn files_with_capability(view: &View, base: &Path, op: &str) -> Vec<Ino> {
+    fn files_with_capability(view: &View, op: &str) -> Vec<Ino> {
         let ino = new_file(view, &format!("new-{op}"));
         view.write(ino, 0, b"data", None).unwrap();
         view.setxattr(ino, CAPABILITY, Some(b"cap"), 0).unwrap();
         let mut files = vec![ino];
         if as_root() {
             let name = format!("base-{op}");
-            std::fs::write(base.join(&name), b"base data").unwrap();
-            set_host_capability(&base.join(&name));
             files.push(view.lookup(ROOT, OsStr::new(&name)).unwrap().ino);
         }
         for &ino in &files {
@@ -1980,6 +1994,7 @@ pub(crate) mod tests {
         let t = tempfile::tempdir().unwrap();
         let base = t.path().join("base");
         std::fs::create_dir(&base).unwrap();
+        base_files_with_capability(&base);
         let view = view_of(t.path(), &base);
         let root = Caller {
             fsetid: true,
@@ -2013,12 +2028,12 @@ pub(crate) mod tests {
             ),
         ];
         for (op, f) in &drops {
-            for ino in files_with_capability(&view, &base, op) {
+            for ino in files_with_capability(&view, op) {
                 f(ino).unwrap();
                 assert_eq!(view.getxattr(ino, CAPABILITY), Err(libc::ENODATA), "{op}");
             }
         }
-        for ino in files_with_capability(&view, &base, "chmod") {
+        for ino in files_with_capability(&view, "chmod") {
             let set = SetAttr {
                 mode: Some(0o600),
                 ..SetAttr::default()
