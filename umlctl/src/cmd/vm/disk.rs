@@ -118,6 +118,17 @@ pub fn attach(vm: &Vm) -> CliResult<Option<cowfs::Mount>> {
     Ok(Some(mount))
 }
 
+/// Unmounts the VM's disk once UML is gone. If something still holds it,
+/// the mount is detached lazily rather than left behind in `run/` (whose
+/// deletion would then fail): the writes it holds are lost only as in a
+/// crash, and the kernel drops it when its last user closes.
+pub fn detach(vm: &Vm, mount: cowfs::Mount) {
+    if let Err(e) = mount.unmount() {
+        tracing::warn!(vm = vm.name(), "unmounting the disk: {e}; detaching it");
+        let _ = nix::mount::umount2(&mountpoint(vm), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// Removes the mount a killed supervisor left (its FUSE server is gone).
 pub fn detach_stale(vm: &Vm) {
     if vm.config.disk == DiskKind::Cowfs && cowfs::is_mountpoint(&mountpoint(vm)) {

@@ -26,8 +26,12 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// How often the VM's disk is flushed to its layer (see spawn_disk_flusher).
+/// How often the VM's disk is flushed to its layer (see DiskFlusher).
 const DISK_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// How long UML's processes get to exit after SIGKILL before the disk is
+/// unmounted anyway (less than `vm stop` waits for the supervisor).
+const LEFTOVERS_PATIENCE: Duration = Duration::from_secs(3);
 
 /// console.log is restarted when it grows past this.
 const CONSOLE_LOG_MAX: u64 = 8 << 20;
@@ -97,7 +101,7 @@ pub fn run(name: &str) -> CliResult {
     let console_ended =
         spawn_console_reader(shared.clone(), console_out, File::create(vm.console_log())?);
     spawn_exec_reader(shared.clone(), agent_out, line_tx);
-    spawn_disk_flusher(vm.clone());
+    let flusher = DiskFlusher::start(vm.clone());
     let s = shared.clone();
     std::thread::spawn(move || serve(s, listener));
 
@@ -112,9 +116,15 @@ pub fn run(name: &str) -> CliResult {
         .clone()
         .unwrap_or_else(|| "the VM was stopped".into());
     set_phase(&shared, Phase::Over(ending));
-    // UML's stubs may still hold the disk open; the mount goes after them.
+    // The disk cannot be unmounted while anyone holds a file in it: the
+    // flusher's open file, or UML's stubs, which exit after the kernel
+    // process (a SIGKILLed process closes its files as it exits).
+    flusher.stop();
     kill_leftovers(&vm);
-    drop(mount);
+    wait_group_gone(&vm, LEFTOVERS_PATIENCE);
+    if let Some(mount) = mount {
+        disk::detach(&vm, mount);
+    }
     finish(&vm, reason, tap);
     Ok(())
 }
@@ -337,13 +347,31 @@ fn boot_failure(console: &str, mem_mib: u64) -> Option<String> {
 /// reaches the host), so the guest's writes would sit in the host's page
 /// cache, and over a cowfs mount they would be lost if this process died.
 /// Flushing the disk every second bounds that loss to a second.
-fn spawn_disk_flusher(vm: Vm) {
-    std::thread::spawn(move || loop {
-        std::thread::sleep(DISK_FLUSH_EVERY);
-        if let Err(e) = disk::flush(&vm) {
-            tracing::debug!("flushing the disk: {e}");
-        }
-    });
+struct DiskFlusher {
+    /// Dropping it ends the thread's wait at once.
+    stop: Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl DiskFlusher {
+    fn start(vm: Vm) -> DiskFlusher {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(DISK_FLUSH_EVERY) {
+                if let Err(e) = disk::flush(&vm) {
+                    tracing::debug!("flushing the disk: {e}");
+                }
+            }
+        });
+        DiskFlusher { stop, thread }
+    }
+
+    /// Returns once no flush runs or will run (its open file would make
+    /// the disk's unmount fail with EBUSY).
+    fn stop(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
 }
 
 /// Lines from the exec agent: the ready banner, and replies for `exec`.
@@ -545,20 +573,79 @@ fn finish(vm: &Vm, died: Option<String>, tap: Option<String>) {
     vm.remove_run_dir();
 }
 
+/// UML's process group: its kernel process's pid, from the pid file.
+fn uml_group(vm: &Vm) -> Option<i32> {
+    std::fs::read_to_string(vm.run_dir().join("uml.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|p| *p > 1)
+}
+
 /// Kills what is left of UML's process group (stubs, helpers), if anything.
 pub fn kill_leftovers(vm: &Vm) {
-    let pgid = std::fs::read_to_string(vm.run_dir().join("uml.pid"))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok());
-    if let Some(pgid) = pgid.filter(|p| *p > 1) {
+    if let Some(pgid) = uml_group(vm) {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(-pgid, libc::SIGKILL) };
     }
 }
 
+/// Waits, up to `patience`, until no process of UML's group runs. Zombies
+/// count as gone: a process has closed its files before it is one.
+fn wait_group_gone(vm: &Vm, patience: Duration) {
+    let Some(pgid) = uml_group(vm) else { return };
+    let deadline = Instant::now() + patience;
+    while group_runs(pgid) {
+        if Instant::now() > deadline {
+            tracing::warn!(pgid, "UML's processes outlived SIGKILL");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether a process of group `pgid` is alive and not yet a zombie.
+fn group_runs(pgid: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // "PID (COMM) STATE PPID PGRP ...": COMM may hold spaces and parentheses.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().take(3).collect();
+        matches!(fields[..], [state, _, group]
+            if group.parse() == Ok(pgid) && !matches!(state, "Z" | "X"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A group runs while a member runs, and not once its members are
+    /// zombies (they have closed their files): the disk can go then.
+    #[test]
+    fn a_group_of_zombies_does_not_run() {
+        let mut child = Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = child.id() as i32;
+        assert!(group_runs(pgid));
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(-pgid, libc::SIGKILL) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while group_runs(pgid) {
+            assert!(Instant::now() < deadline, "the killed group still runs");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Not reaped yet: a zombie, and still in its group.
+        let stat = std::fs::read_to_string(format!("/proc/{pgid}/stat")).unwrap();
+        assert!(stat.contains(") Z "), "{stat}");
+        child.wait().unwrap();
+        assert!(!group_runs(pgid));
+    }
 
     #[test]
     fn results_match_their_request() {
