@@ -11,7 +11,7 @@
 //! | host memory per idle VM (PSS)   | the guest memory it was given (--mem)    |
 //! | disk space of N VMs, one base   | N copies of the image (sparse, as cp)    |
 
-use crate::cmd::vm::{parse_size, tree_bytes};
+use crate::cmd::vm::{group_members, parse_size, tree_bytes};
 use crate::exit::{fail, CliError, CliResult, Code};
 use crate::output::Output;
 use serde::Serialize;
@@ -398,7 +398,7 @@ fn fleet_rows(lab: &Lab, n: usize, mem: &str) -> CliResult<Vec<Row>> {
 /// Proportional set size of a running VM: its UML processes (kernel and
 /// stubs, one process group), and its supervisor (which serves the disk).
 fn vm_pss_kib(vm_dir: &Path) -> CliResult<(u64, u64)> {
-    let read_pid = |f: &str| -> Option<i32> {
+    let read_pid = |f: &str| -> Option<u32> {
         std::fs::read_to_string(vm_dir.join("run").join(f))
             .ok()?
             .trim()
@@ -411,21 +411,11 @@ fn vm_pss_kib(vm_dir: &Path) -> CliResult<(u64, u64)> {
             format!("bench: {} is not running", vm_dir.display()),
         );
     };
-    let mut total = 0;
-    for e in std::fs::read_dir("/proc")?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid)))
-            .is_ok_and(|g| g.as_raw() == uml)
-        {
-            total += pss_kib(pid);
-        }
-    }
+    let total = group_members(uml as i32)?.into_iter().map(pss_kib).sum();
     Ok((total, pss_kib(sup)))
 }
 
-fn pss_kib(pid: i32) -> u64 {
+fn pss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
         .and_then(|s| {

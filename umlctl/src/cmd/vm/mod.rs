@@ -26,7 +26,7 @@ mod supervisor;
 
 // For `bench vm`.
 pub use disk::tree_bytes;
-pub use state::parse_size;
+pub use state::{group_members, parse_size};
 
 use crate::exit::CliResult;
 use crate::output::Output;

@@ -304,6 +304,18 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// The processes of group `pgid`, zombies included.
+pub fn group_members(pgid: i32) -> std::io::Result<Vec<u32>> {
+    Ok(std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid as i32)))
+                .is_ok_and(|g| g.as_raw() == pgid)
+        })
+        .collect())
+}
+
 /// The pid in a pid file, if that process lives and is still the one we
 /// started (its command line holds `mark`): a pid file that outlived a host
 /// reboot must not make an unrelated process look like our VM.

@@ -12,7 +12,7 @@
 
 use super::control::{shell_join, Reply, Request};
 use super::host::{path_str, Uml};
-use super::state::{now_unix, write_private, Store, Vm};
+use super::state::{self, now_unix, write_private, Store, Vm};
 use super::{disk, net};
 use crate::exit::{CliError, CliResult, Code};
 use std::fs::File;
@@ -605,17 +605,10 @@ fn wait_group_gone(vm: &Vm, patience: Duration) {
 
 /// Whether a process of group `pgid` is alive and not yet a zombie.
 fn group_runs(pgid: i32) -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    dir.flatten().any(|e| {
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        // "PID (COMM) STATE PPID PGRP ...": COMM may hold spaces and parentheses.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().take(3).collect();
-        matches!(fields[..], [state, _, group]
-            if group.parse() == Ok(pgid) && !matches!(state, "Z" | "X"))
-    })
+    state::group_members(pgid)
+        .unwrap_or_default()
+        .into_iter()
+        .any(state::pid_alive)
 }
 
 #[cfg(test)]
